@@ -1,0 +1,82 @@
+"""The app's ``--conf key value`` options: parsed, validated and documented in one place.
+
+MONAI Label hands an app its ``--conf`` pairs as a ``dict[str, str]``. :class:`AppConfig` turns that
+into typed values; an unknown key or a malformed value is an error naming the key, so a typo never
+silently falls back to a default. ``python main.py serve --help`` and README.md list the options
+from :data:`OPTIONS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+class ConfError(ValueError):
+    """A ``--conf`` key is unknown or its value cannot be parsed."""
+
+
+def parse_label_map(text: str) -> dict[str, int]:
+    """``"anterior=1,posterior=2"`` -> ``{"anterior": 1, "posterior": 2}``.
+
+    Raises:
+        ConfError: an entry is not ``name=index`` with a positive integer index, or names/indices repeat.
+    """
+    labels: dict[str, int] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        name, sep, index = entry.partition("=")
+        if not sep or not name.strip() or not index.strip().isdigit() or int(index) <= 0:
+            raise ConfError(f"'{entry}' is not name=index with an index >= 1 (0 is background)")
+        if name.strip() in labels or int(index) in labels.values():
+            raise ConfError(f"'{entry}' repeats a name or an index")
+        labels[name.strip()] = int(index)
+    return labels
+
+
+def parse_bool(text: str) -> bool:
+    """``true/false``, ``1/0``, ``yes/no`` (any case)."""
+    value = str(text).strip().lower()
+    if value not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ConfError(f"'{text}' is not true/false")
+    return value in {"true", "1", "yes"}
+
+
+def _option(default, parse, help: str):
+    """A dataclass field carrying its ``--conf`` parser and help text."""
+    kwargs = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"parse": parse, "help": help}, **kwargs)
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Typed view of the app's ``--conf`` options (defaults are what the sample datastore needs)."""
+
+    labels: dict[str, int] = _option(
+        dict, parse_label_map, "label names for the template's label values, e.g. anterior=1,posterior=2"
+    )
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str] | None) -> "AppConfig":
+        """Parse MONAI Label's ``conf`` dict; MONAI Label's own keys (e.g. ``server_mode``) are ignored.
+
+        Raises:
+            ConfError: naming the key, for an unknown key or a value its parser rejects.
+        """
+        by_name = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, raw in (conf or {}).items():
+            if key in MONAI_LABEL_KEYS:
+                continue
+            if key not in by_name:
+                raise ConfError(f"--conf {key}: unknown option; known options: {', '.join(sorted(by_name))}")
+            try:
+                values[key] = by_name[key].metadata["parse"](raw)
+            except ConfError as e:
+                raise ConfError(f"--conf {key}: {e}") from None
+        return cls(**values)
+
+
+#: Keys MONAI Label itself puts into an app's conf.
+MONAI_LABEL_KEYS = frozenset({"server_mode", "models", "preload", "skip_trainers", "skip_strategies", "skip_scoring"})
+
+#: ``(key, help)`` of every option, for ``--help`` and the README.
+OPTIONS = [(f.name, f.metadata["help"]) for f in fields(AppConfig)]

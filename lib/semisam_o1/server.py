@@ -1,0 +1,60 @@
+"""Start MONAI Label with the SemiSAM-O1 app, offline and on loopback by default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from semisam_o1 import PROJECT_ROOT
+
+APP_DIR = PROJECT_ROOT / "apps" / "semisam_o1"
+
+#: MONAI Label settings this app changes from MONAI Label's defaults, unless the environment sets them.
+OFFLINE_DEFAULTS = {
+    # MLflow tracking writes runs and may reach a tracking server: opt in with the env variable.
+    "MONAI_LABEL_TRACKING_ENABLED": "false",
+}
+
+
+def server_environment(studies: str, conf: dict[str, str], port: int) -> dict[str, str]:
+    """Environment variables MONAI Label reads in the server and in its background job subprocesses.
+
+    MONAI Label runs train/scoring/batch-infer jobs as ``python -m monailabel.interfaces.utils.app``
+    subprocesses that rebuild the app from these variables, and it reads ``os.environ["PYTHONPATH"]``
+    when it spawns them: without it the job thread dies and the job stays SUBMITTED forever.
+    """
+    import json
+
+    pythonpath = [p for p in [str(PROJECT_ROOT / "lib"), str(APP_DIR), os.environ.get("PYTHONPATH", "")] if p]
+    env = {k: os.environ.get(k, v) for k, v in OFFLINE_DEFAULTS.items()}
+    env.update(
+        {
+            "MONAI_LABEL_APP_DIR": str(APP_DIR),
+            "MONAI_LABEL_STUDIES": studies,
+            "MONAI_LABEL_APP_CONF": json.dumps(conf),
+            "MONAI_LABEL_SERVER_PORT": str(port),
+            "PYTHONPATH": os.pathsep.join(dict.fromkeys(os.pathsep.join(pythonpath).split(os.pathsep))),
+        }
+    )
+    return env
+
+
+def serve(studies: Path | str, conf: dict[str, str], host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+    """Run the server in this process until it is stopped (Ctrl-C).
+
+    Args:
+        studies: a local datastore folder, or a DICOMweb URL (``http(s)://...``).
+        conf: the app's ``--conf`` pairs (see :mod:`semisam_o1.config`).
+    """
+    studies = str(studies) if str(studies).startswith(("http://", "https://")) else str(Path(studies).resolve())
+    os.environ.update(server_environment(studies, conf, port))
+
+    from monailabel.main import Main  # after the environment: monailabel reads settings at import
+
+    main = Main()
+    argv = ["start_server", "--app", str(APP_DIR), "--studies", studies, "--host", host, "--port", str(port)]
+    argv += ["--log_level", log_level]
+    for key, value in conf.items():
+        argv += ["--conf", key, value]
+    args = main.args_parser().parse_args(argv)
+    main.action_start_server(args)

@@ -1,0 +1,65 @@
+"""Templates: the images whose label a clinician saved as ``final``, and the label map they define.
+
+A template is any datastore image with a ``final`` label. The label map (name -> integer value) is
+the union of the values found in the template labels and those named by ``--conf labels``; a value
+without a name is called ``label_<value>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+
+
+@dataclass(frozen=True)
+class Template:
+    """One labelled image of the datastore."""
+
+    image_id: str
+    image_path: Path
+    label_path: Path
+
+
+def find_templates(datastore: Datastore) -> list[Template]:
+    """All images with a ``final`` label, sorted by image id."""
+    found = []
+    for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL)):
+        label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL)
+        found.append(
+            Template(
+                image_id=image_id,
+                image_path=Path(datastore.get_image_uri(image_id)),
+                label_path=Path(datastore.get_label_uri(label_id, DefaultLabelTag.FINAL)),
+            )
+        )
+    return found
+
+
+_values_cache: dict[tuple[str, int, int], tuple[int, ...]] = {}
+
+
+def label_values(path: Path) -> tuple[int, ...]:
+    """Sorted non-zero integer values of a label file (cached by path, size and mtime)."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _values_cache:
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+        _values_cache[key] = tuple(int(v) for v in np.unique(data) if v != 0)
+    return _values_cache[key]
+
+
+def label_map(templates: list[Template], names: dict[str, int]) -> dict[str, int]:
+    """``{name: value}`` for every value present in the templates, ordered by value.
+
+    Args:
+        templates: the datastore's templates (:func:`find_templates`).
+        names: ``--conf labels``; its values are listed even before a template has them, so a
+            clinician can annotate the first template with the right names.
+    """
+    values = sorted({v for t in templates for v in label_values(t.label_path)} | set(names.values()))
+    by_value = {v: n for n, v in names.items()}
+    return {by_value.get(v, f"label_{v}"): v for v in values}

@@ -1,0 +1,99 @@
+"""Shared fixtures: a real sample datastore (MSD Task04 hippocampus) filled the way `main.py sample-data` does."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from semisam_o1.sample_data import MANIFEST, SampleDataError, download_msd, find_local_source, populate
+
+
+@pytest.fixture(scope="session")
+def sample_source(tmp_path_factory):
+    """The hippocampus data: ../shared/data/hippocampus, else the official MSD download; skip if neither."""
+    source = find_local_source()
+    if source is not None:
+        return source
+    try:
+        return download_msd(tmp_path_factory.mktemp("msd"))
+    except Exception as e:  # no local copy and no network: the only reason to skip
+        pytest.skip(f"no sample data: ../shared/data/hippocampus is absent and the MSD download failed ({e})")
+
+
+def make_datastore(root: Path, source) -> Path:
+    """A fresh copy of the sample datastore (manifest + populated files) under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(MANIFEST, root / "manifest.json")
+    populate(root, source=source, progress=False)
+    return root
+
+
+@pytest.fixture()
+def datastore(tmp_path, sample_source) -> Path:
+    """A writable sample datastore for one test."""
+    return make_datastore(tmp_path / "studies", sample_source)
+
+
+__all__ = ["SampleDataError", "make_datastore"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python main.py serve` as a real process on a free loopback port; stopped on exit."""
+
+    def __init__(self, studies: Path, *extra: str, start_timeout: float = 120.0):
+        import os
+        import subprocess
+        import sys
+
+        from semisam_o1 import PROJECT_ROOT
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_") and k != "PYTHONPATH"}
+        self.log = studies.parent / f"server-{self.port}.log"
+        cmd = [sys.executable, str(PROJECT_ROOT / "main.py"), "serve", "--studies", str(studies), "--port", str(self.port)]
+        self._log_file = open(self.log, "w")
+        self.process = subprocess.Popen([*cmd, *extra], cwd=PROJECT_ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.start_timeout = start_timeout
+
+    def wait_ready(self) -> float:
+        import time
+
+        import requests
+
+        start = time.monotonic()
+        while time.monotonic() - start < self.start_timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=5).ok:
+                    return time.monotonic() - start
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready in {self.start_timeout} s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except Exception:
+            self.process.kill()
+        self._log_file.close()
+
+    def __enter__(self):
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

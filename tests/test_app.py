@@ -1,0 +1,58 @@
+"""The app as MONAI Label loads it: its own loader and its own FastAPI app, in this process."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from semisam_o1.cli import sample_conf
+from semisam_o1.server import APP_DIR
+
+
+@pytest.fixture()
+def client(datastore, monkeypatch):
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import clear_cache
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_DIR", str(APP_DIR))
+    monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", str(datastore))
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_CONF", sample_conf(datastore))
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
+    import monailabel.app
+
+    clear_cache()
+    with TestClient(monailabel.app.app) as c:
+        yield c
+    clear_cache()
+
+
+def test_app_loads_through_monai_label_loader(datastore):
+    from monailabel.interfaces.utils.app import app_instance, clear_cache
+
+    clear_cache()
+    app = app_instance(app_dir=str(APP_DIR), studies=str(datastore), conf=sample_conf(datastore))
+    assert type(app).__name__ == "SemiSAMO1App"
+    assert app.info()["labels"] == {"anterior": 1, "posterior": 2}
+    clear_cache()
+
+
+def test_info_lists_template_label_names_and_tasks(client):
+    info = client.get("/info/").json()
+    assert info["name"] == "SemiSAM-O1"
+    assert info["labels"] == {"anterior": 1, "posterior": 2}
+    assert {"random", "first"} <= set(info["strategies"])
+    assert "dice" in info["scoring"]
+
+
+def test_datastore_stats_show_one_labelled_and_pool(client):
+    stats = client.get("/datastore/", params={"output": "stats"}).json()
+    assert stats["total"] == 20
+    assert stats["completed"] == 1
+    assert stats["label_tags"] == {"final": 1}
+
+
+def test_label_without_names_gets_generic_name(datastore):
+    from monailabel.interfaces.utils.app import app_instance, clear_cache
+
+    clear_cache()
+    app = app_instance(app_dir=str(APP_DIR), studies=str(datastore), conf={})
+    assert app.info()["labels"] == {"label_1": 1, "label_2": 2}
+    clear_cache()

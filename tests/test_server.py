@@ -1,0 +1,48 @@
+"""`python main.py serve` as a real process: start-up, /info/, and a background job that really runs."""
+
+import time
+
+import pytest
+import requests
+from conftest import Server
+
+pytestmark = pytest.mark.server
+
+
+def wait_job(url: str, kind: str, timeout: float = 120.0) -> dict:
+    """Poll MONAI Label's job status until it leaves SUBMITTED/RUNNING."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = requests.get(f"{url}/{kind}/", params={"all": "false"}, timeout=10).json()
+        if status.get("status") not in {"SUBMITTED", "RUNNING"}:
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"{kind} job still {status.get('status')} after {timeout} s: {status}")
+
+
+def test_serve_answers_info_and_runs_a_background_job(datastore):
+    with Server(datastore) as server:
+        info = requests.get(f"{server.url}/info/", timeout=10).json()
+        assert info["labels"] == {"anterior": 1, "posterior": 2}
+
+        # MONAI Label scores every method once at start-up, in a subprocess job: it must finish
+        assert wait_job(server.url, "scoring")["status"] == "DONE"
+        submitted = requests.post(f"{server.url}/scoring/dice", timeout=30)
+        assert submitted.ok, submitted.text
+        status = wait_job(server.url, "scoring")
+        assert status["status"] == "DONE", status
+    assert "Uvicorn running on http://127.0.0.1" in server.log.read_text()
+
+
+def test_serve_rejects_unknown_conf_before_starting(datastore):
+    import subprocess
+    import sys
+
+    from semisam_o1 import PROJECT_ROOT
+
+    result = subprocess.run(
+        [sys.executable, "main.py", "serve", "--studies", str(datastore), "--conf", "lables", "a=1"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--conf lables: unknown option" in result.stderr
