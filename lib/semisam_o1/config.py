@@ -40,6 +40,39 @@ def parse_bool(text: str) -> bool:
     return value in {"true", "1", "yes"}
 
 
+def parse_axes(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``: slice orientations (volume axes) the encoder runs on."""
+    try:
+        axes = tuple(int(a) for a in str(text).split(",") if a.strip())
+    except ValueError:
+        raise ConfError(f"'{text}' is not a comma-separated list of axes 0, 1, 2") from None
+    if not axes or set(axes) - {0, 1, 2} or len(set(axes)) != len(axes):
+        raise ConfError(f"'{text}' is not a comma-separated list of distinct axes 0, 1, 2")
+    return axes
+
+
+def parse_int(low: int, high: int):
+    """Parser of an integer in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        if not str(text).strip().lstrip("-").isdigit() or not low <= int(text) <= high:
+            raise ConfError(f"'{text}' is not an integer in [{low}, {high}]")
+        return int(text)
+
+    return parse
+
+
+def parse_choice(*choices: str):
+    """Parser of one of ``choices``."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ConfError(f"'{text}' is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
 def _option(default, parse, help: str):
     """A dataclass field carrying its ``--conf`` parser and help text."""
     kwargs = {"default_factory": default} if callable(default) else {"default": default}
@@ -53,6 +86,20 @@ class AppConfig:
     labels: dict[str, int] = _option(
         dict, parse_label_map, "label names for the template's label values, e.g. anterior=1,posterior=2"
     )
+    encoder: str = _option(
+        "litemedsam", parse_choice("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h"), "foundation image encoder"
+    )
+    encoder_checkpoint: str = _option("", str, "SAM checkpoint path (needed for sam_vit_*)")
+    encoder_image_size: int = _option(64, parse_int(32, 1024), "LiteMedSAM slice input size in pixels (multiple of 32)")
+    encoder_axes: tuple = _option((0, 1, 2), parse_axes, "slice orientations encoded and fused, e.g. 0,1,2")
+    feature_dims: int = _option(32, parse_int(4, 256), "stored feature dimension after PCA (float16: 2 bytes each)")
+    modality: str = _option("mri", parse_choice("mri", "ct"), "intensity normalisation: mri (percentiles) or ct (window)")
+
+    def encoder_spec(self):
+        """The :class:`~semisam_o1.encoders.EncoderSpec` these options describe."""
+        from semisam_o1.encoders import EncoderSpec
+
+        return EncoderSpec(self.encoder, self.encoder_checkpoint or None, self.encoder_image_size, self.encoder_axes)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str] | None) -> "AppConfig":

@@ -1,0 +1,130 @@
+"""Reading images and labels with their geometry, and refusing bad input with a message naming the file.
+
+Arrays stay in the file's own voxel order (nibabel's ``(i, j, k)`` = ``(D, H, W)`` here): nothing is
+reoriented, so a label written with :func:`save_label` has exactly the image's affine and header.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+class InputError(ValueError):
+    """Bad input (unreadable file, wrong shape or geometry, bad label values); the message names the file."""
+
+
+@dataclass
+class Volume:
+    """A 3D image: ``array`` (D, H, W) float32 in the file's voxel order, ``affine`` (4, 4) voxel -> mm."""
+
+    path: Path
+    array: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along D, H, W."""
+        return tuple(float(z) for z in self.header.get_zooms()[:3])
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    try:
+        img = nib.load(str(path))
+        img.get_fdata(dtype=np.float32)  # force a full read: a truncated file fails here, not later
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except Exception as e:
+        raise InputError(f"{path}: not a readable NIfTI image ({type(e).__name__}: {e})") from None
+    return img
+
+
+def _squeeze3d(path: Path, array: np.ndarray) -> np.ndarray:
+    array = array.reshape(array.shape[:3] + tuple(s for s in array.shape[3:] if s != 1))
+    if array.ndim != 3:
+        raise InputError(f"{path}: expected a 3D volume, got shape {array.shape}")
+    return array
+
+
+def load_image(path: Path | str) -> Volume:
+    """Read a 3D image.
+
+    Raises:
+        InputError: unreadable, not 3D, containing NaN/inf, or constant (no contrast to segment).
+    """
+    path = Path(path)
+    img = _load(path)
+    array = _squeeze3d(path, img.get_fdata(dtype=np.float32))
+    if not np.isfinite(array).all():
+        raise InputError(f"{path}: image contains NaN or infinite values")
+    if array.min() == array.max():
+        raise InputError(f"{path}: image is constant ({array.min()}), nothing to segment")
+    return Volume(path=path, array=array, affine=img.affine, header=img.header)
+
+
+def load_label(path: Path | str, image: Volume, allowed: set[int] | None = None, require_foreground: bool = True) -> np.ndarray:
+    """Read a label map that belongs to ``image``; returns (D, H, W) int64.
+
+    Raises:
+        InputError: unreadable, shape or affine not the image's, non-integer values, values outside
+            ``allowed`` (background 0 is always allowed), or empty when ``require_foreground``.
+    """
+    path = Path(path)
+    img = _load(path)
+    data = _squeeze3d(path, np.asanyarray(img.dataobj))
+    if data.shape != image.array.shape:
+        raise InputError(f"{path}: label shape {data.shape} does not match image {image.path.name} shape {image.array.shape}")
+    if not np.allclose(img.affine, image.affine, atol=1e-3):
+        raise InputError(f"{path}: label geometry (affine) does not match image {image.path.name}")
+    if np.issubdtype(data.dtype, np.floating) and not np.array_equal(data, np.round(data)):
+        raise InputError(f"{path}: label has non-integer values")
+    label = data.astype(np.int64)
+    values = set(np.unique(label).tolist()) - {0}
+    if allowed is not None and values - set(allowed):
+        raise InputError(f"{path}: label values {sorted(values - set(allowed))} are not in the label map {sorted(allowed)}")
+    if require_foreground and not values:
+        raise InputError(f"{path}: label is empty (background only)")
+    return label
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` then rename into ``path``: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix  # writers pick format by it
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_label(label: np.ndarray, image: Volume, path: Path | str) -> Path:
+    """Write ``label`` (D, H, W) as uint8 with the image's exact geometry; format by extension.
+
+    NIfTI (``.nii``, ``.nii.gz``) keeps the image's affine, qform and sform; anything else (``.nrrd``,
+    ``.mha``, as 3D Slicer asks with ``result_extension``) is written by SimpleITK with the origin,
+    spacing and direction of the image as SimpleITK reads it.
+    """
+    path = Path(path)
+    if not path.name.endswith((".nii", ".nii.gz")):
+        import SimpleITK as sitk
+
+        out = sitk.GetImageFromArray(label.astype(np.uint8).transpose(2, 1, 0))  # (D,H,W) -> sitk (z,y,x)
+        out.CopyInformation(sitk.ReadImage(str(image.path)))
+        return atomic_write(path, lambda tmp: sitk.WriteImage(out, str(tmp), True))
+    header = image.header.copy()
+    header.set_data_dtype(np.uint8)
+    out = nib.Nifti1Image(label.astype(np.uint8), image.affine, header)
+    out.set_qform(image.header.get_qform(), code=int(image.header["qform_code"]))
+    out.set_sform(image.header.get_sform(), code=int(image.header["sform_code"]))
+    return atomic_write(path, lambda tmp: nib.save(out, str(tmp)))

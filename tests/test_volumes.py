@@ -1,0 +1,79 @@
+"""Bad input is refused with the file's name; labels keep the image's exact geometry."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from semisam_o1.volumes import InputError, load_image, load_label, save_label
+
+QUIRKS = "hippocampus-quirks"
+
+
+@pytest.fixture()
+def image(sample_source):
+    return load_image(sample_source.images / "hippocampus_003.nii.gz")
+
+
+def write(path, array, affine=np.eye(4)):
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def test_label_of_another_shape_is_refused(image, sample_source):
+    quirk = sample_source.images.parent.parent / QUIRKS / "label_not_hippocampus_512x512x94.nii.gz"
+    if not quirk.exists():
+        pytest.skip(f"{quirk} not present")
+    with pytest.raises(InputError, match=f"{quirk}: label shape .* does not match image hippocampus_003"):
+        load_label(quirk, image)
+
+
+def test_label_with_other_affine_is_refused(image, tmp_path):
+    affine = image.affine.copy()
+    affine[0, 3] += 5.0
+    bad = write(tmp_path / "shifted.nii.gz", np.ones(image.array.shape, np.uint8), affine)
+    with pytest.raises(InputError, match=f"{bad}: label geometry"):
+        load_label(bad, image)
+
+
+def test_label_values_outside_the_map_and_empty_labels_are_refused(image, tmp_path):
+    label = np.zeros(image.array.shape, np.uint8)
+    label[10:12, 10:12, 10:12] = 3
+    bad = write(tmp_path / "three.nii.gz", label, image.affine)
+    with pytest.raises(InputError, match=r"label values \[3\] are not in the label map \[1, 2\]"):
+        load_label(bad, image, allowed={1, 2})
+    empty = write(tmp_path / "empty.nii.gz", np.zeros(image.array.shape, np.uint8), image.affine)
+    with pytest.raises(InputError, match=f"{empty}: label is empty"):
+        load_label(empty, image)
+
+
+@pytest.mark.parametrize("kind", ["nan", "constant", "truncated", "2d"])
+def test_bad_images_are_refused_with_their_name(tmp_path, kind, sample_source):
+    path = tmp_path / f"{kind}.nii.gz"
+    if kind == "nan":
+        array = np.ones((8, 8, 8), np.float32)
+        array[1, 2, 3] = np.nan
+        write(path, array)
+    elif kind == "constant":
+        write(path, np.full((8, 8, 8), 7, np.float32))
+    elif kind == "truncated":
+        path.write_bytes((sample_source.images / "hippocampus_003.nii.gz").read_bytes()[:5000])
+    else:
+        write(path, np.ones((8, 8), np.float32))
+    with pytest.raises(InputError, match=str(path)):
+        load_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_saved_label_has_the_image_geometry(image, tmp_path, suffix):
+    label = (image.array > np.median(image.array)).astype(np.uint8)
+    out = save_label(label, image, tmp_path / f"label{suffix}")
+    ref, got = sitk.ReadImage(str(image.path)), sitk.ReadImage(str(out))
+    assert got.GetSize() == ref.GetSize()
+    assert got.GetOrigin() == ref.GetOrigin()
+    assert got.GetSpacing() == ref.GetSpacing()
+    assert got.GetDirection() == ref.GetDirection()
+    assert got.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(got).transpose(2, 1, 0), label)
+    if suffix == ".nii.gz":
+        np.testing.assert_array_equal(nib.load(str(out)).affine, image.affine)
