@@ -36,6 +36,17 @@ def datastore(tmp_path, sample_source) -> Path:
     return make_datastore(tmp_path / "studies", sample_source)
 
 
+@pytest.fixture()
+def tiny_studies(tmp_path, sample_source) -> Path:
+    """Template hippocampus_001 (its final label) + 2 unlabelled images; ground truth kept aside."""
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for case in ["hippocampus_001", "hippocampus_003", "hippocampus_008"]:
+        shutil.copy(sample_source.images / f"{case}.nii.gz", studies)
+    shutil.copy(sample_source.labels / "hippocampus_001.nii.gz", studies / "labels" / "final")
+    return studies
+
+
 __all__ = ["SampleDataError", "make_datastore"]
 
 
@@ -50,7 +61,7 @@ def free_port() -> int:
 class Server:
     """`python main.py serve` as a real process on a free loopback port; stopped on exit."""
 
-    def __init__(self, studies: Path, *extra: str, start_timeout: float = 120.0):
+    def __init__(self, studies: Path, *extra: str, env: dict | None = None, start_timeout: float = 120.0):
         import os
         import subprocess
         import sys
@@ -59,7 +70,7 @@ class Server:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_") and k != "PYTHONPATH"}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_") and k != "PYTHONPATH"}, **(env or {})}
         self.log = studies.parent / f"server-{self.port}.log"
         cmd = [sys.executable, str(PROJECT_ROOT / "main.py"), "serve", "--studies", str(studies), "--port", str(self.port)]
         self._log_file = open(self.log, "w")

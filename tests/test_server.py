@@ -20,13 +20,17 @@ def wait_job(url: str, kind: str, timeout: float = 120.0) -> dict:
     raise AssertionError(f"{kind} job still {status.get('status')} after {timeout} s: {status}")
 
 
+#: No scoring jobs at start-up (they would encode the whole pool with the default encoder).
+QUIET = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+
+
 def test_serve_answers_info_and_runs_a_background_job(datastore):
-    with Server(datastore) as server:
+    with Server(datastore, env=QUIET) as server:
         info = requests.get(f"{server.url}/info/", timeout=10).json()
         assert info["labels"] == {"anterior": 1, "posterior": 2}
+        assert {"semisam_prototype", "semisam_o1"} <= set(info["models"])
+        assert "semisam_o1" in info["trainers"]
 
-        # MONAI Label scores every method once at start-up, in a subprocess job: it must finish
-        assert wait_job(server.url, "scoring")["status"] == "DONE"
         submitted = requests.post(f"{server.url}/scoring/dice", timeout=30)
         assert submitted.ok, submitted.text
         status = wait_job(server.url, "scoring")
@@ -46,3 +50,15 @@ def test_serve_rejects_unknown_conf_before_starting(datastore):
     )
     assert result.returncode == 2
     assert "--conf lables: unknown option" in result.stderr
+
+
+def test_feature_extraction_job_fills_the_cache_with_progress(tiny_studies):
+    fast = ["--conf", "encoder_image_size", "32", "--conf", "encoder_axes", "0", "--conf", "feature_dims", "8"]
+    with Server(tiny_studies, *fast, env=QUIET) as server:
+        assert requests.post(f"{server.url}/scoring/features", timeout=30).ok
+        status = wait_job(server.url, "scoring", timeout=300)
+        assert status["status"] == "DONE", status
+        assert any("features 3/3" in line for line in status["details"]), status["details"]
+    cached = list((tiny_studies / ".semisam" / "features").glob("*/*.npy"))
+    assert len(cached) == 3
+    assert len(list((tiny_studies / ".semisam" / "registration").glob("*.h5"))) == 3

@@ -1,6 +1,7 @@
 """MONAI Label app for SemiSAM-O1: wires the tasks of the ``semisam_o1`` library, nothing more."""
 
 import logging
+from pathlib import Path
 
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
@@ -9,6 +10,14 @@ from monailabel.tasks.scoring.dice import Dice
 
 import semisam_o1
 from semisam_o1.config import AppConfig
+from semisam_o1.pipeline import build_stage_one
+from semisam_o1.stage_two import StageTwo
+from semisam_o1.tasks import train_guard
+from semisam_o1.tasks.feature_extraction import FeatureExtraction
+from semisam_o1.tasks.network_infer import NetworkInfer
+from semisam_o1.tasks.prototype_infer import PrototypeInfer
+from semisam_o1.tasks.pseudo_labels import PseudoLabelBatchInfer, refuse_final
+from semisam_o1.tasks.self_training import SelfTraining
 from semisam_o1.templates import find_templates, label_map
 
 logger = logging.getLogger(__name__)
@@ -17,6 +26,8 @@ logger = logging.getLogger(__name__)
 class SemiSAMO1App(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.config = AppConfig.from_conf(conf)
+        self.stage_one = build_stage_one(Path(studies), self.config)
+        self.stage_two = StageTwo(Path(studies), self.stage_one, self.config.stage_two_params())
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -26,16 +37,33 @@ class SemiSAMO1App(MONAILabelApp):
             "(foundation-feature propagation + self-training with feature-space refinement)",
             version=semisam_o1.__version__,
         )
+        train_guard.install({"semisam_o1"}, lambda: bool(find_templates(self.datastore())))
 
     def current_labels(self) -> dict[str, int]:
         """Label map from the datastore's templates and ``--conf labels`` (re-read as templates change)."""
         return label_map(find_templates(self.datastore()), self.config.labels)
 
+    def init_infers(self):
+        return {
+            "semisam_prototype": PrototypeInfer(self.stage_one, self.datastore, self.current_labels),
+            "semisam_o1": NetworkInfer(self.stage_two, self.current_labels),
+        }
+
+    def init_trainers(self):
+        return {"semisam_o1": SelfTraining(self.stage_two)}
+
+    def init_batch_infer(self):
+        return PseudoLabelBatchInfer()
+
     def init_strategies(self):
         return {"random": Random(), "first": First()}
 
     def init_scoring_methods(self):
-        return {"dice": Dice()}
+        return {"features": FeatureExtraction(self.stage_one), "dice": Dice()}
+
+    def infer(self, request, datastore=None):
+        refuse_final(request.get("label_tag"))
+        return super().infer(request, datastore)
 
     def info(self):
         self.labels = self.current_labels()

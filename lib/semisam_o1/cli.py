@@ -1,4 +1,4 @@
-"""``python main.py <command>``: serve (default), sample-data."""
+"""``python main.py <command>``: serve (default), pipeline, evaluate, sample-data."""
 
 from __future__ import annotations
 
@@ -61,6 +61,49 @@ def cmd_sample_data(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_pipeline(args) -> int:
+    from semisam_o1.pipeline import run_stage_one, run_stage_two
+    from semisam_o1.volumes import InputError
+
+    studies = Path(args.studies)
+    if not studies.is_dir():
+        print(f"error: studies folder {studies} does not exist", file=sys.stderr)
+        return 2
+    conf = {**sample_conf(studies), **_conf_pairs(args.conf)}
+    if args.rounds is not None:
+        conf["rounds"] = str(args.rounds)
+    truth = args.truth or (studies / "truth" if (studies / "truth").is_dir() else None)
+    try:
+        config = AppConfig.from_conf(conf)
+        report = run_stage_one(studies, config)
+        print(f"stage 1: {report['images']} pseudo-labels (tag 'pseudo') in {report['seconds']} s")
+        if args.stage != 1:
+            report = run_stage_two(studies, config, truth=truth, report_dir=args.report)
+            print(f"stage 2: {len(report['rounds'])} rounds; " + (f"pool Dice per round {[round(d, 3) for d in report['pool_dice_per_round']]}; " if "pool_dice_per_round" in report else "") + f"report in {args.report or studies / '.semisam' / 'report'}")
+    except (ConfError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from semisam_o1.config import parse_label_map
+    from semisam_o1.evaluation import evaluate_folders
+    from semisam_o1.volumes import InputError
+
+    try:
+        result = evaluate_folders(args.pred, args.truth, parse_label_map(args.labels))
+    except (ConfError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'case':<24}" + "".join(f"{n + ' Dice':>16}{n + ' HD95':>16}" for n in result["mean"]))
+    for case, s in result["cases"].items():
+        print(f"{case:<24}" + "".join(f"{v['dice']:>16.3f}{v['hd95']:>16.2f}" for v in s.values()))
+    print(f"{'mean':<24}" + "".join(f"{v['dice']:>16.3f}{v['hd95']:>16.2f}" for v in result["mean"].values()))
+    print(f"mean Dice {result['mean_dice']:.3f} over {len(result['cases'])} cases" + (f"; no prediction for {len(result['missing'])}" if result["missing"] else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="SemiSAM-O1 Label: one template -> a labelled study pool.")
     sub = parser.add_subparsers(dest="command")
@@ -73,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help=conf_help)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
+
+    pipeline = sub.add_parser("pipeline", help="run SemiSAM-O1 over a datastore from the command line")
+    pipeline.add_argument("--studies", default=str(SAMPLE_DATASTORE), help="local datastore folder")
+    pipeline.add_argument("--stage", type=int, choices=[1, 2], default=2, help="1: template propagation only; 2: then self-training rounds (default)")
+    pipeline.add_argument("--rounds", type=int, default=None, help="stage-two rounds (default: --conf rounds, 3)")
+    pipeline.add_argument("--truth", type=Path, default=None, help="ground-truth folder for Dice per round (default: <studies>/truth if present)")
+    pipeline.add_argument("--report", type=Path, default=None, help="report folder (default: <studies>/.semisam/report)")
+    pipeline.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help=conf_help)
+    pipeline.set_defaults(func=cmd_pipeline)
+
+    evaluate = sub.add_parser("evaluate", help="Dice and HD95 per class of predictions vs ground truth")
+    evaluate.add_argument("--pred", type=Path, required=True, help="folder of predicted label files")
+    evaluate.add_argument("--truth", type=Path, required=True, help="folder of ground-truth label files (same names)")
+    evaluate.add_argument("--labels", default="anterior=1,posterior=2", help="classes to score, name=value,...")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     sample = sub.add_parser("sample-data", help="fill sample-datastore/ with MSD Task04 hippocampus MRI")
     sample.add_argument("--studies", type=Path, default=SAMPLE_DATASTORE, help="datastore folder holding manifest.json")

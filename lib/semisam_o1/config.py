@@ -62,6 +62,21 @@ def parse_int(low: int, high: int):
     return parse
 
 
+def parse_float(low: float, high: float):
+    """Parser of a number in ``[low, high]``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfError(f"'{text}' is not a number") from None
+        if not low <= value <= high:
+            raise ConfError(f"'{text}' is not in [{low}, {high}]")
+        return value
+
+    return parse
+
+
 def parse_choice(*choices: str):
     """Parser of one of ``choices``."""
 
@@ -95,6 +110,26 @@ class AppConfig:
     feature_dims: int = _option(32, parse_int(4, 256), "stored feature dimension after PCA (float16: 2 bytes each)")
     modality: str = _option("mri", parse_choice("mri", "ct"), "intensity normalisation: mri (percentiles) or ct (window)")
 
+    rounds: int = _option(3, parse_int(1, 20), "stage-two rounds (train, predict with uncertainty, refine)")
+    iterations: int = _option(300, parse_int(1, 100000), "training iterations per round (batch of 4 patches)")
+    patch: int = _option(32, parse_int(16, 256), "training/inference patch edge in voxels (cube)")
+    refinement: str = _option("voxel", parse_choice("voxel", "volume", "none"), "stage-two pseudo-label correction")
+    uncertain_quantile: float = _option(0.9, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")
+    knn: int = _option(10, parse_int(1, 100), "neighbours voting in the refinement")
+
+    def stage_two_params(self):
+        """The :class:`~semisam_o1.stage_two.StageTwoParams` these options describe."""
+        from semisam_o1.refinement import RefineParams
+        from semisam_o1.segmenter import TrainParams
+        from semisam_o1.stage_two import StageTwoParams
+
+        return StageTwoParams(
+            rounds=self.rounds,
+            train=TrainParams(patch=(self.patch,) * 3, iterations=self.iterations),
+            refine=RefineParams(uncertain_quantile=self.uncertain_quantile, k=self.knn),
+            refinement=self.refinement,
+        )
+
     def encoder_spec(self):
         """The :class:`~semisam_o1.encoders.EncoderSpec` these options describe."""
         from semisam_o1.encoders import EncoderSpec
@@ -127,3 +162,4 @@ MONAI_LABEL_KEYS = frozenset({"server_mode", "models", "preload", "skip_trainers
 
 #: ``(key, help)`` of every option, for ``--help`` and the README.
 OPTIONS = [(f.name, f.metadata["help"]) for f in fields(AppConfig)]
+

@@ -68,6 +68,16 @@ def load_image(path: Path | str) -> Volume:
     return Volume(path=path, array=array, affine=img.affine, header=img.header)
 
 
+def read_geometry(path: Path | str) -> Volume:
+    """The grid of a file (shape, affine, header) as a :class:`Volume` whose array is all zeros.
+
+    For checking a label against another label (e.g. prediction vs ground truth) without an image.
+    """
+    path = Path(path)
+    img = _load(path)
+    return Volume(path=path, array=np.zeros(img.shape[:3], np.float32), affine=img.affine, header=img.header)
+
+
 def load_label(path: Path | str, image: Volume, allowed: set[int] | None = None, require_foreground: bool = True) -> np.ndarray:
     """Read a label map that belongs to ``image``; returns (D, H, W) int64.
 
@@ -108,8 +118,10 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
-def save_label(label: np.ndarray, image: Volume, path: Path | str) -> Path:
-    """Write ``label`` (D, H, W) as uint8 with the image's exact geometry; format by extension.
+def save_label(label: np.ndarray, image: Volume, path: Path | str, dtype=np.uint8) -> Path:
+    """Write ``label`` (D, H, W) as ``dtype`` with the image's exact geometry; format by extension.
+
+    Also used for float maps (uncertainty) with ``dtype=np.float32``.
 
     NIfTI (``.nii``, ``.nii.gz``) keeps the image's affine, qform and sform; anything else (``.nrrd``,
     ``.mha``, as 3D Slicer asks with ``result_extension``) is written by SimpleITK with the origin,
@@ -119,12 +131,22 @@ def save_label(label: np.ndarray, image: Volume, path: Path | str) -> Path:
     if not path.name.endswith((".nii", ".nii.gz")):
         import SimpleITK as sitk
 
-        out = sitk.GetImageFromArray(label.astype(np.uint8).transpose(2, 1, 0))  # (D,H,W) -> sitk (z,y,x)
+        out = sitk.GetImageFromArray(label.astype(dtype).transpose(2, 1, 0))  # (D,H,W) -> sitk (z,y,x)
         out.CopyInformation(sitk.ReadImage(str(image.path)))
         return atomic_write(path, lambda tmp: sitk.WriteImage(out, str(tmp), True))
     header = image.header.copy()
-    header.set_data_dtype(np.uint8)
-    out = nib.Nifti1Image(label.astype(np.uint8), image.affine, header)
+    header.set_data_dtype(dtype)
+    out = nib.Nifti1Image(label.astype(dtype), image.affine, header)
     out.set_qform(image.header.get_qform(), code=int(image.header["qform_code"]))
     out.set_sform(image.header.get_sform(), code=int(image.header["sform_code"]))
     return atomic_write(path, lambda tmp: nib.save(out, str(tmp)))
+
+
+def class_volumes(label: np.ndarray, image: Volume, names: dict[str, int]) -> dict[str, dict]:
+    """``{name: {"value", "voxels", "volume_mm3"}}`` of a label map (D, H, W) on ``image``'s grid."""
+    voxel_mm3 = float(np.prod(image.spacing))
+    out = {}
+    for name, value in names.items():
+        n = int((label == value).sum())
+        out[name] = {"value": value, "voxels": n, "volume_mm3": round(n * voxel_mm3, 2)}
+    return out

@@ -1,0 +1,136 @@
+"""Stage-two benchmark: one-label self-training vs its lower and upper bounds, in one run.
+
+    python benchmarks/stage2.py [--rounds 3] [--iterations 300] [--test 15] [--out benchmarks/results/stage2.json]
+
+MSD Task04 hippocampus, template hippocampus_001; the last ``--test`` volumes (sorted ids) are a
+fixed test set never used for training labels; the rest is the unlabelled pool. With the same
+network and training budget it reports test Dice of: the template-only network (lower bound),
+stage one's propagation, SemiSAM-O1 after each round (plus the pool Dice of its pseudo-labels), the
+published code's volume-level refinement (ablation), and full supervision on the pool's ground truth
+(upper bound); wall time per round and peak RSS. Features and registrations are shared with
+``benchmarks/stage1.py`` (same work folder), so run that first to skip encoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from stage1 import CLASSES, build_datastore, machine
+from tqdm import tqdm
+
+from semisam_o1 import PROJECT_ROOT
+from semisam_o1.config import AppConfig
+from semisam_o1.evaluation import mean_dice, scores
+from semisam_o1.normalize import normalize
+from semisam_o1.pipeline import build_stage_one, open_datastore
+from semisam_o1.sample_data import find_local_source
+from semisam_o1.segmenter import build_network, predict_with_uncertainty, train_network
+from semisam_o1.stage_two import StageTwo
+from semisam_o1.templates import find_templates
+from semisam_o1.volumes import load_image, load_label
+
+
+def network_dice(net, cases: dict, patch) -> float:
+    """Test Dice of a network (flip TTA, no MC dropout: what the infer task serves)."""
+    out = []
+    for image, truth in cases.values():
+        prob, _ = predict_with_uncertainty(net, normalize(image.array), patch, mc_samples=0)
+        out.append(scores(prob.argmax(0), truth, CLASSES))
+    return mean_dice(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--template", default="hippocampus_001")
+    parser.add_argument("--test", type=int, default=15, help="size of the fixed test set (last ids)")
+    parser.add_argument("--pool", type=int, default=None, help="limit the pool to its first N volumes")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--work", type=Path, default=PROJECT_ROOT / "benchmarks" / "out" / "stage1")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "stage2.json")
+    args = parser.parse_args(argv)
+
+    source = find_local_source()
+    if source is None:
+        print("error: ../shared/data/hippocampus not found", file=sys.stderr)
+        return 2
+    studies, everything = build_datastore(args.work, source, args.template, None)
+    test_ids, pool_ids = everything[-args.test :], everything[: -args.test][: args.pool]
+    config = AppConfig.from_conf({"labels": "anterior=1,posterior=2", "rounds": str(args.rounds), "iterations": str(args.iterations)})
+    stage_one = build_stage_one(studies, config)
+    templates = find_templates(open_datastore(studies))
+    load = lambda i: (lambda img: (img, load_label(source.labels / f"{i}.nii.gz", img)))(load_image(studies / f"{i}.nii.gz"))
+    test = {i: load(i) for i in test_ids}
+    pool = {i: load(i) for i in pool_ids}
+    params = config.stage_two_params()
+    patch = params.train.patch
+    result: dict = {"template": args.template, "test_ids": test_ids, "pool_size": len(pool_ids), "params": dataclasses.asdict(params)}
+
+    # stage one on the test set and the pool (propagation only, no network)
+    s1_test = [scores(stage_one.predict(img.path, templates).label, truth, CLASSES) for img, truth in tqdm(test.values(), desc="stage 1 test")]
+    result["dice_stage1"] = mean_dice(s1_test)
+
+    # bounds: the same network and budget on the template alone / on the pool's ground truth
+    tpl_img = load_image(templates[0].image_path)
+    tpl_lab = load_label(templates[0].label_path, tpl_img)
+    start = time.perf_counter()
+    net = train_network([normalize(tpl_img.array)], [tpl_lab], 1 + len(CLASSES), params.train)
+    result["dice_template_only"] = network_dice(net, test, patch)
+    net = train_network([normalize(tpl_img.array)] + [normalize(i.array) for i, _ in pool.values()], [tpl_lab] + [t for _, t in pool.values()], 1 + len(CLASSES), params.train)
+    result["dice_full_supervision"] = network_dice(net, test, patch)
+    result["seconds_per_training"] = (time.perf_counter() - start) / 2
+
+    # SemiSAM-O1 (voxel-level) and the volume-level ablation, from scratch in their own folders
+    variants = {}
+    for refinement in ("voxel", "volume"):
+        work = args.work / ".semisam" / f"bench-stage2-{refinement}"
+        if work.exists():
+            import shutil
+
+            shutil.rmtree(work)
+        two = StageTwo(studies, stage_one, dataclasses.replace(params, refinement=refinement), work=work)
+        state = two.run(templates, {i: img.path for i, (img, _) in pool.items()}, progress=True)
+        per_round = []
+        for r in range(0, args.rounds + 1):
+            pool_d = mean_dice([scores(load_label(two.labels_dir(r) / f"{i}.nii.gz", img, require_foreground=False), truth, CLASSES) for i, (img, truth) in pool.items()])
+            entry = {"round": r, "pool_pseudo_label_dice": pool_d}
+            if r:
+                net = build_network(1 + len(CLASSES), params.train)
+                net.load_state_dict(torch.load(work / f"round_{r}" / "model.pt", weights_only=True))
+                entry["test_dice"] = network_dice(net.eval(), test, patch)
+                entry.update({k: state["rounds"][r - 1][k] for k in ("seconds", "uncertain_voxels", "changed_per_class")})
+            per_round.append(entry)
+            print(refinement, json.dumps(entry))
+        variants[refinement] = per_round
+
+    rounds = variants["voxel"]
+    result.update(
+        {
+            "dice_per_round": [r["test_dice"] for r in rounds[1:]],
+            "pool_dice_per_round": [r["pool_pseudo_label_dice"] for r in rounds],
+            "dice_volume_level_ablation": variants["volume"][-1]["test_dice"],
+            "volume_level_per_round": variants["volume"],
+            "voxel_level_per_round": rounds,
+            "seconds_per_round": [r["seconds"] for r in rounds[1:]],
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "machine": machine(),
+        }
+    )
+    result["ratio_to_full_supervision"] = result["dice_per_round"][-1] / result["dice_full_supervision"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"template only {result['dice_template_only']:.3f} | stage 1 {result['dice_stage1']:.3f} | rounds {[round(d, 3) for d in result['dice_per_round']]}")
+    print(f"volume-level ablation {result['dice_volume_level_ablation']:.3f} | full supervision {result['dice_full_supervision']:.3f}")
+    print(f"ratio final/full {result['ratio_to_full_supervision']:.3f}; pool pseudo-label Dice per round {[round(d, 3) for d in result['pool_dice_per_round']]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

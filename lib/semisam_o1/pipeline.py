@@ -1,0 +1,115 @@
+"""Command-line pipeline over a local datastore: stage one (and later stage two), with progress bars."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
+from tqdm import tqdm
+
+from semisam_o1.config import AppConfig
+from semisam_o1.feature_cache import FeatureCache
+from semisam_o1.stage_one import StageOne
+from semisam_o1.tasks.pseudo_labels import PSEUDO_TAG
+from semisam_o1.templates import find_templates, label_map
+from semisam_o1.volumes import save_label
+
+
+def open_datastore(studies: Path) -> LocalDatastore:
+    """MONAI Label's own local datastore over ``studies`` (no file watching)."""
+    return LocalDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+
+
+def build_stage_one(studies: Path, config: AppConfig) -> StageOne:
+    cache = FeatureCache(studies, config.encoder_spec(), config.feature_dims, config.modality)
+    return StageOne(studies, cache, label_values=set(config.labels.values()) or None)
+
+
+def run_stage_one(studies: Path, config: AppConfig, progress: bool = True) -> dict:
+    """Pseudo-label every image without a ``final`` label; saved in the datastore under tag ``pseudo``.
+
+    Returns:
+        ``{"images": n, "seconds": s, "cases": {image_id: summary}}``, also written to
+        ``studies/.semisam/stage1.json``.
+    """
+    studies = Path(studies)
+    datastore = open_datastore(studies)
+    templates = find_templates(datastore)
+    stage_one = build_stage_one(studies, config)
+    names = label_map(templates, config.labels)
+    targets = sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))
+    start = time.perf_counter()
+    cases = {}
+    for image_id in tqdm(targets, desc="stage 1: propagate", unit="image", disable=not progress):
+        prediction = stage_one.predict(datastore.get_image_uri(image_id), templates, progress=progress)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = save_label(prediction.label, prediction.image, Path(tmp) / "label.nii.gz")
+            summary = prediction.summary(names)
+            datastore.save_label(image_id, str(out), PSEUDO_TAG, {"model": "semisam_prototype", **summary})
+        cases[image_id] = summary
+    report = {"images": len(targets), "templates": [t.image_id for t in templates], "seconds": round(time.perf_counter() - start, 1), "cases": cases}
+    (studies / ".semisam").mkdir(exist_ok=True)
+    (studies / ".semisam" / "stage1.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def run_stage_two(studies: Path, config: AppConfig, truth: Path | None = None, report_dir: Path | None = None, progress: bool = True) -> dict:
+    """Stage two's rounds over every image without a ``final`` label, then a report folder.
+
+    Report (``report_dir``, default ``studies/.semisam/report``): ``rounds.json`` (per-round stats and,
+    with ``truth``, pool Dice per round), ``dice_per_round.png`` (with ``truth``) and
+    ``overlay_<case>.png`` for the first three cases (image, final pseudo-label, uncertainty).
+    """
+    from semisam_o1.evaluation import mean_dice, scores
+    from semisam_o1.report import dice_per_round_plot, overlay
+    from semisam_o1.stage_two import StageTwo
+    from semisam_o1.volumes import load_image, load_label
+
+    studies = Path(studies)
+    datastore = open_datastore(studies)
+    templates = find_templates(datastore)
+    stage_one = build_stage_one(studies, config)
+    two = StageTwo(studies, stage_one, config.stage_two_params())
+    pool = {i: Path(datastore.get_image_uri(i)) for i in sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))}
+    state = two.run(templates, pool, progress=progress)
+    rounds = len(state["rounds"])
+    for image_id in pool:
+        datastore.save_label(image_id, str(two.labels_dir(rounds) / f"{image_id}.nii.gz"), PSEUDO_TAG, {"model": "semisam_o1", "round": rounds})
+
+    report_dir = Path(report_dir or studies / ".semisam" / "report")
+    report_dir.mkdir(parents=True, exist_ok=True)
+    report = {"rounds": state["rounds"]}
+    names = label_map(templates, config.labels)
+    if truth is not None:
+        per_round = []
+        for r in range(rounds + 1):
+            per_case = []
+            for image_id, path in pool.items():
+                truth_path = Path(truth) / path.name
+                if truth_path.exists():
+                    image = load_image(path)
+                    per_case.append(scores(load_label(two.labels_dir(r) / f"{image_id}.nii.gz", image, require_foreground=False), load_label(truth_path, image), names))
+            per_round.append(mean_dice(per_case) if per_case else None)
+        report["pool_dice_per_round"] = per_round
+        if per_round and per_round[0] is not None:
+            dice_per_round_plot(per_round, report_dir / "dice_per_round.png")
+    for image_id, path in list(pool.items())[:3]:
+        image = load_image(path)
+        label = load_label(two.labels_dir(rounds) / f"{image_id}.nii.gz", image, require_foreground=False)
+        entropy = load_image_array(two.work / f"round_{rounds}" / "uncertainty" / f"{image_id}.nii.gz")
+        overlay(image.array, label, entropy, report_dir / f"overlay_{image_id}.png", title=f"{image_id}: round {rounds} pseudo-label and uncertainty")
+    (report_dir / "rounds.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def load_image_array(path: Path):
+    """A float map written by stage two (e.g. entropy) as (D, H, W) float32."""
+    import nibabel as nib
+    import numpy as np
+
+    return np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))

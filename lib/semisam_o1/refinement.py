@@ -1,0 +1,157 @@
+"""Stage two's pseudo-label correction in the foundation model's feature space.
+
+Voxel level (what the paper describes, :func:`refine_voxels`): voxels whose predictive entropy is
+above a pool-wide quantile take the similarity-weighted vote of their ``k`` nearest *confident*
+voxels, searched with FAISS (inner product of L2-normalised features = cosine similarity) over a
+class-balanced sample of the confident voxels of the whole pool and every template voxel.
+
+Volume level (the published code, :func:`refine_volumes`, kept as an ablation): the most uncertain
+volumes take the whole label map of their most similar confident volume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+
+@dataclass
+class RefineCase:
+    """One volume: ``features`` (C, D, H, W), ``label`` (D, H, W) int, ``entropy`` (D, H, W) nats.
+
+    Templates have ``is_template=True``: their labels are a clinician's, all voxels count as confident
+    and they are never changed.
+    """
+
+    features: np.ndarray
+    label: np.ndarray
+    entropy: np.ndarray
+    is_template: bool = False
+
+
+@dataclass(frozen=True)
+class RefineParams:
+    uncertain_quantile: float = 0.9
+    #: Voxels below this entropy (nats) are never "uncertain", whatever the quantile.
+    min_entropy: float = 0.05
+    k: int = 10
+    #: Confident voxels sampled per class into the FAISS index (memory budget).
+    bank_per_class: int = 20000
+    seed: int = 0
+
+
+@dataclass
+class RefineResult:
+    labels: list[np.ndarray]
+    threshold: float
+    uncertain_voxels: int
+    #: Voxels whose label changed, per new class value.
+    changed_per_class: dict[int, int] = field(default_factory=dict)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    faiss.normalize_L2(x)
+    return x
+
+
+def _flat(features: np.ndarray) -> np.ndarray:
+    """(C, D, H, W) -> (D*H*W, C) float32."""
+    return np.asarray(features, dtype=np.float32).reshape(features.shape[0], -1).T
+
+
+def entropy_threshold(cases: list[RefineCase], params: RefineParams) -> float:
+    """The pool-wide entropy above which a (non-template) voxel is uncertain."""
+    pooled = np.concatenate([c.entropy.ravel() for c in cases if not c.is_template])
+    return max(float(np.quantile(pooled, params.uncertain_quantile)), params.min_entropy)
+
+
+def refine_voxels(cases: list[RefineCase], params: RefineParams = RefineParams()) -> RefineResult:
+    """Relabel the uncertain voxels of every non-template case by kNN over confident voxels."""
+    rng = np.random.default_rng(params.seed)
+    threshold = entropy_threshold(cases, params)
+    bank_feats, bank_labels = [], []
+    classes = sorted({int(v) for c in cases for v in np.unique(c.label)})
+    for value in classes:
+        pool = []
+        for i, c in enumerate(cases):
+            confident = (c.label == value) & (c.is_template | (c.entropy <= threshold))
+            idx = np.flatnonzero(confident)
+            pool.append((i, idx))
+        total = sum(len(idx) for _, idx in pool)
+        if total == 0:
+            continue
+        take = min(total, params.bank_per_class)
+        chosen = np.sort(rng.choice(total, take, replace=False))
+        offsets = np.cumsum([0] + [len(idx) for _, idx in pool])
+        for (i, idx), lo, hi in zip(pool, offsets[:-1], offsets[1:]):
+            picked = idx[chosen[(chosen >= lo) & (chosen < hi)] - lo]
+            if len(picked):
+                bank_feats.append(_flat(cases[i].features)[picked])
+                bank_labels.append(np.full(len(picked), value))
+    bank = _unit_rows(np.concatenate(bank_feats))
+    bank_labels = np.concatenate(bank_labels)
+    index = faiss.IndexFlatIP(bank.shape[1])
+    index.add(bank)
+
+    new_labels, uncertain_total, changed = [], 0, {v: 0 for v in classes}
+    for c in cases:
+        label = c.label.copy()
+        if not c.is_template:
+            uncertain = np.flatnonzero(c.entropy.ravel() > threshold)
+            uncertain_total += len(uncertain)
+            if len(uncertain):
+                sims, nn = index.search(_unit_rows(_flat(c.features)[uncertain]), params.k)
+                weights = np.clip(sims, 0, None)
+                votes = np.zeros((len(uncertain), max(classes) + 1), np.float32)
+                for j in range(params.k):
+                    np.add.at(votes, (np.arange(len(uncertain)), bank_labels[nn[:, j]]), weights[:, j])
+                new = votes.argmax(1)
+                flat = label.reshape(-1)
+                moved = new != flat[uncertain]
+                for v in classes:
+                    changed[v] += int((moved & (new == v)).sum())
+                flat[uncertain] = new
+        new_labels.append(label)
+    return RefineResult(new_labels, threshold, uncertain_total, changed)
+
+
+def _global_descriptor(features: np.ndarray) -> np.ndarray:
+    """(C, D, H, W) -> (C,) mean feature, L2-normalised."""
+    v = np.asarray(features, dtype=np.float32).reshape(features.shape[0], -1).mean(1)
+    return v / (np.linalg.norm(v) + 1e-8)
+
+
+def _center_fit(label: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Centre-crop or zero-pad ``label`` to ``shape`` (how the published code's fixed blocks line up)."""
+    out = np.zeros(shape, label.dtype)
+    src, dst = [], []
+    for n_in, n_out in zip(label.shape, shape):
+        lo_in, lo_out = max((n_in - n_out) // 2, 0), max((n_out - n_in) // 2, 0)
+        size = min(n_in, n_out)
+        src.append(slice(lo_in, lo_in + size))
+        dst.append(slice(lo_out, lo_out + size))
+    out[tuple(dst)] = label[tuple(src)]
+    return out
+
+
+def refine_volumes(cases: list[RefineCase], fraction: float = 0.1) -> RefineResult:
+    """Ablation: the ``fraction`` most uncertain volumes (mean entropy) take the label map of the most
+    similar (global feature) confident volume, centre-aligned."""
+    candidates = [i for i, c in enumerate(cases) if not c.is_template]
+    mean_entropy = np.array([cases[i].entropy.mean() for i in candidates])
+    n_uncertain = max(1, int(round(fraction * len(candidates))))
+    uncertain = [candidates[j] for j in np.argsort(-mean_entropy)[:n_uncertain]]
+    donors = [i for i in range(len(cases)) if i not in uncertain]
+    descriptors = {i: _global_descriptor(c.features) for i, c in enumerate(cases)}
+    labels = [c.label.copy() for c in cases]
+    changed: dict[int, int] = {}
+    for i in uncertain:
+        donor = max(donors, key=lambda d: float(descriptors[i] @ descriptors[d]))
+        new = _center_fit(cases[donor].label, cases[i].label.shape)
+        for v in np.unique(new[new != labels[i]]):
+            changed[int(v)] = changed.get(int(v), 0) + int(((new == v) & (labels[i] != v)).sum())
+        labels[i] = new
+    return RefineResult(labels, threshold=float("nan"), uncertain_voxels=sum(cases[i].label.size for i in uncertain), changed_per_class=changed)

@@ -1,0 +1,183 @@
+"""Template-to-target registration for label propagation: a deterministic affine and a dense voxel map.
+
+Conventions
+-----------
+- ``fixed`` is the target (the volume being labelled), ``moving`` is the template. Both are
+  ``SimpleITK.Image`` as read by ``SimpleITK.ReadImage`` (physical units: mm, LPS).
+- The returned transform maps a *fixed* physical point (mm) to the corresponding *moving* physical
+  point (mm) -- the ITK convention, so ``sitk.Resample(moving_label, fixed, T, ...)`` warps the
+  template label onto the target.
+- Arrays are in **nibabel order** ``(D, H, W)`` = nibabel array axes 0, 1, 2 = SimpleITK index
+  ``(x, y, z)``. (``sitk.GetArrayFromImage`` returns the transposed ``(z, y, x)`` order; it is
+  transposed back here, so callers never see it.) Both libraries keep the file's voxel order, so
+  nibabel ``arr[i, j, k]`` is SimpleITK index ``(i, j, k)``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = ["affine_register", "refine_register", "map_voxels", "warp_label", "read_image"]
+
+
+@contextmanager
+def _single_thread():
+    """ITK's metric threads split the random samples non-deterministically: run on one thread."""
+    old = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old)
+
+
+def read_image(path: str) -> sitk.Image:
+    """A volume as a float32 ``SimpleITK.Image`` (the pixel type registration expects)."""
+    return sitk.ReadImage(str(path), sitk.sitkFloat32)
+
+
+def affine_register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    seed: int = 0,
+    iterations: int = 200,
+    sampling: float = 0.25,
+) -> sitk.Transform:
+    """Affine registration of ``moving`` (template) to ``fixed`` (target), Mattes mutual information.
+
+    Two-level pyramid (shrink 2, 1; smoothing 1, 0 voxel), regular-step gradient descent, geometric
+    centre initialisation. Random metric sampling uses ``seed`` and the registration runs on one
+    thread, so the result is reproducible bit-for-bit. About 0.5-1 s on a ~35x50x35 volume.
+
+    Args:
+        fixed: target image (float32).
+        moving: template image (float32).
+        seed: seed of the random metric sampling.
+        iterations: gradient-descent iterations per pyramid level.
+        sampling: fraction of voxels sampled by the metric.
+
+    Returns:
+        ``sitk.Transform`` mapping fixed physical points (mm) to moving physical points (mm).
+    """
+    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
+    moving = sitk.Cast(moving, sitk.sitkFloat32)
+    init = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.GEOMETRY
+    )
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(sampling, seed + 1)  # SimpleITK seed 0 = wall clock
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, iterations)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([2, 1])
+    reg.SetSmoothingSigmasPerLevel([1, 0])
+    reg.SetInitialTransform(init, inPlace=False)
+    reg.SetNumberOfThreads(1)
+    with _single_thread():
+        out = reg.Execute(fixed, moving)
+    # Execute returns a CompositeTransform wrapping the optimised affine; flatten when possible.
+    if isinstance(out, sitk.CompositeTransform) and out.GetNumberOfTransforms() == 1:
+        return out.GetNthTransform(0)
+    return out
+
+
+def refine_register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    initial: sitk.Transform,
+    kind: str = "bspline",
+    seed: int = 0,
+    mesh: int = 4,
+    iterations: int = 30,
+) -> sitk.Transform:
+    """Deformable refinement on top of an affine ``initial`` (fixed -> moving physical points).
+
+    ``kind="bspline"``: B-spline (``mesh`` control-point cells per axis), Mattes MI, L-BFGS-B.
+    ``kind="demons"``: diffeomorphic demons on the affinely resampled template, histogram-matched.
+
+    Returns:
+        ``sitk.Transform`` (composite) mapping fixed physical points (mm) to moving physical points (mm).
+    """
+    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
+    moving = sitk.Cast(moving, sitk.sitkFloat32)
+    if kind == "bspline":
+        bs = sitk.BSplineTransformInitializer(fixed, [mesh] * 3)
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(32)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(0.25, seed + 1)  # SimpleITK seed 0 = wall clock
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=iterations)
+        reg.SetShrinkFactorsPerLevel([2, 1])
+        reg.SetSmoothingSigmasPerLevel([1, 0])
+        reg.SetMovingInitialTransform(initial)
+        reg.SetInitialTransform(bs, inPlace=True)
+        reg.SetNumberOfThreads(1)
+        with _single_thread():
+            reg.Execute(fixed, moving)
+        out = sitk.CompositeTransform(3)
+        out.AddTransform(initial)
+        out.AddTransform(bs)
+        return out
+    if kind == "demons":
+        warped = sitk.Resample(moving, fixed, initial, sitk.sitkLinear, 0.0)
+        warped = sitk.HistogramMatching(warped, fixed, 256, 7, True)
+        dem = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+        dem.SetNumberOfIterations(iterations)
+        dem.SetStandardDeviations(1.5)
+        dem.SetNumberOfThreads(1)
+        field = dem.Execute(fixed, warped)
+        disp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+        out = sitk.CompositeTransform(3)
+        out.AddTransform(initial)
+        out.AddTransform(disp)
+        return out
+    raise ValueError(f"unknown refinement '{kind}' (bspline, demons)")
+
+
+def map_voxels(fixed: sitk.Image, transform: sitk.Transform, moving: sitk.Image) -> np.ndarray:
+    """Continuous moving-image voxel index of every fixed voxel, vectorised.
+
+    Works for any SimpleITK transform (affine, B-spline, composite): the transform is sampled as a
+    displacement field on the fixed grid, added to the fixed voxels' physical points, and the result
+    is converted to moving voxel indices with the moving image's origin, spacing and direction.
+
+    Args:
+        fixed: target image, size ``(D, H, W)`` in nibabel order.
+        transform: fixed physical point -> moving physical point (as from :func:`affine_register`).
+        moving: template image.
+
+    Returns:
+        ``(D, H, W, 3)`` float32: for fixed voxel ``[i, j, k]`` (nibabel order) its continuous voxel
+        index in ``moving``, also in nibabel order (units: moving voxels; may fall outside the
+        moving image's bounds).
+    """
+    field = sitk.TransformToDisplacementField(
+        transform,
+        sitk.sitkVectorFloat64,
+        fixed.GetSize(),
+        fixed.GetOrigin(),
+        fixed.GetSpacing(),
+        fixed.GetDirection(),
+    )
+    disp = sitk.GetArrayFromImage(field).transpose(2, 1, 0, 3)  # (z,y,x,3) -> (D,H,W,3) = (x,y,z,3)
+    size = fixed.GetSize()
+    idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in size], indexing="ij"), -1)
+    fdir = np.asarray(fixed.GetDirection(), np.float64).reshape(3, 3)
+    phys = np.asarray(fixed.GetOrigin()) + (idx * np.asarray(fixed.GetSpacing())) @ fdir.T
+    phys = phys + disp
+    mdir = np.asarray(moving.GetDirection(), np.float64).reshape(3, 3)
+    # physical = origin + dir @ (spacing * index)  =>  index = (dir^-1 @ (physical - origin)) / spacing
+    midx = ((phys - np.asarray(moving.GetOrigin())) @ np.linalg.inv(mdir).T) / np.asarray(moving.GetSpacing())
+    return midx.astype(np.float32)
+
+
+def warp_label(label: sitk.Image, fixed: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    """The template ``label`` resampled (nearest neighbour) onto the ``fixed`` grid: ``(D, H, W)`` uint8, nibabel order."""
+    out = sitk.Resample(label, fixed, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(out).transpose(2, 1, 0).copy()

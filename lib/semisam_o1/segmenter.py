@@ -1,0 +1,140 @@
+"""Stage two's 3D network: trained from scratch on (pseudo-)labels, predicting with voxel-wise uncertainty.
+
+- :func:`build_network`: MONAI ``UNet`` with dropout (dropout also drives MC-dropout uncertainty).
+- :func:`train_network`: MONAI dictionary transforms (random crops around foreground/background,
+  flips, intensity jitter), Dice + cross-entropy loss, Adam; a fixed number of iterations, sized for CPU.
+- :func:`predict_with_uncertainty`: MONAI sliding-window inference averaged over flips (TTA) and
+  MC-dropout passes; returns the mean softmax and its entropy.
+
+Volumes are ``(D, H, W)`` float32 in [0, 1] (already normalised); labels ``(D, H, W)`` int.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+from monai.transforms import (
+    Compose,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Training budget and shapes (defaults sized for 2 CPU cores and hippocampus-sized volumes)."""
+
+    patch: tuple[int, int, int] = (32, 32, 32)
+    iterations: int = 300
+    batch_size: int = 4
+    learning_rate: float = 3e-3
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    dropout: float = 0.1
+    seed: int = 0
+
+
+def build_network(n_classes: int, params: TrainParams = TrainParams()) -> UNet:
+    """UNet: (B, 1, D, H, W) -> (B, n_classes, D, H, W) logits (n_classes includes background)."""
+    return UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=n_classes,
+        channels=params.channels,
+        strides=(2,) * (len(params.channels) - 1),
+        num_res_units=2,
+        dropout=params.dropout,
+    )
+
+
+def train_network(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    n_classes: int,
+    params: TrainParams = TrainParams(),
+    on_iteration: Callable[[int, float], None] | None = None,
+) -> UNet:
+    """Train a fresh network on ``images`` (each (D, H, W) in [0, 1]) and ``labels`` (each (D, H, W) int).
+
+    Args:
+        on_iteration: called as ``on_iteration(iteration, loss)`` after every step (progress, stats).
+    """
+    torch.manual_seed(params.seed)
+    data = [{"image": img[None].astype(np.float32), "label": lab[None].astype(np.int64)} for img, lab in zip(images, labels)]
+    keys = ["image", "label"]
+    transform = Compose(
+        [
+            SpatialPadd(keys, spatial_size=params.patch),
+            RandCropByPosNegLabeld(keys, label_key="label", spatial_size=params.patch, pos=2, neg=1, num_samples=1),
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandFlipd(keys, prob=0.5, spatial_axis=2),
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        ]
+    )
+    transform.set_random_state(seed=params.seed)
+    loader = DataLoader(Dataset(data, transform), batch_size=params.batch_size, shuffle=True, num_workers=0,
+                        generator=torch.Generator().manual_seed(params.seed))
+    net = build_network(n_classes, params)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.Adam(net.parameters(), lr=params.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / params.iterations)))
+    net.train()
+    iteration = 0
+    while iteration < params.iterations:
+        for batch in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(net(batch["image"]), batch["label"])
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            iteration += 1
+            if on_iteration is not None:
+                on_iteration(iteration, loss.detach().item())
+            if iteration >= params.iterations:
+                break
+    net.eval()
+    return net
+
+
+@torch.no_grad()
+def predict_with_uncertainty(net: UNet, image: np.ndarray, patch: Sequence[int], mc_samples: int = 2, flips: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Mean softmax (C, D, H, W) and its entropy (D, H, W) in nats, over flips x MC-dropout passes.
+
+    With ``mc_samples`` = 0 dropout stays off (deterministic, one pass per flip).
+    """
+    x = torch.as_tensor(image, dtype=torch.float32)[None, None]
+    flip_sets = [(), (2,), (3,), (4,)] if flips else [()]
+    passes = max(mc_samples, 1)
+    total = None
+    for dims in flip_sets:
+        for sample in range(passes):
+            _set_dropout(net, enabled=mc_samples > 0)
+            torch.manual_seed(sample)
+            xi = torch.flip(x, dims) if dims else x
+            logits = sliding_window_inference(xi, roi_size=tuple(patch), sw_batch_size=4, predictor=net, overlap=0.25, mode="gaussian")
+            prob = torch.softmax(logits, 1)
+            prob = torch.flip(prob, dims) if dims else prob
+            total = prob if total is None else total + prob
+    _set_dropout(net, enabled=False)
+    mean = (total / (len(flip_sets) * passes))[0]
+    entropy = -(mean * torch.log(mean.clamp_min(1e-8))).sum(0)
+    return mean.numpy(), entropy.numpy()
+
+
+def _set_dropout(net: torch.nn.Module, enabled: bool) -> None:
+    """Dropout layers in train mode (MC dropout) or eval mode; everything else stays in eval."""
+    for module in net.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.train(enabled)

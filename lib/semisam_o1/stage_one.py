@@ -1,0 +1,114 @@
+"""Stage one: template labels -> pseudo-label and confidence of any image, from cached features.
+
+Pipeline per target image (every step cached on disk under ``<studies>/.semisam/``):
+
+1. features: :class:`~semisam_o1.feature_cache.FeatureCache` (the encoder runs once per image);
+2. alignment: affine + demons registration of each template to the target (``registration/*.h5``), used as a
+   spatial prior: each target voxel knows where it falls in each template;
+3. propagation: voxel k-nearest-neighbour label transfer from every template
+   (:mod:`semisam_o1.propagation`), votes fused over templates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from semisam_o1.feature_cache import FeatureCache
+from semisam_o1.propagation import TemplateBank, build_bank, propagate
+from semisam_o1.registration import affine_register, map_voxels, read_image, refine_register
+from semisam_o1.sample_data import sha256
+from semisam_o1.templates import Template
+from semisam_o1.volumes import InputError, Volume, atomic_write, class_volumes, load_image, load_label
+
+logger = logging.getLogger(__name__)
+
+
+class NoTemplateError(InputError):
+    """Stage one needs at least one image with a ``final`` label."""
+
+
+@dataclass
+class Prediction:
+    """Stage-one output for one image: ``label`` (D, H, W) uint8 and ``confidence`` (D, H, W) float32 in [0, 1]."""
+
+    image: Volume
+    label: np.ndarray
+    confidence: np.ndarray
+
+    def summary(self, label_names: dict[str, int]) -> dict:
+        """Per-class volume (mm^3 and voxels) and mean confidence, for the infer task's JSON."""
+        classes = class_volumes(self.label, self.image, label_names)
+        for entry in classes.values():
+            mask = self.label == entry["value"]
+            entry["mean_confidence"] = round(float(self.confidence[mask].mean()), 4) if entry["voxels"] else None
+        return {"classes": classes, "mean_confidence": round(float(self.confidence.mean()), 4)}
+
+
+class StageOne:
+    """Propagates the templates' labels to any image of the datastore.
+
+    Args:
+        studies: datastore folder (caches go to ``studies/.semisam``).
+        cache: feature cache of the datastore.
+        label_values: allowed label values (from the label map); template labels are checked against it.
+    """
+
+    def __init__(self, studies: Path, cache: FeatureCache, label_values: set[int] | None = None):
+        self.studies = Path(studies)
+        self.cache = cache
+        self.label_values = label_values
+        self._banks: dict[tuple, TemplateBank] = {}
+
+    def registration_path(self, target: Path, template: Path) -> Path:
+        return self.studies / ".semisam" / "registration" / f"{sha256(target)[:20]}-{sha256(template)[:20]}-affine-demons.h5"
+
+    def transform(self, target: Path, template: Path) -> sitk.Transform:
+        """Affine + demons target -> template (physical mm), registered once and kept on disk (HDF5)."""
+        path = self.registration_path(target, template)
+        if path.exists():
+            return sitk.ReadTransform(str(path))
+        fixed, moving = read_image(target), read_image(template)
+        transform = refine_register(fixed, moving, affine_register(fixed, moving), "demons")
+        atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
+        return transform
+
+    def bank(self, template: Template, progress: bool = False) -> TemplateBank:
+        """Sampled, labelled feature vectors of one template (rebuilt when its files change)."""
+        stat = template.label_path.stat()
+        key = (str(template.image_path), sha256(template.image_path), str(template.label_path), stat.st_mtime_ns, stat.st_size)
+        if key not in self._banks:
+            image = load_image(template.image_path)
+            label = load_label(template.label_path, image, allowed=self.label_values)
+            feats = self.cache.get_or_compute(image, progress=progress)
+            self._banks[key] = build_bank(self._normalized(image), label, np.asarray(feats, dtype=np.float32))
+        return self._banks[key]
+
+    def _normalized(self, image: Volume) -> np.ndarray:
+        from semisam_o1.normalize import normalize
+
+        return normalize(image.array, self.cache.modality)
+
+    def predict(self, image_path: Path | str, templates: list[Template], progress: bool = False) -> Prediction:
+        """Pseudo-label and confidence of one image.
+
+        Raises:
+            NoTemplateError: no template in ``templates``.
+            InputError: the image or a template label is bad (message names the file).
+        """
+        if not templates:
+            raise NoTemplateError(
+                "stage one needs a template: save a 'final' label for at least one image "
+                "(PUT /datastore/label?tag=final) and try again"
+            )
+        image = load_image(image_path)
+        banks = [self.bank(t, progress) for t in templates]
+        feats = np.asarray(self.cache.get_or_compute(image, progress=progress), dtype=np.float32)
+        target_itk = read_image(image.path)
+        coords = [map_voxels(target_itk, self.transform(image.path, t.image_path), read_image(t.image_path)) for t in templates]
+        label, confidence = propagate(banks, self._normalized(image), feats, coords)
+        return Prediction(image=image, label=label, confidence=confidence)

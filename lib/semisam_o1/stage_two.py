@@ -1,0 +1,214 @@
+"""Stage two: rounds of train-from-scratch -> predict with uncertainty -> feature-space refinement.
+
+Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net style)::
+
+    state.json                  params, finished rounds and their stats (resume point)
+    round_0/labels/<id>.nii.gz  stage-one pseudo-labels (the starting point)
+    round_<r>/model.pt          the network trained in round r
+    round_<r>/labels/<id>.nii.gz   refined pseudo-labels after round r
+    round_<r>/uncertainty/<id>.nii.gz   predictive entropy (nats) of round r's network
+    model.pt                    the latest finished round's network (what the infer task serves)
+
+A round is committed by writing ``state.json`` last: a run killed mid-round restarts that round,
+and everything of earlier rounds stays valid. ``final`` labels are read, never written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from semisam_o1.normalize import normalize
+from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
+from semisam_o1.segmenter import TrainParams, build_network, predict_with_uncertainty, train_network
+from semisam_o1.stage_one import NoTemplateError, StageOne
+from semisam_o1.templates import Template
+from semisam_o1.volumes import Volume, atomic_write, load_image, load_label, save_label
+
+logger = logging.getLogger(__name__)
+
+#: "voxel" (the paper), "volume" (the published code, ablation) or "none" (plain self-training).
+REFINEMENTS = ("voxel", "volume", "none")
+
+
+@dataclass(frozen=True)
+class StageTwoParams:
+    rounds: int = 3
+    train: TrainParams = TrainParams()
+    refine: RefineParams = RefineParams()
+    refinement: str = "voxel"
+    mc_samples: int = 2
+
+
+@dataclass
+class Progress:
+    """What a caller sees while stage two runs (MONAI Label train stats, tqdm)."""
+
+    round: int = 0
+    rounds: int = 0
+    phase: str = ""
+    iteration: int = 0
+    iterations: int = 0
+    loss: float | None = None
+    history: list = field(default_factory=list)
+
+
+class StageTwo:
+    def __init__(self, studies: Path, stage_one: StageOne, params: StageTwoParams = StageTwoParams(), work: Path | None = None):
+        """``work`` defaults to ``<studies>/.semisam/stage2`` (benchmarks keep variants apart with it)."""
+        if params.refinement not in REFINEMENTS:
+            raise ValueError(f"refinement must be one of {REFINEMENTS}, got '{params.refinement}'")
+        self.studies = Path(studies)
+        self.stage_one = stage_one
+        self.params = params
+        self.work = Path(work) if work else self.studies / ".semisam" / "stage2"
+        self.progress = Progress(rounds=params.rounds)
+
+    # ----------------------------------------------------------------- state
+    def state(self) -> dict:
+        path = self.work / "state.json"
+        return json.loads(path.read_text()) if path.exists() else {"rounds": []}
+
+    def _commit(self, state: dict) -> None:
+        atomic_write(self.work / "state.json", lambda tmp: tmp.write_text(json.dumps(state, indent=2)))
+
+    def labels_dir(self, round_: int) -> Path:
+        return self.work / f"round_{round_}" / "labels"
+
+    @property
+    def model_path(self) -> Path:
+        return self.work / "model.pt"
+
+    # ----------------------------------------------------------------- run
+    def run(self, templates: list[Template], pool: dict[str, Path], progress: bool = False,
+            on_progress: Callable[[Progress], None] | None = None) -> dict:
+        """Run (or resume) all rounds.
+
+        Args:
+            templates: images with ``final`` labels (ground truth, never changed).
+            pool: ``{image_id: image path}`` of the unlabelled images to pseudo-label.
+        Returns:
+            The final state (``rounds``: per-round stats).
+        """
+        if not templates:
+            raise NoTemplateError("stage two needs a template: save a 'final' label for at least one image first")
+        notify = on_progress or (lambda p: None)
+        state = self.state()
+        images = {i: load_image(p) for i, p in pool.items()}
+        finals = [(load_image(t.image_path), t) for t in templates]
+        final_labels = [load_label(t.label_path, img, allowed=self.stage_one.label_values) for img, t in finals]
+        n_classes = 1 + max(int(lab.max()) for lab in final_labels)
+
+        if not self.labels_dir(0).exists() or len(list(self.labels_dir(0).glob("*.nii.gz"))) < len(pool):
+            self._stage_one_labels(templates, images, progress)
+        for round_ in range(len(state["rounds"]) + 1, self.params.rounds + 1):
+            start = time.perf_counter()
+            self.progress.round, self.progress.phase = round_, "train"
+            notify(self.progress)
+            current = {i: self._read_label(self.labels_dir(round_ - 1) / f"{i}.nii.gz", img) for i, img in images.items()}
+            net = self._train(finals, final_labels, images, current, n_classes, progress, notify)
+            round_dir = self.work / f"round_{round_}"
+            atomic_write(round_dir / "model.pt", lambda tmp: torch.save(net.state_dict(), tmp))
+
+            self.progress.phase = "predict"
+            notify(self.progress)
+            predicted, entropy = {}, {}
+            for i, img in tqdm(images.items(), desc=f"round {round_}: predict", disable=not progress, leave=False):
+                prob, ent = predict_with_uncertainty(net, normalize(img.array, self.stage_one.cache.modality), self.params.train.patch, self.params.mc_samples)
+                predicted[i], entropy[i] = prob.argmax(0).astype(np.uint8), ent
+                save_label(ent, img, round_dir / "uncertainty" / f"{i}.nii.gz", dtype=np.float32)
+
+            self.progress.phase = "refine"
+            notify(self.progress)
+            refined, refine_stats = self._refine(finals, final_labels, images, predicted, entropy)
+            for i, img in images.items():
+                save_label(refined[i], img, self.labels_dir(round_) / f"{i}.nii.gz")
+            atomic_write(self.model_path, lambda tmp: shutil.copyfile(round_dir / "model.pt", tmp))
+            stats = {
+                "round": round_,
+                "seconds": round(time.perf_counter() - start, 1),
+                "final_loss": self.progress.loss,
+                "mean_entropy": float(np.mean([e.mean() for e in entropy.values()])),
+                **refine_stats,
+            }
+            state = {"params": _jsonable(asdict(self.params)), "n_classes": n_classes, "rounds": [*state["rounds"], stats]}
+            self._commit(state)
+            self.progress.history.append(stats)
+            notify(self.progress)
+            logger.info(f"stage 2 round {round_}/{self.params.rounds}: {json.dumps(stats)}")
+        return state
+
+    # ----------------------------------------------------------------- steps
+    def _stage_one_labels(self, templates, images: dict[str, Volume], progress: bool) -> None:
+        for i, img in tqdm(images.items(), desc="stage 1: propagate", disable=not progress, leave=False):
+            path = self.labels_dir(0) / f"{i}.nii.gz"
+            if not path.exists():
+                save_label(self.stage_one.predict(img.path, templates).label, img, path)
+
+    @staticmethod
+    def _read_label(path: Path, image: Volume) -> np.ndarray:
+        return load_label(path, image, require_foreground=False)
+
+    def _train(self, finals, final_labels, images, current, n_classes, progress, notify):
+        modality = self.stage_one.cache.modality
+        xs = [normalize(img.array, modality) for img, _ in finals] + [normalize(img.array, modality) for img in images.values()]
+        ys = list(final_labels) + [current[i] for i in images]
+        self.progress.iterations = self.params.train.iterations
+        bar = tqdm(total=self.params.train.iterations, desc=f"round {self.progress.round}: train", disable=not progress, leave=False)
+
+        def on_iteration(it: int, loss: float) -> None:
+            self.progress.iteration, self.progress.loss = it, round(loss, 4)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if it % 25 == 0 or it == self.params.train.iterations:
+                notify(self.progress)
+
+        net = train_network(xs, ys, n_classes, self.params.train, on_iteration)
+        bar.close()
+        return net
+
+    def _refine(self, finals, final_labels, images, predicted, entropy):
+        if self.params.refinement == "none":
+            return predicted, {"uncertain_voxels": 0, "changed_per_class": {}}
+        cache = self.stage_one.cache
+        cases = [RefineCase(np.asarray(cache.get_or_compute(img), np.float32), lab, np.zeros(lab.shape, np.float32), True)
+                 for (img, _), lab in zip(finals, final_labels)]
+        ids = list(images)
+        cases += [RefineCase(np.asarray(cache.get_or_compute(images[i]), np.float32), predicted[i].astype(np.int64), entropy[i]) for i in ids]
+        if self.params.refinement == "voxel":
+            result = refine_voxels(cases, self.params.refine)
+        else:
+            result = refine_volumes(cases)
+        refined = {i: result.labels[len(finals) + n].astype(np.uint8) for n, i in enumerate(ids)}
+        stats = {
+            "uncertainty_threshold": result.threshold,
+            "uncertain_voxels": result.uncertain_voxels,
+            "changed_per_class": {str(k): v for k, v in result.changed_per_class.items()},
+        }
+        return refined, stats
+
+    def load_model(self) -> torch.nn.Module | None:
+        """The latest finished round's network, or ``None`` before any training."""
+        state = self.state()
+        if not self.model_path.exists() or not state["rounds"]:
+            return None
+        net = build_network(state["n_classes"], self.params.train)
+        net.load_state_dict(torch.load(self.model_path, map_location="cpu", weights_only=True))
+        return net.eval()
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,63 @@
+"""Infer task ``semisam_o1``: the latest stage-two network on one image, with its uncertainty."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+from fastapi import HTTPException
+
+from semisam_o1.normalize import normalize
+from semisam_o1.segmenter import predict_with_uncertainty
+from semisam_o1.stage_two import StageTwo
+from semisam_o1.tasks.errors import client_errors
+from semisam_o1.tasks.label_infer import LabelInfer
+from semisam_o1.volumes import class_volumes, load_image, save_label
+
+#: A voxel is "uncertain" in the summary above this entropy (nats).
+UNCERTAIN_ENTROPY = 0.3
+
+
+class NetworkInfer(LabelInfer):
+    """Label file in the image's geometry + JSON: per-class volumes, mean entropy, uncertain fraction.
+
+    Request ``uncertainty: true`` also writes the entropy map next to the label (its path in the JSON).
+    """
+
+    def __init__(self, stage_two: StageTwo, labels: Callable[[], dict[str, int]]):
+        super().__init__("SemiSAM-O1 stage two: 3D network self-trained from one template", labels)
+        self.stage_two = stage_two
+        self._model = None
+        self._model_mtime = None
+
+    def _network(self):
+        path = self.stage_two.model_path
+        mtime = path.stat().st_mtime_ns if path.exists() else None
+        if mtime != self._model_mtime:
+            self._model, self._model_mtime = self.stage_two.load_model(), mtime
+        if self._model is None:
+            raise HTTPException(status_code=409, detail="no stage-two model yet: run training first (POST /train/semisam_o1)")
+        return self._model
+
+    def __call__(self, request):
+        start = time.perf_counter()
+        net = self._network()
+        with client_errors():
+            image = load_image(request["image"])
+            prob, entropy = predict_with_uncertainty(
+                net, normalize(image.array, self.stage_two.stage_one.cache.modality), self.stage_two.params.train.patch, mc_samples=0
+            )
+            label = prob.argmax(0)
+            out = self.result_path(request)
+            save_label(label, image, out)
+        names = self._labels()
+        result = {
+            "label_names": names,
+            "classes": class_volumes(label, image, names),
+            "uncertainty": {"mean_entropy": round(float(entropy.mean()), 4), "uncertain_fraction": round(float((entropy > UNCERTAIN_ENTROPY).mean()), 4)},
+            "latencies": {"total": round(time.perf_counter() - start, 3)},
+        }
+        if request.get("uncertainty"):
+            result["uncertainty"]["map"] = str(save_label(entropy, image, self.result_path(request), dtype=np.float32))
+        return out, result

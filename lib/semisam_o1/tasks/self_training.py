@@ -1,0 +1,60 @@
+"""Train task ``semisam_o1``: stage two's rounds as a MONAI Label background training job.
+
+``POST /train/semisam_o1`` runs :class:`~semisam_o1.stage_two.StageTwo` in MONAI Label's job
+subprocess; progress lines (round, phase, iteration, loss, voxels refined) go to the job's
+``details`` (``GET /train/``) and :meth:`stats` reports the finished rounds (``/info/``).
+Request keys override ``--conf``: ``rounds``, ``iterations``, ``refinement``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.train import TrainTask
+
+from semisam_o1.stage_two import Progress, StageTwo
+from semisam_o1.tasks.errors import client_errors
+from semisam_o1.tasks.pseudo_labels import PSEUDO_TAG
+from semisam_o1.templates import find_templates
+
+logger = logging.getLogger(__name__)
+
+
+class SelfTraining(TrainTask):
+    def __init__(self, stage_two: StageTwo):
+        super().__init__("SemiSAM-O1 stage two: rounds of training from scratch, uncertainty, feature-space refinement")
+        self.stage_two = stage_two
+
+    def config(self):
+        p = self.stage_two.params
+        return {"rounds": p.rounds, "iterations": p.train.iterations, "refinement": p.refinement}
+
+    def stats(self):
+        state = self.stage_two.state()
+        return {"rounds_done": len(state["rounds"]), "rounds": state["rounds"], "model": str(self.stage_two.model_path) if state["rounds"] else None}
+
+    def _with_request(self, request) -> StageTwo:
+        p = self.stage_two.params
+        train = dataclasses.replace(p.train, iterations=int(request.get("iterations", p.train.iterations)))
+        params = dataclasses.replace(p, rounds=int(request.get("rounds", p.rounds)), train=train, refinement=request.get("refinement", p.refinement))
+        return StageTwo(self.stage_two.studies, self.stage_two.stage_one, params)
+
+    def __call__(self, request, datastore: Datastore):
+        with client_errors():
+            stage_two = self._with_request(request)
+            templates = find_templates(datastore)
+            pool = {i: datastore.get_image_uri(i) for i in sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))}
+
+            def report(p: Progress) -> None:
+                logger.info(f"stage2 round {p.round}/{p.rounds} {p.phase} iteration {p.iteration}/{p.iterations} loss {p.loss}")
+                if p.history and p.phase == "refine":
+                    logger.info(f"stage2 round stats {json.dumps(p.history[-1])}")
+
+            state = stage_two.run(templates, pool, on_progress=report)
+        last = stage_two.labels_dir(len(state["rounds"]))
+        for image_id in pool:
+            datastore.save_label(image_id, str(last / f"{image_id}.nii.gz"), PSEUDO_TAG, {"model": "semisam_o1", "round": len(state["rounds"])})
+        return {"rounds": state["rounds"]}

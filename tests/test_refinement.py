@@ -1,0 +1,57 @@
+"""Feature-space refinement on constructed cases: exactly the uncertain voxels change, to the right class."""
+
+import numpy as np
+
+from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
+
+
+def constructed_case(rng, shape=(6, 7, 8)):
+    """Truth: a block of class 1 and one of class 2; features = class one-hot + small noise."""
+    truth = np.zeros(shape, np.int64)
+    truth[1:3, 1:5, 1:6] = 1
+    truth[4:6, 2:6, 2:7] = 2
+    feats = np.eye(3, dtype=np.float32)[truth].transpose(3, 0, 1, 2) + 0.05 * rng.standard_normal((3, *shape)).astype(np.float32)
+    return truth, feats
+
+
+def test_uncertain_voxels_take_the_label_of_their_confident_neighbours():
+    rng = np.random.default_rng(0)
+    truth_t, feats_t = constructed_case(rng)
+    truth, feats = constructed_case(rng)
+    predicted = truth.copy()
+    wrong_uncertain = [(1, 1, 1), (4, 3, 3), (0, 0, 0)]
+    wrong_confident = (2, 4, 5)
+    for idx, value in zip(wrong_uncertain, [2, 0, 1]):
+        predicted[idx] = value
+    predicted[wrong_confident] = 0
+    entropy = np.zeros(truth.shape, np.float32)
+    for idx in wrong_uncertain:
+        entropy[idx] = 1.0
+    entropy[3, 3, 3] = 1.0  # uncertain but already right: stays right
+
+    cases = [RefineCase(feats_t, truth_t, np.zeros_like(entropy), is_template=True), RefineCase(feats, predicted, entropy)]
+    result = refine_voxels(cases, RefineParams(uncertain_quantile=0.9, k=5))
+
+    refined = result.labels[1]
+    assert result.uncertain_voxels == 4
+    for idx in wrong_uncertain:
+        assert refined[idx] == truth[idx]
+    assert refined[wrong_confident] == 0  # confident voxels are never touched, even when wrong
+    changed = refined != predicted
+    assert changed.sum() == 3 and all(changed[idx] for idx in wrong_uncertain)
+    assert result.changed_per_class == {0: 1, 1: 1, 2: 1}
+    np.testing.assert_array_equal(result.labels[0], truth_t)  # template unchanged
+
+
+def test_volume_level_ablation_replaces_whole_label_maps():
+    rng = np.random.default_rng(1)
+    cases = []
+    for n in range(10):
+        truth, feats = constructed_case(rng)
+        entropy = np.full(truth.shape, 0.9 if n == 3 else 0.1, np.float32)
+        cases.append(RefineCase(feats, (truth if n != 3 else np.zeros_like(truth)), entropy, is_template=n == 0))
+    result = refine_volumes(cases, fraction=0.1)
+    assert result.labels[3].sum() > 0  # the most uncertain volume got a donor's map
+    for n in range(10):
+        if n != 3:
+            np.testing.assert_array_equal(result.labels[n], cases[n].label)

@@ -1,0 +1,96 @@
+"""Stage two on a tiny real datastore: rounds through MONAI Label's train endpoint, resume, network infer."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+from fastapi.testclient import TestClient
+
+from semisam_o1.config import AppConfig
+from semisam_o1.pipeline import build_stage_one, open_datastore
+from semisam_o1.server import APP_DIR
+from semisam_o1.stage_two import StageTwo
+from semisam_o1.templates import find_templates
+
+#: Fast settings: one orientation at 32 px, few iterations, small patches.
+FAST = {
+    "labels": "anterior=1,posterior=2",
+    "encoder_image_size": "32",
+    "encoder_axes": "0",
+    "feature_dims": "8",
+    "iterations": "4",
+    "patch": "16",
+    "rounds": "1",
+}
+
+
+def make_client(studies, monkeypatch, conf):
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import clear_cache
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_DIR", str(APP_DIR))
+    monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", str(studies))
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_CONF", conf)
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
+    import monailabel.app
+
+    clear_cache()
+    return TestClient(monailabel.app.app)
+
+
+def test_round_through_train_endpoint_writes_pseudo_labels_and_serves_the_network(tiny_studies, monkeypatch):
+    final_before = (tiny_studies / "labels" / "final" / "hippocampus_001.nii.gz").read_bytes()
+    with make_client(tiny_studies, monkeypatch, FAST) as client:
+        before = client.post("/infer/semisam_o1", params={"image": "hippocampus_003", "output": "json"})
+        assert before.status_code == 409 and "run training first" in before.json()["detail"]
+
+        res = client.post("/train/semisam_o1", params={"run_sync": True}, json={})
+        assert res.status_code == 200, res.text
+        assert [r["round"] for r in res.json()["rounds"]] == [1]
+
+        stats = client.get("/info/").json()["train_stats"]["semisam_o1"]
+        assert stats["rounds_done"] == 1
+
+        res = client.post("/infer/semisam_o1", params={"image": "hippocampus_008", "output": "json"}, data={"params": json.dumps({"uncertainty": True})})
+        assert res.status_code == 200, res.text
+        body = res.json()
+        assert set(body["classes"]) == {"anterior", "posterior"}
+        assert 0.0 <= body["uncertainty"]["uncertain_fraction"] <= 1.0
+    datastore = open_datastore(tiny_studies)
+    for image_id in ["hippocampus_003", "hippocampus_008"]:
+        label_path = datastore.get_label_uri(datastore.get_label_by_image_id(image_id, "pseudo"), "pseudo")
+        label = nib.load(label_path)
+        assert label.shape == nib.load(str(tiny_studies / f"{image_id}.nii.gz")).shape
+        np.testing.assert_array_equal(label.affine, nib.load(str(tiny_studies / f"{image_id}.nii.gz")).affine)
+    assert datastore.get_labeled_images("final") == ["hippocampus_001"]
+    assert (tiny_studies / "labels" / "final" / "hippocampus_001.nii.gz").read_bytes() == final_before
+
+
+def test_train_without_template_is_refused_with_409(tiny_studies, monkeypatch):
+    (tiny_studies / "labels" / "final" / "hippocampus_001.nii.gz").unlink()
+    with make_client(tiny_studies, monkeypatch, FAST) as client:
+        res = client.post("/train/semisam_o1", json={})
+        assert res.status_code == 409
+        assert "needs a template" in res.json()["detail"]
+
+
+def test_interrupted_round_is_redone_and_finished_rounds_are_kept(tiny_studies):
+    config = AppConfig.from_conf({**FAST, "rounds": "2"})
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    templates = find_templates(datastore)
+    pool = {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]}
+
+    one = StageTwo(tiny_studies, stage_one, AppConfig.from_conf(FAST).stage_two_params())
+    one.run(templates, pool)
+    round1 = {p: p.read_bytes() for p in (one.work / "round_1").rglob("*") if p.is_file()}
+    # a crash in round 2: partial files written, state not committed
+    (one.work / "round_2" / "labels").mkdir(parents=True)
+    (one.work / "round_2" / "model.pt").write_bytes(b"half a checkpoint")
+
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    state = two.run(templates, pool)
+    assert [r["round"] for r in state["rounds"]] == [1, 2]
+    assert {p: p.read_bytes() for p in (one.work / "round_1").rglob("*") if p.is_file()} == round1
+    assert two.load_model() is not None
+    assert len(list((two.work / "round_2" / "labels").glob("*.nii.gz"))) == 2
