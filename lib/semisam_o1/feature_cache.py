@@ -3,7 +3,8 @@
 Layout (one folder per setting, so changing the encoder or its settings never mixes features)::
 
     <studies>/.semisam/features/<settings id>/
-        basis.npz            PCA basis (mean (C,), components (C, dims)), fitted on the first image encoded
+        basis.npz            PCA basis (mean (C,), components (C, dims)) of L2-normalised encoder
+                             features, fitted on the first image encoded
         <image sha256[:20]>.npy   float16 (dims, D, H, W)
 
 The settings id joins the encoder id (architecture, weights hash, input size, axes), the intensity
@@ -44,7 +45,7 @@ class FeatureCache:
     def __init__(self, studies: Path, encoder: EncoderSpec = EncoderSpec(), dims: int = 32, modality: str = "mri"):
         self.dims = dims
         self.modality = modality
-        self.settings_id = f"{encoder.id}-{normalization_id(modality)}-pca{dims}"
+        self.settings_id = f"{encoder.id}-{normalization_id(modality)}-l2pca{dims}"
         self.root = Path(studies) / CACHE_DIR / self.settings_id
         self.spec = encoder
         self._encoder: Encoder | None = None
@@ -84,6 +85,7 @@ class FeatureCache:
         """(C, D, H, W) -> (dims, D, H, W) with the setting's PCA basis (fitted here on first use)."""
         c = raw.shape[0]
         flat = raw.reshape(c, -1).T  # (N, C)
+        flat = flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-6)  # cosine geometry before PCA
         mean, components = self._load_or_fit_basis(flat)
         return ((flat - mean) @ components).T.reshape(self.dims, *raw.shape[1:])
 

@@ -10,7 +10,7 @@ smoothed, arg-maxed and cleaned (largest connected component). Target voxels map
 ``margin`` voxels from the template foreground are background without a search.
 
 Several templates (banks) fuse their votes (multi-atlas). Features arrive already in the stored
-space (e.g. PCA-32 float16 from :func:`fit_pca` / :func:`compress`); they are L2-normalised here.
+space (e.g. the feature cache's PCA-32 float16); they are L2-normalised here.
 
 Measured on MSD hippocampus (template 001, 19 targets, LiteMedSAM s64 3 axes, PCA-32 fp16):
 mean Dice 0.80 vs 0.70 affine atlas, 0.75 demons atlas, 0.75 global voxel kNN.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["PropagationParams", "TemplateBank", "build_bank", "propagate", "fit_pca", "compress"]
+__all__ = ["PropagationParams", "TemplateBank", "build_bank", "propagate"]
 
 NUM_CLASSES = 3
 
@@ -67,30 +67,6 @@ class TemplateBank:
 
 def _l2n(x: np.ndarray) -> np.ndarray:
     return (x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)).astype(np.float32)
-
-
-def fit_pca(features: np.ndarray, dims: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """PCA of one volume's L2-normalised voxel features.
-
-    Args:
-        features: ``(C, D, H, W)`` encoder output.
-        dims: output dimensions.
-
-    Returns:
-        ``(mean (C,), basis (C, dims))`` float32.
-    """
-    x = _l2n(features.reshape(features.shape[0], -1).T)
-    mean = x.mean(0)
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    return mean.astype(np.float32), vt[:dims].T.astype(np.float32)
-
-
-def compress(features: np.ndarray, pca: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """``(C, D, H, W)`` -> ``(dims, D, H, W)`` float16 (the cached form: 2 * dims bytes per voxel)."""
-    mean, basis = pca
-    x = _l2n(features.reshape(features.shape[0], -1).T)
-    y = (x - mean) @ basis
-    return y.T.reshape(basis.shape[1], *features.shape[1:]).astype(np.float16)
 
 
 def build_bank(
