@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from stage1 import CLASSES, build_datastore, machine
 from tqdm import tqdm
 
@@ -31,7 +30,7 @@ from semisam_o1.evaluation import mean_dice, scores
 from semisam_o1.normalize import normalize
 from semisam_o1.pipeline import build_stage_one, open_datastore
 from semisam_o1.sample_data import find_local_source
-from semisam_o1.segmenter import build_network, predict_with_uncertainty, train_network
+from semisam_o1.segmenter import load_network, predict_with_uncertainty, train_network
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image, load_label
@@ -102,9 +101,8 @@ def main(argv=None) -> int:
             pool_d = mean_dice([scores(load_label(two.labels_dir(r) / f"{i}.nii.gz", img, require_foreground=False), truth, CLASSES) for i, (img, truth) in pool.items()])
             entry = {"round": r, "pool_pseudo_label_dice": pool_d}
             if r:
-                net = build_network(1 + len(CLASSES), params.train)
-                net.load_state_dict(torch.load(work / f"round_{r}" / "model.pt", weights_only=True))
-                entry["test_dice"] = network_dice(net.eval(), test, patch)
+                net = load_network(work / f"round_{r}" / "model.pt", params.train)
+                entry["test_dice"] = network_dice(net, test, patch)
                 entry.update({k: state["rounds"][r - 1][k] for k in ("seconds", "uncertain_voxels", "changed_per_class")})
             per_round.append(entry)
             print(refinement, json.dumps(entry))

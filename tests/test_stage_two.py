@@ -94,3 +94,20 @@ def test_interrupted_round_is_redone_and_finished_rounds_are_kept(tiny_studies):
     assert {p: p.read_bytes() for p in (one.work / "round_1").rglob("*") if p.is_file()} == round1
     assert two.load_model() is not None
     assert len(list((two.work / "round_2" / "labels").glob("*.nii.gz"))) == 2
+
+
+def test_a_changed_pool_starts_again_instead_of_resuming(tiny_studies):
+    config = AppConfig.from_conf(FAST)
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    templates = find_templates(datastore)
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    two.run(templates, {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]})
+    first_model = two.model_version()
+
+    # hippocampus_008 left the pool (e.g. a clinician labelled it): the finished round is not reused
+    state = two.run(templates, {"hippocampus_003": datastore.get_image_uri("hippocampus_003")})
+    assert [r["round"] for r in state["rounds"]] == [1]
+    assert state["inputs"]["pool"] == ["hippocampus_003"]
+    assert [p.name for p in two.labels_dir(1).glob("*.nii.gz")] == ["hippocampus_003.nii.gz"]
+    assert two.model_version() != first_model

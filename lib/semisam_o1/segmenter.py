@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -55,6 +56,22 @@ def build_network(n_classes: int, params: TrainParams = TrainParams()) -> UNet:
         num_res_units=2,
         dropout=params.dropout,
     )
+
+
+def save_network(net: UNet, n_classes: int, path: Path) -> Path:
+    """Checkpoint that describes itself: ``{"n_classes", "channels", "state_dict"}`` (written atomically)."""
+    from semisam_o1.volumes import atomic_write
+
+    payload = {"n_classes": n_classes, "state_dict": net.state_dict()}
+    return atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def load_network(path: Path, params: TrainParams = TrainParams()) -> UNet:
+    """A network saved by :func:`save_network`, in eval mode on CPU."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    net = build_network(int(payload["n_classes"]), params)
+    net.load_state_dict(payload["state_dict"])
+    return net.eval()
 
 
 def train_network(

@@ -10,7 +10,11 @@ Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net s
     model.pt                    the latest finished round's network (what the infer task serves)
 
 A round is committed by writing ``state.json`` last: a run killed mid-round restarts that round,
-and everything of earlier rounds stays valid. ``final`` labels are read, never written.
+and everything of earlier rounds stays valid. ``state.json`` also records the run's inputs (templates
+with their label hashes, the pool, the params): when a clinician saves a new ``final`` label or the
+pool changes, the next run starts again from round 0 instead of resuming (the published
+``model.pt`` keeps serving until the new run's first round replaces it). ``final`` labels are read,
+never written.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from tqdm import tqdm
 
 from semisam_o1.normalize import normalize
 from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
-from semisam_o1.segmenter import TrainParams, build_network, predict_with_uncertainty, train_network
+from semisam_o1.sample_data import sha256
+from semisam_o1.segmenter import TrainParams, load_network, predict_with_uncertainty, save_network, train_network
 from semisam_o1.stage_one import NoTemplateError, StageOne
 from semisam_o1.templates import Template
 from semisam_o1.volumes import Volume, atomic_write, load_image, load_label, save_label
@@ -102,7 +107,12 @@ class StageTwo:
         if not templates:
             raise NoTemplateError("stage two needs a template: save a 'final' label for at least one image first")
         notify = on_progress or (lambda p: None)
+        inputs = self._inputs(templates, pool)
         state = self.state()
+        if state["rounds"] and state.get("inputs") != inputs:
+            logger.info("stage 2: templates, pool or params changed since the last run; starting again from round 0")
+            self._reset()
+            state = self.state()
         images = {i: load_image(p) for i, p in pool.items()}
         finals = [(load_image(t.image_path), t) for t in templates]
         final_labels = [load_label(t.label_path, img, allowed=self.stage_one.label_values) for img, t in finals]
@@ -117,7 +127,7 @@ class StageTwo:
             current = {i: self._read_label(self.labels_dir(round_ - 1) / f"{i}.nii.gz", img) for i, img in images.items()}
             net = self._train(finals, final_labels, images, current, n_classes, progress, notify)
             round_dir = self.work / f"round_{round_}"
-            atomic_write(round_dir / "model.pt", lambda tmp: torch.save(net.state_dict(), tmp))
+            save_network(net, n_classes, round_dir / "model.pt")
 
             self.progress.phase = "predict"
             notify(self.progress)
@@ -140,7 +150,7 @@ class StageTwo:
                 "mean_entropy": float(np.mean([e.mean() for e in entropy.values()])),
                 **refine_stats,
             }
-            state = {"params": _jsonable(asdict(self.params)), "n_classes": n_classes, "rounds": [*state["rounds"], stats]}
+            state = {"inputs": inputs, "n_classes": n_classes, "rounds": [*state["rounds"], stats]}
             self._commit(state)
             self.progress.history.append(stats)
             notify(self.progress)
@@ -148,6 +158,17 @@ class StageTwo:
         return state
 
     # ----------------------------------------------------------------- steps
+    def _inputs(self, templates: list[Template], pool: dict[str, Path]) -> dict:
+        """What a run depends on; a committed state with other inputs is not resumed (more rounds is)."""
+        params = {k: v for k, v in _jsonable(asdict(self.params)).items() if k != "rounds"}
+        return {"templates": {t.image_id: sha256(t.label_path)[:16] for t in templates}, "pool": sorted(pool), "params": params}
+
+    def _reset(self) -> None:
+        """Forget every round (the published model stays until a new round replaces it)."""
+        for path in self.work.glob("round_*"):
+            shutil.rmtree(path)
+        (self.work / "state.json").unlink(missing_ok=True)
+
     def _stage_one_labels(self, templates, images: dict[str, Volume], progress: bool) -> None:
         for i, img in tqdm(images.items(), desc="stage 1: propagate", disable=not progress, leave=False):
             path = self.labels_dir(0) / f"{i}.nii.gz"
@@ -197,13 +218,12 @@ class StageTwo:
         return refined, stats
 
     def load_model(self) -> torch.nn.Module | None:
-        """The latest finished round's network, or ``None`` before any training."""
-        state = self.state()
-        if not self.model_path.exists() or not state["rounds"]:
-            return None
-        net = build_network(state["n_classes"], self.params.train)
-        net.load_state_dict(torch.load(self.model_path, map_location="cpu", weights_only=True))
-        return net.eval()
+        """The published network (latest finished round), or ``None`` before any training."""
+        return load_network(self.model_path, self.params.train) if self.model_path.exists() else None
+
+    def model_version(self) -> str | None:
+        """Content hash of the published network (changes with every finished round), ``None`` before any."""
+        return f"stage2-{sha256(self.model_path)[:12]}" if self.model_path.exists() else None
 
 
 def _jsonable(value):
