@@ -3,7 +3,9 @@
 import logging
 from pathlib import Path
 
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.scoring.dice import Dice
@@ -18,6 +20,10 @@ from semisam_o1.tasks.network_infer import NetworkInfer
 from semisam_o1.tasks.prototype_infer import PrototypeInfer
 from semisam_o1.tasks.pseudo_labels import PseudoLabelBatchInfer, refuse_final
 from semisam_o1.tasks.self_training import SelfTraining
+from semisam_o1.tasks.strategies import Diverse, Uncertain, UncertainDiverse
+from semisam_o1.tasks.template_datastore import TemplateDatastore
+from semisam_o1.tasks.template_refresh import PseudoLabelRefresher
+from semisam_o1.tasks.uncertainty_scoring import UncertaintyScoring
 from semisam_o1.templates import find_templates, label_map
 
 logger = logging.getLogger(__name__)
@@ -28,6 +34,7 @@ class SemiSAMO1App(MONAILabelApp):
         self.config = AppConfig.from_conf(conf)
         self.stage_one = build_stage_one(Path(studies), self.config)
         self.stage_two = StageTwo(Path(studies), self.stage_one, self.config.stage_two_params())
+        self.refresher = PseudoLabelRefresher(self.stage_one, self.datastore, self.current_labels)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -55,11 +62,36 @@ class SemiSAMO1App(MONAILabelApp):
     def init_batch_infer(self):
         return PseudoLabelBatchInfer()
 
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return TemplateDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            label_values=lambda: set(self.config.labels.values()) or None,
+        )
+
     def init_strategies(self):
-        return {"random": Random(), "first": First()}
+        skip = self.config.skip_served_seconds
+        return {
+            "uncertain": Uncertain(skip),
+            "diverse": Diverse(self.stage_one, skip),
+            "uncertain_diverse": UncertainDiverse(self.stage_one, skip),
+            "random": Random(),
+            "first": First(),
+        }
 
     def init_scoring_methods(self):
-        return {"features": FeatureExtraction(self.stage_one), "dice": Dice()}
+        return {"features": FeatureExtraction(self.stage_one), "uncertainty": UncertaintyScoring(self.stage_two), "dice": Dice()}
+
+    def on_save_label(self, image_id, label_id):
+        """A new ``final`` label is a template: refresh the pool's stage-one pseudo-labels in the background."""
+        if image_id not in self.datastore().get_labeled_images(DefaultLabelTag.FINAL):
+            return {}
+        self.refresher.request()
+        return {"template": image_id, "templates": len(find_templates(self.datastore())), "pseudo_label_refresh": "started"}
 
     def infer(self, request, datastore=None):
         refuse_final(request.get("label_tag"))
@@ -67,4 +99,6 @@ class SemiSAMO1App(MONAILabelApp):
 
     def info(self):
         self.labels = self.current_labels()
-        return super().info()
+        info = super().info()
+        info["semisam"] = {"templates": [t.image_id for t in find_templates(self.datastore())], "pseudo_label_refresh": self.refresher.status()}
+        return info

@@ -116,6 +116,9 @@ class AppConfig:
     refinement: str = _option("voxel", parse_choice("voxel", "volume", "none"), "stage-two pseudo-label correction")
     uncertain_quantile: float = _option(0.9, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")
     knn: int = _option(10, parse_int(1, 100), "neighbours voting in the refinement")
+    skip_served_seconds: int = _option(
+        600, parse_int(0, 7 * 24 * 3600), "active learning: an image served to one client is not offered to another for this long"
+    )
 
     def stage_two_params(self):
         """The :class:`~semisam_o1.stage_two.StageTwoParams` these options describe."""

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
 
 from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
-from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from tqdm import tqdm
 
 from semisam_o1.config import AppConfig
 from semisam_o1.feature_cache import FeatureCache
-from semisam_o1.stage_one import StageOne
+from semisam_o1.stage_one import NoTemplateError, StageOne
 from semisam_o1.tasks.pseudo_labels import PSEUDO_TAG
 from semisam_o1.templates import find_templates, label_map
-from semisam_o1.volumes import save_label
+from semisam_o1.volumes import InputError, save_label
+
+logger = logging.getLogger(__name__)
 
 
 def open_datastore(studies: Path) -> LocalDatastore:
@@ -30,6 +33,29 @@ def build_stage_one(studies: Path, config: AppConfig) -> StageOne:
     return StageOne(studies, cache, label_values=set(config.labels.values()) or None)
 
 
+def refresh_pseudo_labels(stage_one: StageOne, datastore: Datastore, names: dict[str, int], progress: bool = False) -> dict:
+    """Stage one from the datastore's current templates on every image without a ``final`` label.
+
+    Saves each result under tag ``pseudo`` (never ``final``) with its summary as label info.
+    Returns ``{image_id: summary}``; an image that fails (bad file) is logged and skipped.
+    """
+    templates = find_templates(datastore)
+    cases = {}
+    for image_id in tqdm(sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL)), desc="stage 1: propagate", unit="image", disable=not progress):
+        try:
+            prediction = stage_one.predict(datastore.get_image_uri(image_id), templates, progress=progress)
+        except NoTemplateError:
+            raise
+        except InputError as e:
+            logger.warning(f"stage 1: {image_id} skipped: {e}")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            out = save_label(prediction.label, prediction.image, Path(tmp) / "label.nii.gz")
+            cases[image_id] = prediction.summary(names)
+            datastore.save_label(image_id, str(out), PSEUDO_TAG, {"model": "semisam_prototype", "templates": [t.image_id for t in templates], **cases[image_id]})
+    return cases
+
+
 def run_stage_one(studies: Path, config: AppConfig, progress: bool = True) -> dict:
     """Pseudo-label every image without a ``final`` label; saved in the datastore under tag ``pseudo``.
 
@@ -40,19 +66,9 @@ def run_stage_one(studies: Path, config: AppConfig, progress: bool = True) -> di
     studies = Path(studies)
     datastore = open_datastore(studies)
     templates = find_templates(datastore)
-    stage_one = build_stage_one(studies, config)
-    names = label_map(templates, config.labels)
-    targets = sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))
     start = time.perf_counter()
-    cases = {}
-    for image_id in tqdm(targets, desc="stage 1: propagate", unit="image", disable=not progress):
-        prediction = stage_one.predict(datastore.get_image_uri(image_id), templates, progress=progress)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = save_label(prediction.label, prediction.image, Path(tmp) / "label.nii.gz")
-            summary = prediction.summary(names)
-            datastore.save_label(image_id, str(out), PSEUDO_TAG, {"model": "semisam_prototype", **summary})
-        cases[image_id] = summary
-    report = {"images": len(targets), "templates": [t.image_id for t in templates], "seconds": round(time.perf_counter() - start, 1), "cases": cases}
+    cases = refresh_pseudo_labels(build_stage_one(studies, config), datastore, label_map(templates, config.labels), progress)
+    report = {"images": len(cases), "templates": [t.image_id for t in templates], "seconds": round(time.perf_counter() - start, 1), "cases": cases}
     (studies / ".semisam").mkdir(exist_ok=True)
     (studies / ".semisam" / "stage1.json").write_text(json.dumps(report, indent=2))
     return report
@@ -68,7 +84,7 @@ def run_stage_two(studies: Path, config: AppConfig, truth: Path | None = None, r
     from semisam_o1.evaluation import mean_dice, scores
     from semisam_o1.report import dice_per_round_plot, overlay
     from semisam_o1.stage_two import StageTwo
-    from semisam_o1.volumes import load_image, load_label
+    from semisam_o1.volumes import load_image, load_label, load_map
 
     studies = Path(studies)
     datastore = open_datastore(studies)
@@ -101,15 +117,8 @@ def run_stage_two(studies: Path, config: AppConfig, truth: Path | None = None, r
     for image_id, path in list(pool.items())[:3]:
         image = load_image(path)
         label = load_label(two.labels_dir(rounds) / f"{image_id}.nii.gz", image, require_foreground=False)
-        entropy = load_image_array(two.work / f"round_{rounds}" / "uncertainty" / f"{image_id}.nii.gz")
+        entropy = load_map(two.work / f"round_{rounds}" / "uncertainty" / f"{image_id}.nii.gz")
         overlay(image.array, label, entropy, report_dir / f"overlay_{image_id}.png", title=f"{image_id}: round {rounds} pseudo-label and uncertainty")
     (report_dir / "rounds.json").write_text(json.dumps(report, indent=2))
     return report
 
-
-def load_image_array(path: Path):
-    """A float map written by stage two (e.g. entropy) as (D, H, W) float32."""
-    import nibabel as nib
-    import numpy as np
-
-    return np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))

@@ -26,8 +26,6 @@ from scipy import ndimage
 
 __all__ = ["PropagationParams", "TemplateBank", "build_bank", "propagate"]
 
-NUM_CLASSES = 3
-
 
 @dataclass
 class PropagationParams:
@@ -139,6 +137,7 @@ def propagate(
         class's share of the smoothed votes; 1 outside the search region).
     """
     p = params or PropagationParams()
+    n_classes = 1 + max(int(bank.labels.max()) for bank in banks)  # label values 0..n-1
     shape = image.shape
     n_vox = int(np.prod(shape))
     q_all = torch.from_numpy(_l2n(np.asarray(features, np.float32).reshape(features.shape[0], -1).T))
@@ -147,7 +146,7 @@ def propagate(
 
     # Running log-sum-exp style accumulation: votes are kept relative to the running best similarity.
     best = torch.full((n_vox,), -torch.inf)
-    votes = torch.zeros((NUM_CLASSES, n_vox))
+    votes = torch.zeros((n_classes, n_vox))
     searched = torch.zeros(n_vox, dtype=torch.bool)
     for bank, coords in zip(banks, coords_in_template):
         ts = np.array(bank.shape)
@@ -188,7 +187,7 @@ def propagate(
         scale = torch.exp((best[roi_t] - new_best) / p.h).nan_to_num(0.0)
         w = torch.exp((sims - new_best) / p.h)
         lab_of = labs[rows]
-        v = torch.stack([(w * (lab_of == c)).sum(0) for c in range(NUM_CLASSES)])
+        v = torch.stack([(w * (lab_of == c)).sum(0) for c in range(n_classes)])
         votes[:, roi_t] = votes[:, roi_t] * scale + v
         best[roi_t] = new_best
 
@@ -196,13 +195,13 @@ def propagate(
     total = votes.sum(0)
     votes = np.where(total > 0, votes / np.maximum(total, 1e-12), 0.0)
     votes[0][~searched.numpy() | (total <= 0)] = 1.0
-    votes = votes.reshape(NUM_CLASSES, *shape)
+    votes = votes.reshape(n_classes, *shape)
     if p.sigma > 0:
         votes = np.stack([ndimage.gaussian_filter(v, p.sigma) for v in votes])
     pred = votes.argmax(0).astype(np.uint8)
     if p.largest_cc:
         pred[~_largest_cc(pred > 0)] = 0
-        for c in range(1, NUM_CLASSES):
+        for c in range(1, n_classes):
             m = pred == c
             pred[m & ~_largest_cc(m)] = 0
     conf = (votes.max(0) / np.maximum(votes.sum(0), 1e-6)).astype(np.float32)

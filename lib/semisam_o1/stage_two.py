@@ -37,7 +37,7 @@ from semisam_o1.sample_data import sha256
 from semisam_o1.segmenter import TrainParams, load_network, predict_with_uncertainty, save_network, train_network
 from semisam_o1.stage_one import NoTemplateError, StageOne
 from semisam_o1.templates import Template
-from semisam_o1.volumes import Volume, atomic_write, load_image, load_label, save_label
+from semisam_o1.volumes import Volume, atomic_write, load_image, load_label, load_map, save_label
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,24 @@ class StageTwo:
     def load_model(self) -> torch.nn.Module | None:
         """The published network (latest finished round), or ``None`` before any training."""
         return load_network(self.model_path, self.params.train) if self.model_path.exists() else None
+
+    def predict(self, net: torch.nn.Module, image: Volume) -> tuple[np.ndarray, np.ndarray]:
+        """``net`` on one image (flip TTA, no MC dropout): label ``(D, H, W)`` uint8 and entropy ``(D, H, W)`` nats."""
+        prob, entropy = predict_with_uncertainty(net, normalize(image.array, self.stage_one.cache.modality), self.params.train.patch, mc_samples=0)
+        return prob.argmax(0).astype(np.uint8), entropy
+
+    def saved_uncertainty(self, image: Volume, image_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Pseudo-label and entropy map that the published model's own round wrote for ``image_id``.
+
+        ``None`` when the published model is not the last committed round's (e.g. a new run was
+        started) or the image was not in that round's pool.
+        """
+        rounds = len(self.state()["rounds"])
+        round_dir = self.work / f"round_{rounds}"
+        paths = (round_dir / "labels" / f"{image_id}.nii.gz", round_dir / "uncertainty" / f"{image_id}.nii.gz")
+        if not rounds or not all(p.exists() for p in paths) or sha256(round_dir / "model.pt") != sha256(self.model_path):
+            return None
+        return load_label(paths[0], image, require_foreground=False), load_map(paths[1])
 
     def model_version(self) -> str | None:
         """Content hash of the published network (changes with every finished round), ``None`` before any."""

@@ -78,20 +78,32 @@ def read_geometry(path: Path | str) -> Volume:
     return Volume(path=path, array=np.zeros(img.shape[:3], np.float32), affine=img.affine, header=img.header)
 
 
+def load_map(path: Path | str) -> np.ndarray:
+    """A float map written by :func:`save_label` (e.g. entropy) as ``(D, H, W)`` float32."""
+    return _squeeze3d(Path(path), _load(Path(path)).get_fdata(dtype=np.float32))
+
+
 def load_label(path: Path | str, image: Volume, allowed: set[int] | None = None, require_foreground: bool = True) -> np.ndarray:
     """Read a label map that belongs to ``image``; returns (D, H, W) int64.
 
+    NIfTI files must have the image's shape and affine. Other formats that SimpleITK reads (3D
+    Slicer's ``.nrrd``/``.seg.nrrd``, ``.mha``) must have the image's size, spacing, origin and
+    direction as SimpleITK reads both; the array comes back in the image's (D, H, W) voxel order.
+
     Raises:
-        InputError: unreadable, shape or affine not the image's, non-integer values, values outside
+        InputError: unreadable, shape or geometry not the image's, non-integer values, values outside
             ``allowed`` (background 0 is always allowed), or empty when ``require_foreground``.
     """
     path = Path(path)
-    img = _load(path)
-    data = _squeeze3d(path, np.asanyarray(img.dataobj))
-    if data.shape != image.array.shape:
-        raise InputError(f"{path}: label shape {data.shape} does not match image {image.path.name} shape {image.array.shape}")
-    if not np.allclose(img.affine, image.affine, atol=1e-3):
-        raise InputError(f"{path}: label geometry (affine) does not match image {image.path.name}")
+    if path.name.endswith((".nii", ".nii.gz")):
+        img = _load(path)
+        data = _squeeze3d(path, np.asanyarray(img.dataobj))
+        if data.shape != image.array.shape:
+            raise InputError(f"{path}: label shape {data.shape} does not match image {image.path.name} shape {image.array.shape}")
+        if not np.allclose(img.affine, image.affine, atol=1e-3):
+            raise InputError(f"{path}: label geometry (affine) does not match image {image.path.name}")
+    else:
+        data = _load_itk_label(path, image)
     if np.issubdtype(data.dtype, np.floating) and not np.array_equal(data, np.round(data)):
         raise InputError(f"{path}: label has non-integer values")
     label = data.astype(np.int64)
@@ -101,6 +113,29 @@ def load_label(path: Path | str, image: Volume, allowed: set[int] | None = None,
     if require_foreground and not values:
         raise InputError(f"{path}: label is empty (background only)")
     return label
+
+
+def _load_itk_label(path: Path, image: Volume) -> np.ndarray:
+    """A non-NIfTI label checked against the image's physical grid; (D, H, W) in the image's voxel order."""
+    import SimpleITK as sitk
+
+    try:
+        label = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise InputError(f"{path}: not a readable label image ({str(e).strip().splitlines()[-1]})") from None
+    if label.GetNumberOfComponentsPerPixel() != 1 or label.GetDimension() != 3:
+        raise InputError(f"{path}: expected a single-component 3D label, got {label.GetDimension()}D x {label.GetNumberOfComponentsPerPixel()}")
+    ref = sitk.ReadImage(str(image.path))
+    checks = [
+        ("size", label.GetSize(), ref.GetSize(), 0),
+        ("spacing", label.GetSpacing(), ref.GetSpacing(), 1e-3),
+        ("origin", label.GetOrigin(), ref.GetOrigin(), 1e-2),
+        ("direction", label.GetDirection(), ref.GetDirection(), 1e-4),
+    ]
+    for name, got, want, tol in checks:
+        if not np.allclose(got, want, atol=tol):
+            raise InputError(f"{path}: label {name} {tuple(round(v, 4) for v in got)} does not match image {image.path.name} {tuple(round(v, 4) for v in want)}")
+    return sitk.GetArrayFromImage(label).transpose(2, 1, 0)  # sitk (z, y, x) -> (D, H, W)
 
 
 def atomic_write(path: Path, write) -> Path:

@@ -8,15 +8,11 @@ from typing import Callable
 import numpy as np
 from fastapi import HTTPException
 
-from semisam_o1.normalize import normalize
-from semisam_o1.segmenter import predict_with_uncertainty
+from semisam_o1.active_learning import UNCERTAIN_ENTROPY
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.tasks.errors import client_errors
 from semisam_o1.tasks.label_infer import LabelInfer
 from semisam_o1.volumes import class_volumes, load_image, save_label
-
-#: A voxel is "uncertain" in the summary above this entropy (nats).
-UNCERTAIN_ENTROPY = 0.3
 
 
 class NetworkInfer(LabelInfer):
@@ -45,10 +41,7 @@ class NetworkInfer(LabelInfer):
         net = self._network()
         with client_errors():
             image = load_image(request["image"])
-            prob, entropy = predict_with_uncertainty(
-                net, normalize(image.array, self.stage_two.stage_one.cache.modality), self.stage_two.params.train.patch, mc_samples=0
-            )
-            label = prob.argmax(0)
+            label, entropy = self.stage_two.predict(net, image)
             out = self.result_path(request)
             save_label(label, image, out)
         names = self._labels()

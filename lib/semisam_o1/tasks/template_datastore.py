@@ -1,0 +1,49 @@
+"""The app's datastore: MONAI Label's ``LocalDatastore`` that checks a clinician's label before keeping it.
+
+A ``final`` label (PUT /datastore/label?tag=final, from 3D Slicer, OHIF or curl) becomes a template
+at once, so it is read with the image (:func:`~semisam_o1.volumes.load_label`: shape, geometry, integer
+values in the label map, not empty) BEFORE anything is written: a bad label is refused with HTTP 422
+naming the problem and the label that was there stays untouched. Accepted labels are stored as
+NIfTI with the image's exact header, whatever format the client sent (Slicer sends NRRD), so every
+later reader sees the image's voxel grid.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from fastapi import HTTPException
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+from semisam_o1.tasks.errors import client_errors
+from semisam_o1.volumes import InputError, load_image, load_label, save_label
+
+#: Label values are stored as uint8.
+MAX_LABEL_VALUE = 255
+
+
+class TemplateDatastore(LocalDatastore):
+    """``LocalDatastore(studies, ...)`` plus ``label_values()``: the allowed values (``None``: any up to 255)."""
+
+    def __init__(self, *args, label_values: Callable[[], set[int] | None], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_values = label_values
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info) -> str:
+        if label_tag != DefaultLabelTag.FINAL:
+            return super().save_label(image_id, label_filename, label_tag, label_info)
+        if image_id not in self.list_images():
+            raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
+        with client_errors(), tempfile.TemporaryDirectory() as tmp:
+            image = load_image(self.get_image_uri(image_id))
+            try:
+                label = load_label(label_filename, image, allowed=self.label_values())
+                if label.max() > MAX_LABEL_VALUE:
+                    raise InputError(f"{label_filename}: label value {label.max()} is above {MAX_LABEL_VALUE}")
+            except InputError as e:  # name what the client sent, not the server's temporary file
+                raise InputError(str(e).replace(str(label_filename), f"label for image '{image_id}'")) from None
+            checked = save_label(label, image, Path(tmp) / f"{image_id}.nii.gz")
+            return super().save_label(image_id, str(checked), label_tag, label_info)
