@@ -12,48 +12,20 @@ infer latency from cache (p50/p95), cache bytes per voxel and peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import resource
-import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
+from common import CLASSES, build_datastore, parser, peak_rss_bytes, source_or_exit, write_result
 from tqdm import tqdm
 
-from semisam_o1 import PROJECT_ROOT
 from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import scores
 from semisam_o1.pipeline import build_stage_one, open_datastore
 from semisam_o1.registration import read_image, warp_label
-from semisam_o1.sample_data import find_local_source
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image, load_label
-
-CLASSES = {"anterior": 1, "posterior": 2}
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
-
-
-def build_datastore(root: Path, source, template: str, limit: int | None) -> tuple[Path, list[str]]:
-    """Images linked into ``root``, the template's label as its only ``final`` label."""
-    ids = sorted(p.name[: -len(".nii.gz")] for p in source.images.glob("*.nii.gz"))
-    pool = [i for i in ids if i != template][:limit]
-    (root / "labels" / "final").mkdir(parents=True, exist_ok=True)
-    for case in [template, *pool]:
-        dst = root / f"{case}.nii.gz"
-        if not dst.exists():
-            shutil.copy(source.images / f"{case}.nii.gz", dst)
-    shutil.copy(source.labels / f"{template}.nii.gz", root / "labels" / "final" / f"{template}.nii.gz")
-    return root, pool
 
 
 def summarize(per_case: list[dict]) -> dict:
@@ -68,18 +40,12 @@ def summarize(per_case: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--template", default="hippocampus_001")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N pool volumes")
-    parser.add_argument("--work", type=Path, default=PROJECT_ROOT / "benchmarks" / "out" / "stage1")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "stage1.json")
-    parser.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), default=[])
-    args = parser.parse_args(argv)
+    p = parser(__doc__, "stage1", test_split=False)
+    p.add_argument("--limit", type=int, default=None, help="only the first N pool volumes")
+    p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), default=[])
+    args = p.parse_args(argv)
 
-    source = find_local_source()
-    if source is None:
-        print("error: ../shared/data/hippocampus not found (set SEMISAM_SAMPLE_SOURCE)", file=sys.stderr)
-        return 2
+    source = source_or_exit()
     studies, pool = build_datastore(args.work, source, args.template, args.limit)
     config = AppConfig.from_conf({"labels": "anterior=1,posterior=2", **dict(args.conf)})
     stage_one = build_stage_one(studies, config)
@@ -134,20 +100,19 @@ def main(argv=None) -> int:
         "infer_p50_seconds": float(np.percentile(latencies, 50)),
         "infer_p95_seconds": float(np.percentile(latencies, 95)),
         "cache_bytes_per_voxel": cache_bytes / cache_voxels,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "template": args.template,
         "pool_size": len(pool),
         "settings": stage_one.cache.settings_id,
         "conf": dict(args.conf),
         "per_case": {case: {"ours": o, "atlas_affine": a} for case, o, a in zip(pool, ours, atlas)},
-        "machine": machine(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"stage one  mean Dice {result['dice_mean']:.3f}  {json.dumps({n: round(v, 3) for n, v in result['dice_per_class'].items()})}")
-    print(f"atlas aff. mean Dice {result['atlas_affine_dice_mean']:.3f}  ratio {result['dice_mean'] / result['atlas_affine_dice_mean']:.3f}")
-    print(f"encoder {result['encoder_seconds_per_slice']} s/slice; infer p50 {result['infer_p50_seconds']:.3f} s, p95 {result['infer_p95_seconds']:.3f} s")
-    print(f"cache {result['cache_bytes_per_voxel']:.1f} B/voxel; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB -> {args.out}")
+    write_result(result, args.out, [
+        f"stage one  mean Dice {result['dice_mean']:.3f}  {json.dumps({n: round(v, 3) for n, v in result['dice_per_class'].items()})}",
+        f"atlas aff. mean Dice {result['atlas_affine_dice_mean']:.3f}  ratio {result['dice_mean'] / result['atlas_affine_dice_mean']:.3f}",
+        f"encoder {result['encoder_seconds_per_slice']} s/slice; infer p50 {result['infer_p50_seconds']:.3f} s, p95 {result['infer_p95_seconds']:.3f} s",
+        f"cache {result['cache_bytes_per_voxel']:.1f} B/voxel; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB",
+    ])
     return 0
 
 

@@ -13,23 +13,19 @@ published code's volume-level refinement (ablation), and full supervision on the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import resource
+import shutil
 import sys
 import time
-from pathlib import Path
 
-from stage1 import CLASSES, build_datastore, machine
+from common import CLASSES, build_datastore, parser, peak_rss_bytes, source_or_exit, split, write_result
 from tqdm import tqdm
 
-from semisam_o1 import PROJECT_ROOT
 from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import mean_dice, scores
 from semisam_o1.normalize import normalize
 from semisam_o1.pipeline import build_stage_one, open_datastore
-from semisam_o1.sample_data import find_local_source
 from semisam_o1.segmenter import load_network, predict_with_uncertainty, train_network
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.templates import find_templates
@@ -46,22 +42,14 @@ def network_dice(net, cases: dict, patch) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--template", default="hippocampus_001")
-    parser.add_argument("--test", type=int, default=15, help="size of the fixed test set (last ids)")
-    parser.add_argument("--pool", type=int, default=None, help="limit the pool to its first N volumes")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=300)
-    parser.add_argument("--work", type=Path, default=PROJECT_ROOT / "benchmarks" / "out" / "stage1")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "stage2.json")
-    args = parser.parse_args(argv)
+    p = parser(__doc__, "stage2")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iterations", type=int, default=300)
+    args = p.parse_args(argv)
 
-    source = find_local_source()
-    if source is None:
-        print("error: ../shared/data/hippocampus not found", file=sys.stderr)
-        return 2
+    source = source_or_exit()
     studies, everything = build_datastore(args.work, source, args.template, None)
-    test_ids, pool_ids = everything[-args.test :], everything[: -args.test][: args.pool]
+    test_ids, pool_ids = split(args, everything)
     config = AppConfig.from_conf({"labels": "anterior=1,posterior=2", "rounds": str(args.rounds), "iterations": str(args.iterations)})
     stage_one = build_stage_one(studies, config)
     templates = find_templates(open_datastore(studies))
@@ -91,8 +79,6 @@ def main(argv=None) -> int:
     for refinement in ("voxel", "volume"):
         work = args.work / ".semisam" / f"bench-stage2-{refinement}"
         if work.exists():
-            import shutil
-
             shutil.rmtree(work)
         two = StageTwo(studies, stage_one, dataclasses.replace(params, refinement=refinement), work=work)
         state = two.run(templates, {i: img.path for i, (img, _) in pool.items()}, progress=True)
@@ -117,16 +103,15 @@ def main(argv=None) -> int:
             "volume_level_per_round": variants["volume"],
             "voxel_level_per_round": rounds,
             "seconds_per_round": [r["seconds"] for r in rounds[1:]],
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "machine": machine(),
+            "peak_rss_bytes": peak_rss_bytes(),
         }
     )
     result["ratio_to_full_supervision"] = result["dice_per_round"][-1] / result["dice_full_supervision"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"template only {result['dice_template_only']:.3f} | stage 1 {result['dice_stage1']:.3f} | rounds {[round(d, 3) for d in result['dice_per_round']]}")
-    print(f"volume-level ablation {result['dice_volume_level_ablation']:.3f} | full supervision {result['dice_full_supervision']:.3f}")
-    print(f"ratio final/full {result['ratio_to_full_supervision']:.3f}; pool pseudo-label Dice per round {[round(d, 3) for d in result['pool_dice_per_round']]}")
+    write_result(result, args.out, [
+        f"template only {result['dice_template_only']:.3f} | stage 1 {result['dice_stage1']:.3f} | rounds {[round(d, 3) for d in result['dice_per_round']]}",
+        f"volume-level ablation {result['dice_volume_level_ablation']:.3f} | full supervision {result['dice_full_supervision']:.3f}",
+        f"ratio final/full {result['ratio_to_full_supervision']:.3f}; pool pseudo-label Dice per round {[round(d, 3) for d in result['pool_dice_per_round']]}",
+    ])
     return 0
 
 

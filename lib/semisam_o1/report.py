@@ -14,20 +14,35 @@ import numpy as np  # noqa: E402
 COLOURS = [(1.0, 0.3, 0.2, 0.45), (0.2, 0.6, 1.0, 0.45), (0.3, 0.9, 0.3, 0.45), (1.0, 0.9, 0.2, 0.45)]
 
 
-def dice_per_round_plot(pool_dice: list[float], path: Path, title: str = "pseudo-label Dice per round") -> Path:
-    """Line plot of mean Dice for round 0 (stage one) .. R."""
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot(range(len(pool_dice)), pool_dice, marker="o")
-    ax.set_xticks(range(len(pool_dice)))
-    ax.set_xticklabels(["stage 1"] + [f"round {r}" for r in range(1, len(pool_dice))])
-    ax.set_ylabel("mean Dice vs ground truth")
-    ax.set_ylim(min(0.5, min(pool_dice) - 0.05), 1.0)
+def curve_plot(curves: dict[str, dict[int, float]], path: Path, xlabel: str, ylabel: str, title: str = "",
+               xticklabels: dict[int, str] | None = None) -> Path:
+    """Line plot of one or more named curves ``{name: {x: y}}`` (e.g. Dice per round, per label count)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=120)
+    for name, curve in curves.items():
+        xs = sorted(curve)
+        ax.plot(xs, [curve[x] for x in xs], marker="o", label=name)
+    xs = sorted({x for c in curves.values() for x in c})
+    ax.set_xticks(xs)
+    if xticklabels:
+        ax.set_xticklabels([xticklabels.get(x, str(x)) for x in xs])
+    lowest = min(y for c in curves.values() for y in c.values())
+    ax.set_ylim(min(0.5, lowest - 0.05), 1.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.set_title(title)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def dice_per_round_plot(pool_dice: list[float], path: Path, title: str = "pseudo-label Dice per round") -> Path:
+    """Mean Dice for round 0 (stage one) .. R."""
+    ticks = {0: "stage 1", **{r: f"round {r}" for r in range(1, len(pool_dice))}}
+    return curve_plot({"pool": dict(enumerate(pool_dice))}, path, "", "mean Dice vs ground truth", title, ticks)
 
 
 def overlay(image: np.ndarray, label: np.ndarray, uncertainty: np.ndarray | None, path: Path, title: str = "") -> Path:
