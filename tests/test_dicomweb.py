@@ -189,7 +189,11 @@ def test_bad_input_and_orthanc_outage_are_clear_answers(pacs, server):
 def test_ohif_assets_are_served_from_their_folders(server):
     index = requests.get(f"{server.url}/ohif/", timeout=10)
     assert index.status_code == 200 and "<html" in index.text
-    assert index.cookies.get("MONAILABEL_SERVER_URL") == f"{server.url}/"
+    assert index.cookies.get("MONAILABEL_SERVER_URL") == f"{server.url}/ohif-api/"
+    ohif_info = requests.get(f"{server.url}/ohif-api/info/", timeout=30).json()
+    assert ohif_info["labels"] == ["anterior", "posterior"]  # OHIF's panel needs a list; /info/ keeps the map
+    assert ohif_info["models"]["semisam_prototype"]["labels"] == {"anterior": 1, "posterior": 2}
+    assert len(requests.get(f"{server.url}/ohif-api/proxy/dicom/qido/studies", timeout=30).json()) >= 3  # the rest of the API under the prefix
     asset = requests.get(f"{server.url}/ohif/assets/favicon-16x16.png", timeout=10)
     assert asset.status_code == 200 and asset.headers["content-type"] == "image/png"
     config = requests.get(f"{server.url}/ohif/app-config.js", timeout=10)
@@ -198,3 +202,99 @@ def test_ohif_assets_are_served_from_their_folders(server):
     assert "<html" in outside.text  # never a file outside the OHIF folder
     studies = requests.get(f"{server.url}/proxy/dicom/qido/studies", timeout=10)
     assert studies.status_code == 200 and len(studies.json()) >= 3  # OHIF's DICOMweb proxy reaches Orthanc with the credentials
+
+
+# ---- OHIF in a real browser ------------------------------------------------------------------------
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Debian's headless Chromium driven by Selenium through Debian's chromedriver; no internet, no downloads."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("chromium / chromedriver missing: apt-get install chromium chromium-driver (CI installs them: make system-deps)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-default-apps", "--no-first-run",
+                "--disable-extensions", "--metrics-recording-only", "--window-size=1600,1000",
+                "--enable-unsafe-swiftshader", "--use-angle=swiftshader", "--ignore-gpu-blocklist",
+                "--proxy-server=http://127.0.0.1:9"]:  # anything but loopback fails (Chromium bypasses proxies for loopback)
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def coloured_pixels(png: bytes, rects: list[dict]) -> int:
+    """Clearly coloured pixels inside the viewports' canvases (the MR image is grey, segments are coloured)."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    coloured = (rgb.max(axis=2) - rgb.min(axis=2)) > 25
+    inside = np.zeros_like(coloured)
+    for r in rects:
+        inside[int(r["y"]):int(r["y"] + r["height"]), int(r["x"]):int(r["x"] + r["width"])] = True
+    return int((coloured & inside).sum())
+
+
+def test_ohif_study_list_to_segmentation_in_headless_chromium(pacs, server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    started = time.monotonic()
+    wait = WebDriverWait(browser, 120, poll_frequency=0.5)
+    shots = ARTIFACTS
+    shots.mkdir(parents=True, exist_ok=True)
+
+    def shot(name: str) -> bytes:
+        png = browser.get_screenshot_as_png()
+        (tmp_path / f"{name}.png").write_bytes(png)
+        (shots / f"{name}.png").write_bytes(png)
+        return png
+
+    def click(xpath: str):
+        element = wait.until(ec.element_to_be_clickable((By.XPATH, xpath)))
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+        return element
+
+    try:
+        # the study list, from Orthanc through MONAI Label's DICOMweb proxy
+        browser.get(f"{server.url}/ohif/")
+        wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Avasarala')]")))
+        shot("ohif_1_study_list")
+        click("//*[contains(text(), 'Avasarala')]")
+        click("//button[contains(., 'MONAI Label')]")
+
+        # the viewer with the MONAI Label panel: its server address comes from the app's cookie
+        url_input = wait.until(ec.presence_of_element_located((By.ID, "monailabelServerURL")))
+        assert url_input.get_attribute("value") == f"{server.url}/ohif-api/"
+        shot("ohif_2_viewer")
+        click("//input[@id='monailabelServerURL']/ancestor::tr//button")
+        click("//label[contains(., 'Auto-Segmentation')]")
+        for hide in browser.find_elements(By.XPATH, "//button[contains(., 'Confirm and Hide')]"):
+            browser.execute_script("arguments[0].click()", hide)  # OHIF's "investigational use" banner covers the viewports' lower part
+        canvases = [c.rect for c in browser.find_elements(By.CSS_SELECTOR, "canvas.cornerstone-canvas") if c.rect["width"] > 50]
+        assert canvases, "no cornerstone viewport canvas"
+        before = shot("ohif_3_connected")
+        model = wait.until(ec.presence_of_element_located((By.XPATH, "//select[option[@value='semisam_prototype']]")))
+        Select(model).select_by_value("semisam_prototype")
+        click("//button[@title='Run Segmentation']")
+        wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Running Segmentation - Successful')]")))
+        time.sleep(6)  # the labelmap renders; the success notification (4 s) goes
+        after = shot("ohif_4_segmentation")
+    finally:
+        (tmp_path / "console.log").write_text("\n".join(str(e) for e in browser.get_log("browser")))
+        shutil.copy(tmp_path / "console.log", shots / "ohif_console.log")
+    assert coloured_pixels(after, canvases) > coloured_pixels(before, canvases) + 500, f"no segmentation overlay appeared in {canvases}"
+    assert "Infer Request: {'model': 'semisam_prototype'" in server.log.read_text()  # the browser's request reached the app
+    assert time.monotonic() - started < 300
