@@ -190,6 +190,10 @@ def test_ohif_assets_are_served_from_their_folders(server):
     index = requests.get(f"{server.url}/ohif/", timeout=10)
     assert index.status_code == 200 and "<html" in index.text
     assert index.cookies.get("MONAILABEL_SERVER_URL") == f"{server.url}/ohif-api/"
+    stale = requests.get(f"{server.url}/ohif/", cookies={"MONAILABEL_SERVER_URL": f"{server.url}/"}, timeout=10)
+    assert stale.cookies.get("MONAILABEL_SERVER_URL") == f"{server.url}/ohif-api/"  # OHIF's default replaced
+    chosen = requests.get(f"{server.url}/ohif/", cookies={"MONAILABEL_SERVER_URL": "http://elsewhere:8000/"}, timeout=10)
+    assert "MONAILABEL_SERVER_URL" not in chosen.cookies  # a user's own choice is kept
     ohif_info = requests.get(f"{server.url}/ohif-api/info/", timeout=30).json()
     assert ohif_info["labels"] == ["anterior", "posterior"]  # OHIF's panel needs a list; /info/ keeps the map
     assert ohif_info["models"]["semisam_prototype"]["labels"] == {"anterior": 1, "posterior": 2}

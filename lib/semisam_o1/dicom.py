@@ -224,7 +224,7 @@ class DICOMwebSource(DICOMWebDatastore):
         self._label_names = label_names
         self._series = _Ttl(LISTING_TTL)
         self._segs = _Ttl(LISTING_TTL)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # downloads and conversions: one at a time
         super().__init__(client, search_filter, cache_path=str(self._root.parent), fetch_by_frame=False, convert_to_nifti=True)
 
     @property
@@ -306,9 +306,10 @@ class DICOMwebSource(DICOMWebDatastore):
     def series_dir(self, series_uid: str) -> Path:
         """The downloaded instances of a series (downloaded on first use)."""
         dest = self._images() / series_uid
-        if not dest.is_dir() or not any(dest.iterdir()):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self._download(series_uid, dest)
+        with self._lock:
+            if not dest.is_dir() or not any(dest.iterdir()):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self._download(series_uid, dest)
         return dest
 
     def get_image_uri(self, image_id: str) -> str:
@@ -328,7 +329,11 @@ class DICOMwebSource(DICOMWebDatastore):
         if label_tag != DefaultLabelTag.FINAL:
             return super(DICOMWebDatastore, self).get_label_uri(label_id, label_tag)
         out = self._root / "seg" / f"{label_id}.nii.gz"
-        if not out.exists():
+        if out.exists():
+            return str(out)
+        with self._lock:
+            if out.exists():
+                return str(out)
             image_id = image_id or next((i for i, s in self._final_segs().items() if s == label_id), "")
             if not image_id:
                 raise SourceError(404, f"DICOM SEG series {label_id} is not the label of any listed image series")
@@ -337,8 +342,7 @@ class DICOMwebSource(DICOMWebDatastore):
             if not seg_dir.is_dir() or not any(seg_dir.iterdir()):
                 seg_dir.parent.mkdir(parents=True, exist_ok=True)
                 self._download(label_id, seg_dir)
-            seg_to_label(next(seg_dir.glob("*.dcm")), image, out)
-        return str(out)
+            return str(seg_to_label(next(seg_dir.glob("*.dcm")), image, out))
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = "") -> str:
         """Non-final tags stay in the local cache (as in MONAI Label); ``final`` also goes to the server as DICOM SEG."""

@@ -52,9 +52,11 @@ async def ohif(path: str, request: Request, user: User = Depends(RBAC(settings.M
     if not file.exists():
         raise HTTPException(status_code=404, detail=f"OHIF is not installed with MONAI Label ({OHIF_DIR})")
     response = FileResponse(file, media_type=get_mime_type(str(file)))
-    if file.name == "index.html" and SERVER_COOKIE not in request.cookies:
+    root = str(request.base_url)
+    # absent, or this server's root (OHIF's own default, whose /info/ the panel cannot read): point it at /ohif-api/
+    if file.name == "index.html" and request.cookies.get(SERVER_COOKIE, root) == root:
         # raw header: Starlette would quote the value (it contains '/' and ':'), OHIF would not unquote it
-        api = f"{str(request.base_url).rstrip('/')}{OHIF_API}/"
+        api = f"{root.rstrip('/')}{OHIF_API}/"
         response.headers.append("set-cookie", f"{SERVER_COOKIE}={api}; Path=/; SameSite=Lax")
     return response
 
