@@ -46,9 +46,11 @@ def machine() -> dict:
     return {"cores": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
 
 
-def start_server(dicomweb: str, auth: tuple[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(dicomweb: str, auth: tuple[str, str], log: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_") and k != "PYTHONPATH"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
     env.update(NO_INTERNET)
     env.update({"MONAI_LABEL_DICOMWEB_USERNAME": auth[0], "MONAI_LABEL_DICOMWEB_PASSWORD": auth[1],
                 "MONAI_LABEL_DATASTORE_CACHE_PATH": str(OUT / "cache"), "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
@@ -72,6 +74,8 @@ def start_server(dicomweb: str, auth: tuple[str, str], log: Path) -> tuple[subpr
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for the server (torch intra-op threads); default: torch's own (one per core)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "dicomweb_latency.json")
     args = parser.parse_args()
     source = find_local_source()
@@ -97,7 +101,7 @@ def main() -> int:
         for uid, tags in orthanc.series().items():
             if tags.get("SeriesDescription") == "HippoCrop":
                 targets[uid] = tags
-        process, url = start_server(orthanc.dicomweb, orthanc.auth, OUT / "server.log")
+        process, url = start_server(orthanc.dicomweb, orthanc.auth, OUT / "server.log", args.threads)
         with tempfile.TemporaryDirectory() as tmp:
             client = MONAILabelClient(url, tmpdir=tmp)
             client.save_label(template, str(source.labels / "hippocampus_001.nii.gz"), tag="final")
@@ -129,6 +133,7 @@ def main() -> int:
             "target_size": targets[target].get("SeriesDescription"),
             "orthanc_start_seconds": round(orthanc_start, 2),
             "upload_seconds": round(upload_s, 2),
+            "server_torch_threads": args.threads or "default (one per core)",
             "conf": {"labels": "anterior=1,posterior=2", "encoder": "default (litemedsam, 64 px, axes 0,1,2, 32 dims)"},
             "machine": {**machine(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
         }
