@@ -74,29 +74,51 @@ class Orthanc:
     def __init__(self, workdir: Path, username: str = "", password: str = "", start_timeout: float = 60.0):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.dicom_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.dicomweb = f"{self.url}/dicom-web"
         self.auth = (username, password) if username else None
         self.config = self.workdir / "orthanc.json"
-        self.config.write_text(json.dumps(orthanc_config(self.workdir / "storage", self.http_port, self.dicom_port, username, password), indent=2))
         self.log = self.workdir / "orthanc.log"
         self.start_timeout = start_timeout
         self.process: subprocess.Popen | None = None
+        self._choose_ports()
+
+    def _choose_ports(self) -> None:
+        self.http_port = free_port()
+        self.dicom_port = next(p for p in iter(free_port, None) if p != self.http_port)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.dicomweb = f"{self.url}/dicom-web"
+        user, password = self.auth or ("", "")
+        self.config.write_text(json.dumps(orthanc_config(self.workdir / "storage", self.http_port, self.dicom_port, user, password), indent=2))
 
     def start(self) -> float:
-        """Start and wait until the REST API answers; returns the seconds it took."""
+        """Start and wait until the REST API answers; returns the seconds it took.
+
+        A port taken by another process between choosing and binding it: new ports, up to 3 tries
+        (only before the first successful start: a restart keeps the URL the app was given).
+        """
         missing = missing_binaries()
         if missing:
             raise RuntimeError(f"Orthanc is not installed: {', '.join(missing)}")
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except RuntimeError as e:
+                if getattr(self, "_started_once", False) or attempt == 2 or "exited" not in str(e):
+                    raise
+                self._choose_ports()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> float:
         self._log_file = open(self.log, "ab")
         self.process = subprocess.Popen(["Orthanc", str(self.config)], cwd=self.workdir, stdout=self._log_file, stderr=subprocess.STDOUT)
         start = time.monotonic()
         while time.monotonic() - start < self.start_timeout:
             if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+                self.process, code = None, self.process.returncode
+                self._log_file.close()
+                raise RuntimeError(f"Orthanc exited with {code}:\n{self.log.read_text(errors='replace')[-3000:]}")
             try:
                 if requests.get(f"{self.dicomweb}/studies", auth=self.auth, timeout=2).status_code == 200:
+                    self._started_once = True
                     return time.monotonic() - start
             except requests.ConnectionError:
                 pass
