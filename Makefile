@@ -5,7 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install sample-data
+.PHONY: run test install sample-data system-deps
+
+#: Debian packages of the Orthanc/OHIF tests: Orthanc + its DICOMweb plugin, headless Chromium + its WebDriver.
+SYSTEM_DEPS := orthanc orthanc-dicomweb chromium chromium-driver
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,5 +25,14 @@ sample-data: $(STAMP)
 run: sample-data
 	$(PY) main.py serve
 
-test: $(STAMP)
+# Installs only what is missing, and only as root with apt (CI); otherwise says what the tests will skip.
+system-deps:
+	@missing=""; for p in $(SYSTEM_DEPS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then echo "system packages present: $(SYSTEM_DEPS)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	else echo "missing Debian packages:$$missing -- the Orthanc/OHIF tests will skip (sudo apt-get install$$missing)"; fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q

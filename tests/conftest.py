@@ -61,7 +61,7 @@ def free_port() -> int:
 class Server:
     """`python main.py serve` as a real process on a free loopback port; stopped on exit."""
 
-    def __init__(self, studies: Path, *extra: str, env: dict | None = None, start_timeout: float = 120.0):
+    def __init__(self, studies: Path | str, *extra: str, env: dict | None = None, start_timeout: float = 120.0, log_dir: Path | None = None):
         import os
         import subprocess
         import sys
@@ -71,7 +71,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_") and k != "PYTHONPATH"}, **(env or {})}
-        self.log = studies.parent / f"server-{self.port}.log"
+        self.log = Path(log_dir or Path(studies).parent) / f"server-{self.port}.log"  # studies may be a DICOMweb URL
         cmd = [sys.executable, str(PROJECT_ROOT / "main.py"), "serve", "--studies", str(studies), "--port", str(self.port)]
         self._log_file = open(self.log, "w")
         self.process = subprocess.Popen([*cmd, *extra], cwd=PROJECT_ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)

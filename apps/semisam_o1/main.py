@@ -1,7 +1,6 @@
 """MONAI Label app for SemiSAM-O1: wires the tasks of the ``semisam_o1`` library, nothing more."""
 
 import logging
-from pathlib import Path
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -12,6 +11,7 @@ from monailabel.tasks.scoring.dice import Dice
 
 import semisam_o1
 from semisam_o1.config import AppConfig
+from semisam_o1.dicom import dicomweb_datastore, work_dir
 from semisam_o1.pipeline import build_stage_one
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.tasks import train_guard
@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 class SemiSAMO1App(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.config = AppConfig.from_conf(conf)
-        self.stage_one = build_stage_one(Path(studies), self.config)
-        self.stage_two = StageTwo(Path(studies), self.stage_one, self.config.stage_two_params())
+        self.stage_one = build_stage_one(work_dir(studies), self.config)
+        self.stage_two = StageTwo(work_dir(studies), self.stage_one, self.config.stage_two_params())
         self.refresher = PseudoLabelRefresher(self.stage_one, self.datastore, self.current_labels)
         super().__init__(
             app_dir=app_dir,
@@ -45,6 +45,10 @@ class SemiSAMO1App(MONAILabelApp):
             version=semisam_o1.__version__,
         )
         train_guard.install({"semisam_o1"}, lambda: bool(find_templates(self.datastore())))
+
+    def init_remote_datastore(self):
+        """``--studies http(s)://...``: DICOMweb (e.g. Orthanc) with DICOM SEG by pydicom-seg, never dcmqi."""
+        return dicomweb_datastore(self.studies, self.current_labels)
 
     def current_labels(self) -> dict[str, int]:
         """Label map from the datastore's templates and ``--conf labels`` (re-read as templates change)."""

@@ -27,6 +27,9 @@ def server_environment(studies: str, conf: dict[str, str], port: int) -> dict[st
 
     pythonpath = [p for p in [str(PROJECT_ROOT / "lib"), str(APP_DIR), os.environ.get("PYTHONPATH", "")] if p]
     env = {k: os.environ.get(k, v) for k, v in OFFLINE_DEFAULTS.items()}
+    # DICOMweb studies: list series of the app's modality, not MONAI Label's default {"Modality": "CT"}
+    modality = json.dumps({"Modality": "CT" if conf.get("modality") == "ct" else "MR"})
+    env["MONAI_LABEL_DICOMWEB_SEARCH_FILTER"] = os.environ.get("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", modality)
     env.update(
         {
             "MONAI_LABEL_APP_DIR": str(APP_DIR),
@@ -53,7 +56,7 @@ def serve(studies: Path | str, conf: dict[str, str], host: str = "127.0.0.1", po
 
     main = Main()
     argv = ["start_server", "--app", str(APP_DIR), "--studies", studies, "--host", host, "--port", str(port)]
-    argv += ["--log_level", log_level]
+    argv += ["--log_level", log_level, "--uvicorn_app", "semisam_o1.web:app"]  # MONAI Label's app + OHIF/DICOM SEG fixes
     for key, value in conf.items():
         argv += ["--conf", key, value]
     args = main.args_parser().parse_args(argv)

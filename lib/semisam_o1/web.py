@@ -1,0 +1,113 @@
+"""The ASGI app the server runs: MONAI Label's own, with two fixes for OHIF and DICOMweb.
+
+``python main.py serve`` starts uvicorn on ``semisam_o1.web:app`` (MONAI Label's ``--uvicorn_app``)
+instead of ``monailabel.app:app``:
+
+- ``/ohif-api/``: the server address OHIF's MONAI Label panel uses. It is the whole REST API
+  (``/ohif-api/<path>`` answers as ``/<path>``), except that ``/ohif-api/info/`` lists ``labels`` as
+  names: the panel of MONAI Label 0.8.5 needs a list there (``all_labels.push``), while this app's
+  ``/info/`` keeps the ``{name: value}`` map that 3D Slicer and scripts use.
+- ``/ohif/{path}``: MONAI Label 0.8.5 maps ``/`` in the path to ``os.pathsep`` (``:``), so every
+  file in a sub-folder (``/ohif/assets/...``) is answered with ``index.html``. Here paths resolve
+  inside the OHIF folder (never outside it); unknown paths still get ``index.html`` (OHIF's client
+  side routes such as ``/ohif/viewer?StudyInstanceUIDs=...``). ``index.html`` also sets the cookie
+  OHIF's MONAI Label panel reads for the server address (``MONAILABEL_SERVER_URL``) to this
+  server's ``/ohif-api/``, unless the browser has one, so the panel needs no typing.
+- ``/infer/{model}?output=dicom_seg`` converts with pydicom-seg (:mod:`semisam_o1.dicom`) instead of
+  dcmqi's ``itkimage2segimage``, which is never downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse
+from monailabel.app import app as monailabel_app
+from monailabel.config import settings
+from monailabel.endpoints import infer as infer_endpoint
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.utils.others.generic import get_mime_type
+
+OHIF_DIR = Path(infer_endpoint.__file__).resolve().parent / "static" / "ohif"
+SERVER_COOKIE = "MONAILABEL_SERVER_URL"
+OHIF_API = "/ohif-api"
+
+
+def ohif_file(path: str) -> Path:
+    """The file of the OHIF bundle for a URL path below ``/ohif/``; ``index.html`` for anything else."""
+    root = OHIF_DIR.resolve()
+    candidate = (root / path).resolve() if path else root
+    if candidate.is_file() and candidate.is_relative_to(root):
+        return candidate
+    return root / "index.html"
+
+
+router = APIRouter()
+
+
+@router.get("/ohif/{path:path}", include_in_schema=False)
+async def ohif(path: str, request: Request, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    file = ohif_file(path)
+    if not file.exists():
+        raise HTTPException(status_code=404, detail=f"OHIF is not installed with MONAI Label ({OHIF_DIR})")
+    response = FileResponse(file, media_type=get_mime_type(str(file)))
+    root = str(request.base_url)
+    # absent, or this server's root (OHIF's own default, whose /info/ the panel cannot read): point it at /ohif-api/
+    if file.name == "index.html" and request.cookies.get(SERVER_COOKIE, root) == root:
+        # raw header: Starlette would quote the value (it contains '/' and ':'), OHIF would not unquote it
+        api = f"{root.rstrip('/')}{OHIF_API}/"
+        response.headers.append("set-cookie", f"{SERVER_COOKIE}={api}; Path=/; SameSite=Lax")
+    return response
+
+
+@router.get(f"{OHIF_API}/info/", include_in_schema=False)
+async def ohif_info(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    """``/info/`` with ``labels`` as a list of names ordered by value (what OHIF's panel reads)."""
+    from monailabel.endpoints.info import app_info
+
+    info = dict(app_info())
+    labels = info.get("labels")
+    if isinstance(labels, dict):
+        info["labels"] = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+    return info
+
+
+class OhifApiPrefix:
+    """ASGI wrapper: ``/ohif-api/<path>`` is ``/<path>``, except the routes this module defines there."""
+
+    def __init__(self, application):
+        self.application = application
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith(f"{OHIF_API}/") and path != f"{OHIF_API}/info/":
+            rest = path[len(OHIF_API):]
+            scope = {**scope, "path": rest, "raw_path": rest.encode()}
+        await self.application(scope, receive, send)
+
+
+def _dicom_seg(series_dir, label, label_info, file_ext="*", use_itk=True) -> str:
+    """``nifti_to_dicom_seg`` of MONAI Label's infer endpoint, with pydicom-seg (no dcmqi)."""
+    import tempfile
+
+    from semisam_o1.dicom import label_to_seg
+
+    series_dir = Path(series_dir)
+    names = {str(info.get("name", f"label_{i + 1}")): int(info.get("idx", i + 1)) for i, info in enumerate(label_info or [])}
+    out = Path(tempfile.NamedTemporaryFile(suffix=".dcm", delete=False).name)
+    return str(label_to_seg(label, Path(f"{series_dir}.nii.gz"), series_dir, names, out))
+
+
+def install(application) -> None:
+    """Put this module's routes before MONAI Label's (Starlette answers with the first match)."""
+    before = len(application.router.routes)
+    application.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
+    added = application.router.routes[before:]
+    del application.router.routes[before:]
+    application.router.routes[0:0] = added
+    infer_endpoint.nifti_to_dicom_seg = _dicom_seg
+
+
+install(monailabel_app)
+app = OhifApiPrefix(monailabel_app)
