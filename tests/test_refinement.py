@@ -55,3 +55,20 @@ def test_volume_level_ablation_replaces_whole_label_maps():
     for n in range(10):
         if n != 3:
             np.testing.assert_array_equal(result.labels[n], cases[n].label)
+
+
+def test_class_balanced_sampling_does_not_tilt_votes_to_the_rare_class():
+    """1000 confident background voxels, 10 foreground, 5 of each sampled: an uncertain voxel only
+    slightly closer to foreground features follows what the confident voxels say as a whole."""
+    shape = (10, 10, 11)
+    label = np.zeros(shape, np.int64)
+    label.reshape(-1)[:10] = 1
+    feats = np.zeros((2, *shape), np.float32)
+    feats[0][label == 0], feats[1][label == 1] = 1.0, 1.0
+    entropy = np.zeros(shape, np.float32)
+    border = (9, 9, 10)
+    feats[:, 9, 9, 10] = [0.9, 1.0]
+    entropy[border] = 1.0
+    result = refine_voxels([RefineCase(feats, label, entropy)], RefineParams(uncertain_quantile=0.999, k=10, bank_per_class=5))
+    assert result.uncertain_voxels == 1
+    assert result.labels[0][border] == 0

@@ -3,7 +3,11 @@
 Voxel level (what the paper describes, :func:`refine_voxels`): voxels whose predictive entropy is
 above a pool-wide quantile take the similarity-weighted vote of their ``k`` nearest *confident*
 voxels, searched with FAISS (inner product of L2-normalised features = cosine similarity) over a
-class-balanced sample of the confident voxels of the whole pool and every template voxel.
+class-balanced sample of the confident voxels of the whole pool and every template voxel. Each
+sampled voxel votes with the weight of the confident voxels it stands for (its class's confident
+count / its class's sample size), so the balanced sample does not tilt votes towards the rare
+foreground classes: without that weight the first benchmark run turned most uncertain border
+voxels into foreground and pool Dice fell round after round (0.795 -> 0.695 -> 0.586).
 
 Volume level (the published code, :func:`refine_volumes`, kept as an ablation): the most uncertain
 volumes take the whole label map of their most similar confident volume.
@@ -72,7 +76,7 @@ def refine_voxels(cases: list[RefineCase], params: RefineParams = RefineParams()
     """Relabel the uncertain voxels of every non-template case by kNN over confident voxels."""
     rng = np.random.default_rng(params.seed)
     threshold = entropy_threshold(cases, params)
-    bank_feats, bank_labels = [], []
+    bank_feats, bank_labels, class_weight = [], [], {}
     classes = sorted({int(v) for c in cases for v in np.unique(c.label)})
     for value in classes:
         pool = []
@@ -84,6 +88,7 @@ def refine_voxels(cases: list[RefineCase], params: RefineParams = RefineParams()
         if total == 0:
             continue
         take = min(total, params.bank_per_class)
+        class_weight[value] = total / take  # confident voxels each sampled one stands for
         chosen = np.sort(rng.choice(total, take, replace=False))
         offsets = np.cumsum([0] + [len(idx) for _, idx in pool])
         for (i, idx), lo, hi in zip(pool, offsets[:-1], offsets[1:]):
@@ -93,6 +98,7 @@ def refine_voxels(cases: list[RefineCase], params: RefineParams = RefineParams()
                 bank_labels.append(np.full(len(picked), value))
     bank = _unit_rows(np.concatenate(bank_feats))
     bank_labels = np.concatenate(bank_labels)
+    bank_weights = np.array([class_weight.get(v, 0.0) for v in range(max(classes) + 1)], np.float32)[bank_labels]
     index = faiss.IndexFlatIP(bank.shape[1])
     index.add(bank)
 
@@ -104,7 +110,7 @@ def refine_voxels(cases: list[RefineCase], params: RefineParams = RefineParams()
             uncertain_total += len(uncertain)
             if len(uncertain):
                 sims, nn = index.search(_unit_rows(_flat(c.features)[uncertain]), params.k)
-                weights = np.clip(sims, 0, None)
+                weights = np.clip(sims, 0, None) * bank_weights[nn]
                 votes = np.zeros((len(uncertain), max(classes) + 1), np.float32)
                 for j in range(params.k):
                     np.add.at(votes, (np.arange(len(uncertain)), bank_labels[nn[:, j]]), weights[:, j])
