@@ -12,6 +12,7 @@ Pipeline per target image (every step cached on disk under ``<studies>/.semisam/
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,11 @@ from semisam_o1.templates import Template
 from semisam_o1.volumes import InputError, Volume, atomic_write, class_volumes, load_image, load_label
 
 logger = logging.getLogger(__name__)
+
+
+#: ITK's HDF5 library is not thread-safe: transform files are read and written one at a time per
+#: process (the infer request and the background template refresh both use them).
+_HDF5_LOCK = threading.Lock()
 
 
 class NoTemplateError(InputError):
@@ -71,10 +77,12 @@ class StageOne:
         """Affine + demons target -> template (physical mm), registered once and kept on disk (HDF5)."""
         path = self.registration_path(target, template)
         if path.exists():
-            return sitk.ReadTransform(str(path))
+            with _HDF5_LOCK:
+                return sitk.ReadTransform(str(path))
         fixed, moving = read_image(target), read_image(template)
         transform = refine_register(fixed, moving, affine_register(fixed, moving), "demons")
-        atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
+        with _HDF5_LOCK:
+            atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
         return transform
 
     def bank(self, template: Template, progress: bool = False) -> TemplateBank:
