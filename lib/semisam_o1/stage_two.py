@@ -226,16 +226,20 @@ class StageTwo:
         prob, entropy = predict_with_uncertainty(net, normalize(image.array, self.stage_one.cache.modality), self.params.train.patch, mc_samples=0)
         return prob.argmax(0).astype(np.uint8), entropy
 
-    def saved_uncertainty(self, image: Volume, image_id: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """Pseudo-label and entropy map that the published model's own round wrote for ``image_id``.
-
-        ``None`` when the published model is not the last committed round's (e.g. a new run was
-        started) or the image was not in that round's pool.
-        """
+    def published_round(self) -> Path | None:
+        """Folder of the round whose network is the published one; ``None`` when the published model
+        is not the last committed round's (e.g. a new run was started) or nothing is published."""
         rounds = len(self.state()["rounds"])
         round_dir = self.work / f"round_{rounds}"
+        if not rounds or not self.model_path.exists() or sha256(round_dir / "model.pt") != sha256(self.model_path):
+            return None
+        return round_dir
+
+    @staticmethod
+    def saved_uncertainty(round_dir: Path, image: Volume, image_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Pseudo-label and entropy map that round ``round_dir`` wrote for ``image_id`` (``None`` if it was not in its pool)."""
         paths = (round_dir / "labels" / f"{image_id}.nii.gz", round_dir / "uncertainty" / f"{image_id}.nii.gz")
-        if not rounds or not all(p.exists() for p in paths) or sha256(round_dir / "model.pt") != sha256(self.model_path):
+        if not all(p.exists() for p in paths):
             return None
         return load_label(paths[0], image, require_foreground=False), load_map(paths[1])
 

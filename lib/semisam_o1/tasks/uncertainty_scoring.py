@@ -51,6 +51,7 @@ class UncertaintyScoring(ScoringMethod):
         version = self.stage_two.model_version() if net is not None else stage_one_version(templates, stage_one.cache.settings_id)
         if net is None and not templates:
             return {"scored": 0, "current": 0, "version": None, "reason": "no template and no trained model yet"}
+        saved = self.stage_two.published_round() if net is not None else None  # its own maps: no prediction needed
         image_ids = sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))
         scored, current, failed = 0, 0, {}
         for n, image_id in enumerate(image_ids, 1):
@@ -61,7 +62,8 @@ class UncertaintyScoring(ScoringMethod):
             try:
                 image = load_image(datastore.get_image_uri(image_id))
                 if net is not None:
-                    label, uncertainty = self.stage_two.saved_uncertainty(image, image_id) or self.stage_two.predict(net, image)
+                    maps = self.stage_two.saved_uncertainty(saved, image, image_id) if saved else None
+                    label, uncertainty = maps or self.stage_two.predict(net, image)
                     summary = uncertainty_score(uncertainty, label, UNCERTAIN_ENTROPY)
                 else:
                     prediction = stage_one.predict(image.path, templates)
