@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from semisam_o1.orthanc import free_port
 from semisam_o1.sample_data import MANIFEST, SampleDataError, download_msd, find_local_source, populate
 
 
@@ -48,14 +49,6 @@ def tiny_studies(tmp_path, sample_source) -> Path:
 
 
 __all__ = ["SampleDataError", "make_datastore"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -39,6 +39,8 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import md5_digest
 from pydicom.dataset import Dataset
 
+from semisam_o1.volumes import atomic_write
+
 logger = logging.getLogger(__name__)
 
 #: Seconds a listing of the server (series, SEG series) is reused before asking again.
@@ -111,11 +113,7 @@ def series_to_nifti(series_dir: Path, out: Path, series_uid: str) -> Path:
         raise SourceError(422, f"series {series_uid}: its images cannot be read as one volume ({str(e).strip().splitlines()[-1]})") from None
     if image.GetDimension() != 3 or min(image.GetSize()) < 2:
         raise SourceError(422, f"series {series_uid} is not a 3D volume (size {image.GetSize()})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.nii.gz")
-    sitk.WriteImage(image, str(tmp), True)
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, lambda tmp: sitk.WriteImage(image, str(tmp), True))
 
 
 def seg_to_label(seg_file: Path, image_nifti: Path, out: Path) -> Path:
@@ -127,11 +125,7 @@ def seg_to_label(seg_file: Path, image_nifti: Path, out: Path) -> Path:
     seg = pydicom_seg.MultiClassReader().read(pydicom.dcmread(str(seg_file))).image
     reference = sitk.ReadImage(str(image_nifti))
     label = sitk.Cast(sitk.Resample(seg, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.nii.gz")
-    sitk.WriteImage(label, str(tmp), True)
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, lambda tmp: sitk.WriteImage(label, str(tmp), True))
 
 
 def label_to_seg(label_file: str | Path, image_nifti: Path, series_dir: Path, names: dict[str, int], out: Path) -> Path:
