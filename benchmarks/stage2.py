@@ -1,6 +1,6 @@
 """Stage-two benchmark: one-label self-training vs its lower and upper bounds, in one run.
 
-    python benchmarks/stage2.py [--rounds 3] [--iterations 300] [--test 15] [--out benchmarks/results/stage2.json]
+    python benchmarks/stage2.py [--rounds 3] [--iterations N] [--test 15] [--pool 30] [--out benchmarks/results/stage2.json]
 
 MSD Task04 hippocampus, template hippocampus_001; the last ``--test`` volumes (sorted ids) are a
 fixed test set never used for training labels; the rest is the unlabelled pool. With the same
@@ -44,7 +44,7 @@ def network_dice(net, cases: dict, patch) -> float:
 def main(argv=None) -> int:
     p = parser(__doc__, "stage2")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--iterations", type=int, default=AppConfig.iterations, help="training iterations (default: the app's)")
     args = p.parse_args(argv)
 
     source = source_or_exit()
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
             pool_d = mean_dice([scores(load_label(two.labels_dir(r) / f"{i}.nii.gz", img, require_foreground=False), truth, CLASSES) for i, (img, truth) in pool.items()])
             entry = {"round": r, "pool_pseudo_label_dice": pool_d}
             if r:
-                net = load_network(work / f"round_{r}" / "model.pt", params.train)
+                net = load_network(work / f"round_{r}" / "model.pt")
                 entry["test_dice"] = network_dice(net, test, patch)
                 entry.update({k: state["rounds"][r - 1][k] for k in ("seconds", "uncertain_voxels", "changed_per_class")})
             per_round.append(entry)

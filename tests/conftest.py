@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from semisam_o1.orthanc import free_port
-from semisam_o1.sample_data import MANIFEST, SampleDataError, download_msd, find_local_source, populate
+from semisam_o1.sample_data import SampleDataError, download_msd, find_local_source, populate
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +24,7 @@ def sample_source(tmp_path_factory):
 
 
 def make_datastore(root: Path, source) -> Path:
-    """A fresh copy of the sample datastore (manifest + populated files) under ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(MANIFEST, root / "manifest.json")
+    """A fresh copy of the sample datastore under ``root`` (a new folder: ``populate`` brings the manifest)."""
     populate(root, source=source, progress=False)
     return root
 

@@ -1,5 +1,7 @@
 """Feature-space refinement on constructed cases: exactly the uncertain voxels change, to the right class."""
 
+import dataclasses
+
 import numpy as np
 
 from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
@@ -72,3 +74,26 @@ def test_class_balanced_sampling_does_not_tilt_votes_to_the_rare_class():
     result = refine_voxels([RefineCase(feats, label, entropy)], RefineParams(uncertain_quantile=0.999, k=10, bank_per_class=5))
     assert result.uncertain_voxels == 1
     assert result.labels[0][border] == 0
+
+
+def test_position_in_the_common_frame_separates_look_alike_structures():
+    """Two structures with near-identical features (like the two hippocampus parts): an uncertain voxel
+    of the first, whose features are a little closer to the second's, gets the first's class only
+    when its position counts."""
+    shape = (4, 12, 4)
+    label = np.zeros(shape, np.int64)
+    label[:, 1:5] = 1
+    label[:, 7:11] = 2
+    feats = np.zeros((3, *shape), np.float32)
+    feats[0][label == 0] = 1.0
+    feats[1][label > 0] = 1.0
+    feats[2][label == 2] = 0.1
+    entropy = np.zeros(shape, np.float32)
+    voxel = (2, 3, 2)
+    feats[:, 2, 3, 2] = [0.0, 1.0, 0.09]
+    entropy[voxel] = 1.0
+    position = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), -1)
+    case = RefineCase(feats, label, entropy, position=position)
+    params = RefineParams(uncertain_quantile=0.99, k=5)
+    assert refine_voxels([case], params).labels[0][voxel] == 1
+    assert refine_voxels([case], dataclasses.replace(params, position_weight=0.0)).labels[0][voxel] == 2

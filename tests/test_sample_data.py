@@ -9,6 +9,7 @@ from semisam_o1.sample_data import SampleDataError, SourceDir, load_manifest, po
 
 def test_populate_lays_out_one_template_and_unlabelled_pool(datastore):
     manifest = load_manifest(datastore / "manifest.json")
+    assert manifest == load_manifest()  # a new folder got the project's manifest
     images = sorted(p.name for p in datastore.glob("*.nii.gz"))
     assert len(images) == len(manifest["cases"]) == 20
     assert [p.name for p in (datastore / "labels" / "final").iterdir()] == [f"{manifest['template']}.nii.gz"]

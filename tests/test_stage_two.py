@@ -4,13 +4,17 @@ import json
 
 import nibabel as nib
 import numpy as np
+import torch
 from fastapi.testclient import TestClient
 
 from semisam_o1.config import AppConfig
+from semisam_o1.normalize import normalize
 from semisam_o1.pipeline import build_stage_one, open_datastore
+from semisam_o1.segmenter import TrainParams, build_network, load_network, predict_with_uncertainty, save_network
 from semisam_o1.server import APP_DIR
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.templates import find_templates
+from semisam_o1.volumes import load_image
 
 #: Fast settings: one orientation at 32 px, few iterations, small patches.
 FAST = {
@@ -111,3 +115,37 @@ def test_a_changed_pool_starts_again_instead_of_resuming(tiny_studies):
     assert state["inputs"]["pool"] == ["hippocampus_003"]
     assert [p.name for p in two.labels_dir(1).glob("*.nii.gz")] == ["hippocampus_003.nii.gz"]
     assert two.model_version() != first_model
+
+
+def test_soft_pseudo_labels_average_the_network_with_the_previous_round(tiny_studies):
+    config = AppConfig.from_conf({**FAST, "ensemble_weight": "0.7"})
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    templates = find_templates(datastore)
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    state = two.run(templates, {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]})
+
+    image = load_image(datastore.get_image_uri("hippocampus_003"))
+    net = load_network(two.work / "round_1" / "model.pt")
+    network, _ = predict_with_uncertainty(net, normalize(image.array), config.stage_two_params().train.patch, mc_samples=2)
+    before = np.load(two.probs_path(0, "hippocampus_003")).astype(np.float32)
+    after = np.load(two.probs_path(1, "hippocampus_003")).astype(np.float32)
+    np.testing.assert_allclose(before.sum(0), 1.0, atol=2e-3)
+    np.testing.assert_allclose(after, 0.7 * network + 0.3 * before, atol=2e-3)
+    stage_one_label = stage_one.predict(image.path, templates).label
+    np.testing.assert_array_equal(before.argmax(0), stage_one_label)
+    # the hard labels are the soft labels' argmax, except the voxels the refinement relabelled
+    hard = nib.load(str(two.labels_dir(1) / "hippocampus_003.nii.gz")).get_fdata().astype(np.int64)
+    assert (hard != after.argmax(0)).sum() <= state["rounds"][0]["uncertain_voxels"]
+
+
+def test_checkpoints_carry_their_architecture(tmp_path):
+    """A server keeps serving a model trained with other channels, or saved before they were recorded."""
+    small = TrainParams(channels=(4, 8), dropout=0.2)
+    save_network(build_network(3, small), 3, tmp_path / "small.pt", small)
+    assert [m.out_channels for m in load_network(tmp_path / "small.pt").modules() if isinstance(m, torch.nn.Conv3d)][0] == 4
+
+    old = build_network(3, TrainParams(channels=(16, 32, 64, 128)))
+    torch.save({"n_classes": 3, "state_dict": old.state_dict()}, tmp_path / "old.pt")
+    x = torch.rand(1, 1, 16, 16, 16)
+    torch.testing.assert_close(load_network(tmp_path / "old.pt")(x), old.eval()(x))

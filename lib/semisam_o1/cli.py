@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     sample = sub.add_parser("sample-data", help="fill sample-datastore/ with MSD Task04 hippocampus MRI")
-    sample.add_argument("--studies", type=Path, default=SAMPLE_DATASTORE, help="datastore folder holding manifest.json")
+    sample.add_argument("--studies", type=Path, default=SAMPLE_DATASTORE, help="datastore folder (the project's manifest.json is copied into a new one)")
     sample.set_defaults(func=cmd_sample_data)
     return parser
 

@@ -111,11 +111,17 @@ class AppConfig:
     modality: str = _option("mri", parse_choice("mri", "ct"), "intensity normalisation: mri (percentiles) or ct (window)")
 
     rounds: int = _option(3, parse_int(1, 20), "stage-two rounds (train, predict with uncertainty, refine)")
-    iterations: int = _option(300, parse_int(1, 100000), "training iterations per round (batch of 4 patches)")
+    iterations: int = _option(1000, parse_int(1, 100000), "training iterations per round (batch of 4 patches)")
     patch: int = _option(32, parse_int(16, 256), "training/inference patch edge in voxels (cube)")
     refinement: str = _option("voxel", parse_choice("voxel", "volume", "none"), "stage-two pseudo-label correction")
-    uncertain_quantile: float = _option(0.9, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")
+    uncertain_quantile: float = _option(0.98, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")
     knn: int = _option(10, parse_int(1, 100), "neighbours voting in the refinement")
+    position_weight: float = _option(
+        0.2, parse_float(0.0, 10.0), "refinement: weight of a voxel's position (first template's grid) next to its features"
+    )
+    ensemble_weight: float = _option(
+        0.5, parse_float(0.0, 1.0), "weight of a round's network in the soft pseudo-labels (rest: the previous round's)"
+    )
     skip_served_seconds: int = _option(
         600, parse_int(0, 7 * 24 * 3600), "active learning: an image served to one client is not offered to another for this long"
     )
@@ -129,8 +135,9 @@ class AppConfig:
         return StageTwoParams(
             rounds=self.rounds,
             train=TrainParams(patch=(self.patch,) * 3, iterations=self.iterations),
-            refine=RefineParams(uncertain_quantile=self.uncertain_quantile, k=self.knn),
+            refine=RefineParams(uncertain_quantile=self.uncertain_quantile, k=self.knn, position_weight=self.position_weight),
             refinement=self.refinement,
+            ensemble_weight=self.ensemble_weight,
         )
 
     def encoder_spec(self):

@@ -2,9 +2,15 @@
 
 Voxel level (what the paper describes, :func:`refine_voxels`): voxels whose predictive entropy is
 above a pool-wide quantile take the similarity-weighted vote of their ``k`` nearest *confident*
-voxels, searched with FAISS (inner product of L2-normalised features = cosine similarity) over a
-class-balanced sample of the confident voxels of the whole pool and every template voxel. Each
-sampled voxel votes with the weight of the confident voxels it stands for (its class's confident
+voxels, searched with FAISS over a class-balanced sample of the confident voxels of the whole pool
+and every template voxel. A voxel's search vector is its L2-normalised foundation feature, optionally
+followed by its position in a common anatomical frame (the first template's voxel grid, through the
+stage-one registration) times ``position_weight``: feature similarity alone cannot tell the left end
+of a structure from its right end, and on hippocampus it made the refined labels worse than the
+network's own (pool Dice 0.7555 -> 0.7589 at the 0.98 quantile without position, 0.7646 with
+``position_weight`` 0.2; 0.7394 vs 0.7612 at the 0.9 quantile). Votes are weighted by
+``max(0, 1 - d / 2)`` for squared distance ``d`` (= cosine similarity without position).
+Each sampled voxel votes with the weight of the confident voxels it stands for (its class's confident
 count / its class's sample size), so the balanced sample does not tilt votes towards the rare
 foreground classes: without that weight the first benchmark run turned most uncertain border
 voxels into foreground and pool Dice fell round after round (0.795 -> 0.695 -> 0.586).
@@ -25,22 +31,35 @@ import numpy as np
 class RefineCase:
     """One volume: ``features`` (C, D, H, W), ``label`` (D, H, W) int, ``entropy`` (D, H, W) nats.
 
-    Templates have ``is_template=True``: their labels are a clinician's, all voxels count as confident
-    and they are never changed.
+    ``position`` (D, H, W, 3): every voxel's index in the common frame (the first template's voxel
+    grid), or ``None`` to search by features alone. Templates have ``is_template=True``: their labels
+    are a clinician's, all voxels count as confident and they are never changed.
     """
 
     features: np.ndarray
     label: np.ndarray
     entropy: np.ndarray
     is_template: bool = False
+    position: np.ndarray | None = None
+
+    def vectors(self, voxels: np.ndarray, position_weight: float) -> np.ndarray:
+        """Search vectors of the flat voxel indices ``voxels``: (N, C) unit features [+ (N, 3) weighted position]."""
+        feats = _unit_rows(_flat(self.features)[voxels])
+        if self.position is None or position_weight == 0:
+            return feats
+        return np.ascontiguousarray(np.concatenate([feats, position_weight * self.position.reshape(-1, 3)[voxels]], 1), np.float32)
 
 
 @dataclass(frozen=True)
 class RefineParams:
-    uncertain_quantile: float = 0.9
+    #: 0.98: only the truly ambiguous voxels (hippocampus, pool Dice vs the network's own labels:
+    #: +0.009 at 0.98, -0.02 at 0.9 where the network was right more often than the neighbours).
+    uncertain_quantile: float = 0.98
     #: Voxels below this entropy (nats) are never "uncertain", whatever the quantile.
     min_entropy: float = 0.05
     k: int = 10
+    #: Weight of the common-frame position (voxels) next to the unit feature vector; 0 = features only.
+    position_weight: float = 0.2
     #: Confident voxels sampled per class into the FAISS index (memory budget).
     bank_per_class: int = 20000
     seed: int = 0
@@ -94,12 +113,12 @@ def refine_voxels(cases: list[RefineCase], params: RefineParams = RefineParams()
         for (i, idx), lo, hi in zip(pool, offsets[:-1], offsets[1:]):
             picked = idx[chosen[(chosen >= lo) & (chosen < hi)] - lo]
             if len(picked):
-                bank_feats.append(_flat(cases[i].features)[picked])
+                bank_feats.append(cases[i].vectors(picked, params.position_weight))
                 bank_labels.append(np.full(len(picked), value))
-    bank = _unit_rows(np.concatenate(bank_feats))
+    bank = np.concatenate(bank_feats)
     bank_labels = np.concatenate(bank_labels)
     bank_weights = np.array([class_weight.get(v, 0.0) for v in range(max(classes) + 1)], np.float32)[bank_labels]
-    index = faiss.IndexFlatIP(bank.shape[1])
+    index = faiss.IndexFlatL2(bank.shape[1])
     index.add(bank)
 
     new_labels, uncertain_total, changed = [], 0, {v: 0 for v in classes}
@@ -109,8 +128,8 @@ def refine_voxels(cases: list[RefineCase], params: RefineParams = RefineParams()
             uncertain = np.flatnonzero(c.entropy.ravel() > threshold)
             uncertain_total += len(uncertain)
             if len(uncertain):
-                sims, nn = index.search(_unit_rows(_flat(c.features)[uncertain]), params.k)
-                weights = np.clip(sims, 0, None) * bank_weights[nn]
+                dist, nn = index.search(c.vectors(uncertain, params.position_weight), params.k)
+                weights = np.clip(1 - dist / 2, 0, None) * bank_weights[nn]
                 votes = np.zeros((len(uncertain), max(classes) + 1), np.float32)
                 for j in range(params.k):
                     np.add.at(votes, (np.arange(len(uncertain)), bank_labels[nn[:, j]]), weights[:, j])

@@ -132,6 +132,9 @@ def populate(
     Raises:
         SampleDataError: a source file is missing or its checksum differs from the manifest.
     """
+    if not (datastore / "manifest.json").exists():  # a new folder becomes a copy of the sample datastore
+        datastore.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(MANIFEST, datastore / "manifest.json")
     manifest = load_manifest(datastore / "manifest.json")
     if source is None:
         source = find_local_source()

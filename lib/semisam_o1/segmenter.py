@@ -37,10 +37,12 @@ class TrainParams:
     """Training budget and shapes (defaults sized for 2 CPU cores and hippocampus-sized volumes)."""
 
     patch: tuple[int, int, int] = (32, 32, 32)
-    iterations: int = 300
+    iterations: int = 1000
     batch_size: int = 4
     learning_rate: float = 3e-3
-    channels: tuple[int, ...] = (16, 32, 64, 128)
+    #: (8, ..., 64) trains 1.5x faster than (16, ..., 128) at the same Dice on hippocampus
+    #: (full supervision, 30 volumes, 1000 iterations: 0.811 vs 0.807).
+    channels: tuple[int, ...] = (8, 16, 32, 64)
     dropout: float = 0.1
     seed: int = 0
 
@@ -58,17 +60,19 @@ def build_network(n_classes: int, params: TrainParams = TrainParams()) -> UNet:
     )
 
 
-def save_network(net: UNet, n_classes: int, path: Path) -> Path:
-    """Checkpoint that describes itself: ``{"n_classes", "channels", "state_dict"}`` (written atomically)."""
+def save_network(net: UNet, n_classes: int, path: Path, params: TrainParams = TrainParams()) -> Path:
+    """Checkpoint that describes itself: ``{"n_classes", "channels", "dropout", "state_dict"}`` (written atomically)."""
     from semisam_o1.volumes import atomic_write
 
-    payload = {"n_classes": n_classes, "state_dict": net.state_dict()}
+    payload = {"n_classes": n_classes, "channels": list(params.channels), "dropout": params.dropout, "state_dict": net.state_dict()}
     return atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
-def load_network(path: Path, params: TrainParams = TrainParams()) -> UNet:
-    """A network saved by :func:`save_network`, in eval mode on CPU."""
+def load_network(path: Path) -> UNet:
+    """A network saved by :func:`save_network` (its own architecture), in eval mode on CPU."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
+    # checkpoints written before the architecture was recorded used the then default (16, ..., 128), dropout 0.1
+    params = TrainParams(channels=tuple(payload.get("channels", (16, 32, 64, 128))), dropout=float(payload.get("dropout", 0.1)))
     net = build_network(int(payload["n_classes"]), params)
     net.load_state_dict(payload["state_dict"])
     return net.eval()
@@ -145,9 +149,13 @@ def predict_with_uncertainty(net: UNet, image: np.ndarray, patch: Sequence[int],
             prob = torch.flip(prob, dims) if dims else prob
             total = prob if total is None else total + prob
     _set_dropout(net, enabled=False)
-    mean = (total / (len(flip_sets) * passes))[0]
-    entropy = -(mean * torch.log(mean.clamp_min(1e-8))).sum(0)
-    return mean.numpy(), entropy.numpy()
+    mean = (total / (len(flip_sets) * passes))[0].numpy()
+    return mean, entropy(mean)
+
+
+def entropy(prob: np.ndarray) -> np.ndarray:
+    """Entropy (D, H, W) in nats of class probabilities ``prob`` (C, D, H, W)."""
+    return -(prob * np.log(np.clip(prob, 1e-8, None))).sum(0).astype(np.float32)
 
 
 def _set_dropout(net: torch.nn.Module, enabled: bool) -> None:
