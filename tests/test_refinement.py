@@ -59,9 +59,10 @@ def test_volume_level_ablation_replaces_whole_label_maps():
             np.testing.assert_array_equal(result.labels[n], cases[n].label)
 
 
-def test_class_balanced_sampling_does_not_tilt_votes_to_the_rare_class():
-    """1000 confident background voxels, 10 foreground, 5 of each sampled: an uncertain voxel only
-    slightly closer to foreground features follows what the confident voxels say as a whole."""
+def test_bank_sampling_does_not_tilt_votes_to_the_rare_class():
+    """10 confident foreground voxels and ~100 background ones around them, a bank of 10: an uncertain
+    voxel only slightly closer to foreground features follows what the confident voxels say as a whole
+    (a class-balanced bank of 5 + 5 voted it foreground)."""
     shape = (10, 10, 11)
     label = np.zeros(shape, np.int64)
     label.reshape(-1)[:10] = 1
@@ -71,7 +72,7 @@ def test_class_balanced_sampling_does_not_tilt_votes_to_the_rare_class():
     border = (9, 9, 10)
     feats[:, 9, 9, 10] = [0.9, 1.0]
     entropy[border] = 1.0
-    result = refine_voxels([RefineCase(feats, label, entropy)], RefineParams(uncertain_quantile=0.999, k=10, bank_per_class=5))
+    result = refine_voxels([RefineCase(feats, label, entropy)], RefineParams(uncertain_quantile=0.999, k=10, bank_size=10))
     assert result.uncertain_voxels == 1
     assert result.labels[0][border] == 0
 

@@ -117,8 +117,8 @@ def test_a_changed_pool_starts_again_instead_of_resuming(tiny_studies):
     assert two.model_version() != first_model
 
 
-def test_soft_pseudo_labels_average_the_network_with_the_previous_round(tiny_studies):
-    config = AppConfig.from_conf({**FAST, "ensemble_weight": "0.7"})
+def test_soft_pseudo_labels_are_the_mean_of_stage_one_and_every_round(tiny_studies):
+    config = AppConfig.from_conf({**FAST, "rounds": "2"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     templates = find_templates(datastore)
@@ -126,17 +126,18 @@ def test_soft_pseudo_labels_average_the_network_with_the_previous_round(tiny_stu
     state = two.run(templates, {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]})
 
     image = load_image(datastore.get_image_uri("hippocampus_003"))
-    net = load_network(two.work / "round_1" / "model.pt")
-    network, _ = predict_with_uncertainty(net, normalize(image.array), config.stage_two_params().train.patch, mc_samples=2)
-    before = np.load(two.probs_path(0, "hippocampus_003")).astype(np.float32)
-    after = np.load(two.probs_path(1, "hippocampus_003")).astype(np.float32)
-    np.testing.assert_allclose(before.sum(0), 1.0, atol=2e-3)
-    np.testing.assert_allclose(after, 0.7 * network + 0.3 * before, atol=2e-3)
-    stage_one_label = stage_one.predict(image.path, templates).label
-    np.testing.assert_array_equal(before.argmax(0), stage_one_label)
+    soft = [np.load(two.probs_path(r, "hippocampus_003")).astype(np.float32) for r in range(3)]
+    np.testing.assert_allclose(soft[0].sum(0), 1.0, atol=2e-3)
+    np.testing.assert_array_equal(soft[0].argmax(0), stage_one.predict(image.path, templates).label)
+    networks = [
+        predict_with_uncertainty(load_network(two.work / f"round_{r}" / "model.pt"), normalize(image.array), config.stage_two_params().train.patch, mc_samples=2)[0]
+        for r in (1, 2)
+    ]
+    np.testing.assert_allclose(soft[1], (soft[0] + networks[0]) / 2, atol=2e-3)
+    np.testing.assert_allclose(soft[2], (soft[0] + networks[0] + networks[1]) / 3, atol=3e-3)
     # the hard labels are the soft labels' argmax, except the voxels the refinement relabelled
-    hard = nib.load(str(two.labels_dir(1) / "hippocampus_003.nii.gz")).get_fdata().astype(np.int64)
-    assert (hard != after.argmax(0)).sum() <= state["rounds"][0]["uncertain_voxels"]
+    hard = nib.load(str(two.labels_dir(2) / "hippocampus_003.nii.gz")).get_fdata().astype(np.int64)
+    assert (hard != soft[2].argmax(0)).sum() <= state["rounds"][1]["uncertain_voxels"]
 
 
 def test_checkpoints_carry_their_architecture(tmp_path):

@@ -119,9 +119,7 @@ class AppConfig:
     position_weight: float = _option(
         0.2, parse_float(0.0, 10.0), "refinement: weight of a voxel's position (first template's grid) next to its features"
     )
-    ensemble_weight: float = _option(
-        0.5, parse_float(0.0, 1.0), "weight of a round's network in the soft pseudo-labels (rest: the previous round's)"
-    )
+
     skip_served_seconds: int = _option(
         600, parse_int(0, 7 * 24 * 3600), "active learning: an image served to one client is not offered to another for this long"
     )
@@ -137,7 +135,6 @@ class AppConfig:
             train=TrainParams(patch=(self.patch,) * 3, iterations=self.iterations),
             refine=RefineParams(uncertain_quantile=self.uncertain_quantile, k=self.knn, position_weight=self.position_weight),
             refinement=self.refinement,
-            ensemble_weight=self.ensemble_weight,
         )
 
     def encoder_spec(self):
