@@ -16,8 +16,8 @@ stage one's soft labels and the softmax (flip + MC-dropout mean) of every round'
 ``(r * previous + network_r) / (r + 1)``. A round's network alone is no better than its teacher at a
 CPU budget (hippocampus: pool Dice of its labels 0.793 vs stage one's 0.795); averaged with stage one
 it is (0.800). With a fixed weight for the newest network (tried: 0.5) stage one's share halves every
-round and the labels drift down to the networks' level (0.800 -> 0.789 -> 0.785); with the mean each
-source keeps an equal say and one bad round cannot undo the others. The entropy of the soft labels is
+round and the refined labels drifted down to the networks' level (0.796 -> 0.789 -> 0.785); with the
+mean each source keeps an equal say (0.799 -> 0.797 -> 0.796, ``benchmarks/results/stage2.json``). The entropy of the soft labels is
 the voxel-wise uncertainty; the refinement relabels the most uncertain voxels of their argmax.
 
 A round is committed by writing ``state.json`` last: a run killed mid-round restarts that round,
