@@ -79,6 +79,7 @@ class Orthanc:
         self.log = self.workdir / "orthanc.log"
         self.start_timeout = start_timeout
         self.process: subprocess.Popen | None = None
+        self._started_once = False
         self._choose_ports()
 
     def _choose_ports(self) -> None:
@@ -102,7 +103,7 @@ class Orthanc:
             try:
                 return self._start_once()
             except RuntimeError as e:
-                if getattr(self, "_started_once", False) or attempt == 2 or "exited" not in str(e):
+                if self._started_once or attempt == 2 or "exited" not in str(e):
                     raise
                 self._choose_ports()
         raise AssertionError("unreachable")

@@ -2,8 +2,8 @@
 
 Voxel level (what the paper describes, :func:`refine_voxels`): voxels whose predictive entropy is
 above a pool-wide quantile take the similarity-weighted vote of their ``k`` nearest *confident*
-voxels, searched with FAISS over a class-balanced sample of the confident voxels of the whole pool
-and every template voxel. A voxel's search vector is its L2-normalised foundation feature, optionally
+voxels, searched with FAISS over a sample (below) of the confident voxels of the whole pool and
+every template voxel. A voxel's search vector is its L2-normalised foundation feature, optionally
 followed by its position in a common anatomical frame (the first template's voxel grid, through the
 stage-one registration) times ``position_weight``: feature similarity alone cannot tell the left end
 of a structure from its right end, and on hippocampus it made the refined labels worse than the

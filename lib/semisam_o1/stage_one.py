@@ -88,10 +88,9 @@ class StageOne:
     def frame_positions(self, image_path: Path, frame: Path) -> np.ndarray:
         """Every voxel of ``image_path`` as a continuous voxel index of the image ``frame`` (a template),
         through the cached registration: (D, H, W, 3) float32 (identity grid when they are the same file)."""
-        image = read_image(str(image_path))
-        if Path(image_path).resolve() == Path(frame).resolve():
-            return np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in image.GetSize()], indexing="ij"), -1)
-        return map_voxels(image, self.transform(Path(image_path), Path(frame)), read_image(str(frame)))
+        same = Path(image_path).resolve() == Path(frame).resolve()
+        transform = sitk.Transform(3, sitk.sitkIdentity) if same else self.transform(Path(image_path), Path(frame))
+        return map_voxels(read_image(str(image_path)), transform, read_image(str(frame)))
 
     def bank(self, template: Template, progress: bool = False) -> TemplateBank:
         """Sampled, labelled feature vectors of one template (rebuilt when its files change)."""

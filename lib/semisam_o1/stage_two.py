@@ -130,6 +130,8 @@ class StageTwo:
             logger.info("stage 2: templates, pool or params changed since the last run; starting again from round 0")
             self._reset()
             state = self.state()
+        if len(state["rounds"]) >= self.params.rounds:
+            return state
         images = {i: load_image(p) for i, p in pool.items()}
         finals = [(load_image(t.image_path), t) for t in templates]
         final_labels = [load_label(t.label_path, img, allowed=self.stage_one.label_values) for img, t in finals]
