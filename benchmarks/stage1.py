@@ -24,7 +24,6 @@ from tqdm import tqdm
 from semisam_o1.active_learning import SCORE_KEY
 from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import scores
-from semisam_o1.normalize import normalize
 from semisam_o1.pipeline import build_stage_one, open_datastore
 from semisam_o1.registration import affine_register, read_image, refine_register, warp_label
 from semisam_o1.stage_two import StageTwo
@@ -67,9 +66,10 @@ def main(argv=None) -> int:
     for case in tqdm(timed, desc="encoder timing", unit="image"):
         image = load_image(studies / f"{case}.nii.gz")
         start = time.perf_counter()
-        stage_one.cache.encoder.encode(normalize(image.array, config.modality))
+        stage_one.cache._encode(image, progress=False)  # the cache's own streamed path, without writing
         encode_seconds += time.perf_counter() - start
-        encoded_slices += sum(image.array.shape[a] for a in config.encoder_axes)
+        stride = stage_one.cache.stride(image)
+        encoded_slices += sum(-(-image.array.shape[a] // stride[a]) for a in config.encoder_axes)
 
     # 2. registrations (cached too; timed again on the same volumes), then 3. infer from cache, timed per volume
     for case in tqdm(pool, desc="register", unit="image"):
@@ -103,9 +103,9 @@ def main(argv=None) -> int:
     scored = scoring({}, datastore)["scored"]
     scoring_seconds = time.perf_counter() - start
 
-    cache_files = [p for p in stage_one.cache.root.glob("*.npy")]
-    cache_bytes = sum(p.stat().st_size for p in cache_files)
-    cache_voxels = sum(int(np.prod(np.load(p, mmap_mode="r").shape[1:])) for p in cache_files)
+    cache_images = [load_image(studies / f"{case}.nii.gz") for case in [args.template, *pool]]
+    cache_bytes = sum(stage_one.cache.path(image.path).stat().st_size for image in cache_images)
+    cache_voxels = sum(image.array.size for image in cache_images)  # bytes per IMAGE voxel
     ours_s, atlas_s, demons_s = summarize(ours), summarize(atlas), summarize(atlas_demons)
     result = {
         "dice_mean": ours_s["mean_dice"],

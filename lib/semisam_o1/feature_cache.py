@@ -3,33 +3,131 @@
 Layout (one folder per setting, so changing the encoder or its settings never mixes features)::
 
     <studies>/.semisam/features/<settings id>/
-        basis.npz            PCA basis (mean (C,), components (C, dims)) of L2-normalised encoder
-                             features, fitted on the first image encoded
-        <image sha256[:20]>.npy   float16 (dims, D, H, W)
+        basis.npz                 PCA basis: mean (C,), components (C, dims) of L2-normalised
+                                  encoder features (C = 256 x axes), fitted once per setting
+        <image sha256[:20]>.npy   float16 (d, h, w, dims): the features of every ``stride``-th voxel
+                                  (d = ceil(D / stride_D), ...), channel-last
 
 The settings id joins the encoder id (architecture, weights hash, input size, axes), the intensity
-normalisation and the stored dimension, so any change invalidates the cache; the file name is the
-image's content hash, so an image replaced under the same name is encoded again. Files are written
-atomically. The PCA basis is fitted on the first image encoded with a setting and kept for all later
-images, so features of every image live in one space.
+normalisation, the stored dimension and the plan's feature-grid rule (:class:`~semisam_o1.plan.Plan`),
+so any change invalidates the cache; the file name is the image's content hash, so an image replaced
+under the same name is encoded again. Files are written atomically.
+
+Memory: an image is encoded axis by axis in slice batches, and each batch is projected into the
+stored space at once: the L2 norm of a voxel's concatenated feature is ``sqrt(sum_a |x_a|^2)`` and
+its projection ``sum_a x_a @ W_a``, so extraction holds ``dims + 1`` floats per stored voxel, never
+the ``256 x axes`` channels of the raw features.
+
+The PCA basis is fitted from the first image encoded with a setting, on a lattice of voxels
+(every ``m``-th stored voxel along each axis, ~20 k voxels) whose full feature vectors come from
+encoding only the lattice's slices. A file lock serialises the fit: two processes (the server and a
+background job) that start at once use one basis.
+
+Lookup: :class:`FeatureGrid` gives features at any voxel by trilinear interpolation of the stored
+grid (exact at stored voxels).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
-import numpy as np
 
-from semisam_o1.encoders import Encoder, EncoderSpec
+import numpy as np
+import torch
+from filelock import FileLock
+from tqdm import tqdm
+
+from semisam_o1.encoders import EncoderSpec, SliceEncoder
 from semisam_o1.normalize import normalization_id, normalize
+from semisam_o1.plan import Plan
 from semisam_o1.sample_data import sha256
 from semisam_o1.volumes import Volume, atomic_write
 
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = Path(".semisam") / "features"
-#: Voxels sampled from the first image to fit the PCA basis.
+#: Voxels of the lattice the PCA basis is fitted on (about; the lattice is regular).
 PCA_FIT_VOXELS = 20000
+#: Points interpolated per chunk in :meth:`FeatureGrid.at` (bounds its temporary memory).
+LOOKUP_CHUNK = 1 << 18
+
+
+@dataclass
+class FeatureGrid:
+    """Stored features of one image and how to read them at any voxel.
+
+    Attributes:
+        values: ``(d, h, w, C)`` float16 or float32 (a memory map for cached files): the features of
+            voxels ``(i * stride[0], j * stride[1], k * stride[2])``.
+        stride: voxels between stored samples along each axis.
+        shape: the image's own shape ``(D, H, W)``.
+    """
+
+    values: np.ndarray
+    stride: tuple[int, int, int]
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def from_dense(cls, features: np.ndarray) -> "FeatureGrid":
+        """Wrap a dense ``(C, D, H, W)`` feature volume (stride 1)."""
+        features = np.asarray(features)
+        return cls(np.moveaxis(features, 0, -1), (1, 1, 1), tuple(features.shape[1:]))
+
+    @property
+    def channels(self) -> int:
+        return int(self.values.shape[-1])
+
+    def at(self, voxels: np.ndarray) -> np.ndarray:
+        """Features ``(N, C)`` float32 at voxel indices ``voxels`` ``(N, 3)`` (integer or continuous).
+
+        Trilinear between stored samples; positions outside the image are clamped to its border.
+        """
+        voxels = np.asarray(voxels)
+        out = np.empty((len(voxels), self.channels), np.float32)
+        size = np.array(self.values.shape[:3])
+        stride = np.array(self.stride, np.float64)
+        flat = self.values.reshape(-1, self.channels)
+        if np.all(stride == 1) and np.issubdtype(voxels.dtype, np.integer):
+            for s in range(0, len(voxels), LOOKUP_CHUNK):
+                idx = np.clip(voxels[s : s + LOOKUP_CHUNK], 0, size - 1)
+                out[s : s + LOOKUP_CHUNK] = flat[np.ravel_multi_index(idx.T, size)]
+            return out
+        for s in range(0, len(voxels), LOOKUP_CHUNK):
+            u = np.clip(voxels[s : s + LOOKUP_CHUNK] / stride, 0, size - 1)
+            lo = np.minimum(np.floor(u).astype(np.int64), np.maximum(size - 2, 0))
+            t = (u - lo).astype(np.float32)
+            acc = np.zeros((len(u), self.channels), np.float32)
+            for corner in np.ndindex(2, 2, 2):
+                c = np.array(corner)
+                weight = np.prod(np.where(c, t, 1 - t), 1)
+                idx = np.minimum(lo + c, size - 1)
+                acc += weight[:, None] * flat[np.ravel_multi_index(idx.T, size)]
+            out[s : s + LOOKUP_CHUNK] = acc
+        return out
+
+    def at_flat(self, flat_index: np.ndarray) -> np.ndarray:
+        """Features ``(N, C)`` float32 at flat (C-order) indices of the image's own ``(D, H, W)`` grid."""
+        return self.at(np.stack(np.unravel_index(np.asarray(flat_index), self.shape), -1))
+
+    def dense(self) -> np.ndarray:
+        """All voxels, ``(C, D, H, W)`` float32 (small volumes: C x D x H x W floats)."""
+        return self.at_flat(np.arange(int(np.prod(self.shape)))).T.reshape(self.channels, *self.shape)
+
+    def sample(self) -> np.ndarray:
+        """The stored samples ``(n, C)`` float32 (e.g. for per-volume statistics)."""
+        return np.asarray(self.values, np.float32).reshape(-1, self.channels)
+
+
+def as_grid(features) -> FeatureGrid:
+    """A :class:`FeatureGrid` as is; a dense ``(C, D, H, W)`` array wrapped as one (stride 1)."""
+    return features if isinstance(features, FeatureGrid) else FeatureGrid.from_dense(features)
+
+
+def stored_grid(shape: tuple[int, ...], stride: tuple[int, ...]) -> list[np.ndarray]:
+    """Voxel indices stored along each axis: ``[0, s, 2s, ...]`` below the axis length."""
+    return [np.arange(0, n, s) for n, s in zip(shape, stride)]
 
 
 class FeatureCache:
@@ -38,66 +136,111 @@ class FeatureCache:
     Args:
         studies: the datastore folder; the cache lives under ``studies/.semisam/features``.
         encoder: which encoder; it is built (weights loaded) only on the first cache miss.
-        dims: stored feature dimension after PCA (32 -> 64 bytes per voxel in float16).
+        dims: stored feature dimension after PCA (32 -> 64 bytes per stored voxel in float16).
         modality: intensity normalisation (``mri``/``ct``).
+        plan: the datastore's :class:`~semisam_o1.plan.Plan` (feature stride); default stride 2.
+        device: where the encoder runs (``cpu``, ``cuda``, ``cuda:N``).
     """
 
-    def __init__(self, studies: Path, encoder: EncoderSpec = EncoderSpec(), dims: int = 32, modality: str = "mri"):
+    def __init__(self, studies: Path, encoder: EncoderSpec = EncoderSpec(), dims: int = 32, modality: str = "mri",
+                 plan: Plan | None = None, device: str = "cpu"):
         self.dims = dims
         self.modality = modality
-        self.settings_id = f"{encoder.id}-{normalization_id(modality)}-l2pca{dims}"
+        self.plan = plan or Plan(encoder_image_size=encoder.image_size)
+        self.settings_id = f"{encoder.id}-{normalization_id(modality)}-l2pca{dims}-{self.plan.id}"
         self.root = Path(studies) / CACHE_DIR / self.settings_id
         self.spec = encoder
-        self._encoder: Encoder | None = None
+        self.device = device
+        self._encoder: SliceEncoder | None = None
         self._basis: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
-    def encoder(self) -> Encoder:
+    def encoder(self) -> SliceEncoder:
         if self._encoder is None:
-            self._encoder = self.spec.build()
+            self._encoder = self.spec.build(self.device)
         return self._encoder
 
     def path(self, image_path: Path) -> Path:
         return self.root / f"{sha256(image_path)[:20]}.npy"
 
-    def get(self, image: Volume) -> np.ndarray | None:
-        """Cached features (dims, D, H, W) float16 of ``image``, or ``None`` on a miss."""
+    def stride(self, image: Volume) -> tuple[int, int, int]:
+        return self.plan.stride(image.spacing)
+
+    def get(self, image: Volume) -> FeatureGrid | None:
+        """Cached features of ``image``, or ``None`` on a miss."""
         path = self.path(image.path)
         if not path.exists():
             return None
-        feats = np.load(path, mmap_mode="r")
-        if feats.shape[1:] != image.array.shape:
-            logger.warning(f"{path}: cached shape {feats.shape} does not fit {image.path}; encoding again")
+        stride = self.stride(image)
+        values = np.load(path, mmap_mode="r")
+        expected = (*[len(a) for a in stored_grid(image.array.shape, stride)], self.dims)
+        if values.shape != expected:
+            logger.warning(f"{path}: cached shape {values.shape} does not fit {image.path} ({expected}); encoding again")
             return None
-        return feats
+        return FeatureGrid(values, stride, tuple(image.array.shape))
 
-    def get_or_compute(self, image: Volume, progress: bool = False) -> np.ndarray:
-        """Features (dims, D, H, W) float16 of ``image``: from disk, or encoded, compressed and stored."""
+    def get_or_compute(self, image: Volume, progress: bool = False) -> FeatureGrid:
+        """Features of ``image``: from disk, or encoded, compressed and stored."""
         cached = self.get(image)
         if cached is not None:
             return cached
-        raw = self.encoder.encode(normalize(image.array, self.modality), progress=progress)  # (C, D, H, W)
-        feats = self._project(raw).astype(np.float16)
-        atomic_write(self.path(image.path), lambda tmp: np.save(tmp, feats))
-        return feats
+        values = self._encode(image, progress).astype(np.float16)
+        atomic_write(self.path(image.path), lambda tmp: np.save(tmp, values))
+        return self.get(image)
 
-    def _project(self, raw: np.ndarray) -> np.ndarray:
-        """(C, D, H, W) -> (dims, D, H, W) with the setting's PCA basis (fitted here on first use)."""
-        c = raw.shape[0]
-        flat = raw.reshape(c, -1).T  # (N, C)
-        flat = flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-6)  # cosine geometry before PCA
-        mean, components = self._load_or_fit_basis(flat)
-        return ((flat - mean) @ components).T.reshape(self.dims, *raw.shape[1:])
+    # ----------------------------------------------------------------- encoding
+    def _encode(self, image: Volume, progress: bool) -> np.ndarray:
+        """``(d, h, w, dims)`` float32: streamed per axis and slice batch, projected at once."""
+        volume = torch.from_numpy(normalize(image.array, self.modality))
+        grid = stored_grid(volume.shape, self.stride(image))
+        mean, components = self._load_or_fit_basis(volume, grid, progress)
+        enc = self.encoder
+        acc = np.zeros((*[len(g) for g in grid], self.dims), np.float32)
+        sq = np.zeros(acc.shape[:3], np.float32)
+        total = sum(len(grid[a]) for a in enc.axes)
+        with tqdm(total=total, desc=f"encode {image.path.name}", unit="slice", disable=not progress, leave=False) as bar:
+            for n, axis in enumerate(enc.axes):
+                w = torch.from_numpy(components[n * enc.channels_per_axis : (n + 1) * enc.channels_per_axis]).to(enc.device)
+                acc_axis, sq_axis = np.moveaxis(acc, axis, 0), np.moveaxis(sq, axis, 0)
+                rest = [g for i, g in enumerate(grid) if i != axis]
+                for start, feats in enc.slice_features(volume, axis, grid[axis], *rest, bar=bar):
+                    stop = start + len(feats)
+                    acc_axis[start:stop] += torch.einsum("bcrs,cd->brsd", feats, w).cpu().numpy()
+                    sq_axis[start:stop] += (feats * feats).sum(1).cpu().numpy()
+        acc /= (np.sqrt(sq) + 1e-6)[..., None]
+        acc -= (mean @ components).astype(np.float32)
+        return acc
 
-    def _load_or_fit_basis(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _load_or_fit_basis(self, volume: torch.Tensor, grid: list[np.ndarray], progress: bool) -> tuple[np.ndarray, np.ndarray]:
         if self._basis is None:
             basis_path = self.root / "basis.npz"
-            if not basis_path.exists():
-                rng = np.random.default_rng(0)
-                sample = flat[rng.choice(len(flat), min(len(flat), PCA_FIT_VOXELS), replace=False)]
-                mean = sample.mean(0)
-                _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
-                atomic_write(basis_path, lambda tmp: np.savez(tmp, mean=mean, components=vt[: self.dims].T))
+            basis_path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(basis_path) + ".lock"):
+                if not basis_path.exists():
+                    mean, components = self._fit_basis(volume, grid, progress)
+                    atomic_write(basis_path, lambda tmp: np.savez(tmp, mean=mean, components=components))
             with np.load(basis_path) as z:
-                self._basis = (z["mean"], z["components"])
+                self._basis = (z["mean"].astype(np.float32), z["components"].astype(np.float32))
         return self._basis
+
+    def _fit_basis(self, volume: torch.Tensor, grid: list[np.ndarray], progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """PCA of the L2-normalised full feature vectors of a lattice of stored voxels."""
+        enc = self.encoder
+        step = max(1, math.ceil((np.prod([len(g) for g in grid]) / PCA_FIT_VOXELS) ** (1 / 3)))
+        lattice = [g[::step] for g in grid]
+        parts = []
+        with tqdm(total=sum(len(lattice[a]) for a in enc.axes), desc="fit feature basis", unit="slice", disable=not progress, leave=False) as bar:
+            for axis in enc.axes:
+                rest = [g for i, g in enumerate(lattice) if i != axis]
+                block = np.empty((len(lattice[axis]), enc.channels_per_axis, *[len(r) for r in rest]), np.float32)
+                for start, feats in enc.slice_features(volume, axis, lattice[axis], *rest, bar=bar):
+                    block[start : start + len(feats)] = feats.cpu().numpy()
+                parts.append(np.moveaxis(np.moveaxis(block, 1, -1), 0, axis))  # (l0, l1, l2, 256)
+        flat = np.concatenate(parts, -1).reshape(-1, enc.channels)
+        flat = flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-6)  # cosine geometry before PCA
+        mean = flat.mean(0)
+        _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
+        dims = min(self.dims, vt.shape[0])
+        components = np.zeros((enc.channels, self.dims), np.float32)
+        components[:, :dims] = vt[:dims].T
+        return mean.astype(np.float32), components

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from semisam_o1.config import AppConfig
 from semisam_o1.feature_cache import FeatureCache
+from semisam_o1.plan import load_or_make_plan, resolve_device
 from semisam_o1.stage_one import NoTemplateError, StageOne
 from semisam_o1.tasks.pseudo_labels import PSEUDO_TAG
 from semisam_o1.templates import find_templates, label_map
@@ -29,7 +30,12 @@ def open_datastore(studies: Path) -> LocalDatastore:
 
 
 def build_stage_one(studies: Path, config: AppConfig) -> StageOne:
-    cache = FeatureCache(studies, config.encoder_spec(), config.feature_dims, config.modality)
+    """Stage one over ``studies`` with the datastore's plan (read, or planned now from its images and written)."""
+    device = resolve_device(config.device)
+    overrides = {"encoder_image_size": config.encoder_image_size, "feature_stride": config.feature_stride}
+    images = sorted(p for ext in ("*.nii.gz", "*.nii") for p in Path(studies).glob(ext))
+    plan = load_or_make_plan(studies, images, device, overrides)
+    cache = FeatureCache(studies, config.encoder_spec(plan.encoder_image_size), config.feature_dims, config.modality, plan, device)
     return StageOne(studies, cache, label_values=set(config.labels.values()) or None)
 
 

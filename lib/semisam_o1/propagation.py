@@ -10,7 +10,8 @@ smoothed, arg-maxed and cleaned (largest connected component). Target voxels map
 ``margin`` voxels from the template foreground are background without a search.
 
 Several templates (banks) fuse their votes (multi-atlas). Features arrive already in the stored
-space (e.g. the feature cache's PCA-32 float16); they are L2-normalised here.
+space as a :class:`~semisam_o1.feature_cache.FeatureGrid` (or a dense ``(C, D, H, W)`` array) and are
+read only at the voxels that are searched; they are L2-normalised here.
 
 Measured on MSD hippocampus (template 001, 19 targets, LiteMedSAM s64 3 axes, PCA-32 fp16):
 mean Dice 0.80 vs 0.70 affine atlas, 0.75 demons atlas, 0.75 global voxel kNN.
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import ndimage
+
+from semisam_o1.feature_cache import as_grid
 
 __all__ = ["PropagationParams", "TemplateBank", "build_bank", "propagate"]
 
@@ -80,7 +83,7 @@ def build_bank(
     Args:
         image: ``(D, H, W)`` float32 in [0, 1] (kept for API symmetry; not used by the method).
         label: ``(D, H, W)`` int class map (0 background).
-        features: ``(C, D, H, W)`` in the stored feature space.
+        features: :class:`FeatureGrid` (or dense ``(C, D, H, W)``) in the stored feature space.
         max_voxels: cap on bank size; above it, voxels are subsampled class-balanced (equal share
             per class, all of a class if it has fewer), the rest do not vote.
         seed: subsampling seed.
@@ -102,7 +105,7 @@ def build_bank(
         keep = np.sort(np.concatenate(keep))
         sel, lab = sel[keep], lab[keep]
     coords = np.stack(np.unravel_index(sel, label.shape), -1).astype(np.float32)
-    feats = _l2n(np.asarray(features, np.float32).reshape(features.shape[0], -1)[:, sel].T)
+    feats = _l2n(as_grid(features).at_flat(sel))
     return TemplateBank(feats, coords, lab, dist.reshape(-1)[sel] <= p.margin, tuple(label.shape))
 
 
@@ -114,12 +117,75 @@ def _largest_cc(mask: np.ndarray) -> np.ndarray:
     return lab == (int(np.argmax(sizes)) + 1)
 
 
+#: Target voxels mapped per chunk when the search region is found (bounds temporary memory).
+SLAB_VOXELS = 1 << 21
+
+def _slab_coords(coords, z0: int, z1: int) -> np.ndarray:
+    """Template voxel index of target slabs ``z0:z1`` (axis 0): ``(z1 - z0, H, W, 3)``."""
+    return coords(z0, z1) if callable(coords) else coords[z0:z1]
+
+
+def _search_region(bank: TemplateBank, coords, shape: tuple[int, ...], r: int) -> tuple[np.ndarray, np.ndarray]:
+    """Target voxels to search for one bank and where they fall in its padded template grid.
+
+    Returns ``roi`` (flat target indices, sorted) and ``base`` (flat index in the template grid padded
+    by ``r``): voxels mapped inside the template onto a ``core`` voxel of the bank.
+    """
+    ts = np.array(bank.shape)
+    pad = ts + 2 * r
+    core = np.zeros(int(np.prod(pad)), bool)
+    core[np.ravel_multi_index((bank.coords[bank.core].astype(np.int64) + r).T, pad)] = True
+    plane = int(np.prod(shape[1:]))
+    step = max(1, SLAB_VOXELS // plane)
+    rois, bases = [], []
+    for z0 in range(0, shape[0], step):
+        z1 = min(shape[0], z0 + step)
+        idx = np.rint(_slab_coords(coords, z0, z1).reshape(-1, 3)).astype(np.int64) + r
+        inside = np.flatnonzero(np.all((idx >= r) & (idx < ts + r), 1))
+        lin = np.ravel_multi_index(idx[inside].T, pad)
+        keep = core[lin]
+        rois.append(inside[keep] + z0 * plane)
+        bases.append(lin[keep])
+    return np.concatenate(rois), np.concatenate(bases)
+
+
+def _bank_votes(bank: TemplateBank, query: torch.Tensor, base: np.ndarray, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cosine similarities of ``N`` unit query vectors to every bank voxel of the ``(2r+1)^3`` template
+    window around ``base`` (flat index, padded grid): best ``(N,)``, all ``(W, N)`` (-inf where the
+    window voxel is not in the bank) and those voxels' labels ``(W, N)``."""
+    pad = np.array(bank.shape) + 2 * r
+    n_bank = len(bank.labels)
+    lookup = np.full(int(np.prod(pad)), n_bank, np.int64)  # bank row of each padded template voxel; n_bank = none
+    lookup[np.ravel_multi_index((bank.coords.astype(np.int64) + r).T, pad)] = np.arange(n_bank)
+    lookup = torch.from_numpy(lookup)
+    feats = torch.cat([torch.from_numpy(bank.features), torch.zeros(1, bank.features.shape[1])])
+    labels = torch.cat([torch.from_numpy(bank.labels), torch.zeros(1, dtype=torch.int64)])
+    offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    offsets = torch.from_numpy(np.ravel_multi_index((offsets + r).T, pad) - np.ravel_multi_index([r, r, r], pad))
+    base = torch.from_numpy(base)
+    sims = torch.empty((len(offsets), len(base)))
+    rows = torch.empty((len(offsets), len(base)), dtype=torch.int64)
+    for n, offset in enumerate(offsets):
+        row = lookup[base + offset]
+        sim = (query * feats[row]).sum(1)
+        sim[row == n_bank] = -torch.inf
+        sims[n], rows[n] = sim, row
+    best = sims.max(0).values
+    return best, sims, labels[rows]
+
+
+def _bounding_box(flat: np.ndarray, shape: tuple[int, ...], margin: int) -> tuple[slice, ...]:
+    """The box around flat indices ``flat`` of ``shape``, grown by ``margin`` voxels (clipped)."""
+    idx = np.unravel_index(flat, shape)
+    return tuple(slice(max(0, int(i.min()) - margin), min(n, int(i.max()) + 1 + margin)) for i, n in zip(idx, shape))
+
+
 @torch.inference_mode()
 def propagate(
     banks: list[TemplateBank],
     image: np.ndarray,
-    features: np.ndarray,
-    coords_in_template: list[np.ndarray],
+    features,
+    coords_in_template: list,
     params: PropagationParams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pseudo-label of one target volume from one or more template banks.
@@ -127,75 +193,60 @@ def propagate(
     Args:
         banks: one :class:`TemplateBank` per template.
         image: ``(D, H, W)`` float32 target in [0, 1] (shape reference).
-        features: ``(C, D, H, W)`` target features in the banks' feature space.
-        coords_in_template: per bank, ``(D, H, W, 3)`` continuous template voxel index of every
-            target voxel (:func:`semisam_o1.registration.map_voxels`).
+        features: target features (:class:`FeatureGrid` or dense ``(C, D, H, W)``) in the banks' space.
+        coords_in_template: per bank, the continuous template voxel index of every target voxel:
+            ``(D, H, W, 3)``, or a function ``(z0, z1) -> (z1 - z0, H, W, 3)`` for target slabs
+            (:func:`semisam_o1.registration.map_voxels`), so large targets are mapped a slab at a time.
         params: :class:`PropagationParams` (defaults if ``None``).
 
     Returns:
         ``labels (D, H, W) uint8`` and ``confidence (D, H, W) float32`` in [0, 1] (the winning
         class's share of the smoothed votes; 1 outside the search region).
+
+    Memory: besides the two outputs, only the box around the searched voxels is held dense.
     """
     p = params or PropagationParams()
     n_classes = 1 + max(int(bank.labels.max()) for bank in banks)  # label values 0..n-1
-    shape = image.shape
-    n_vox = int(np.prod(shape))
-    q_all = torch.from_numpy(_l2n(np.asarray(features, np.float32).reshape(features.shape[0], -1).T))
+    shape = tuple(image.shape)
+    features = as_grid(features)
     r = p.radius
-    offs = np.stack(np.meshgrid(*[np.arange(-r, r + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    regions = [_search_region(bank, coords, shape, r) for bank, coords in zip(banks, coords_in_template)]
+    label = np.zeros(shape, np.uint8)
+    confidence = np.ones(shape, np.float32)
+    searched_all = np.concatenate([roi for roi, _ in regions])
+    if len(searched_all) == 0:
+        return label, confidence
+    box = _bounding_box(searched_all, shape, margin=int(4 * p.sigma + 2))
+    box_shape = tuple(b.stop - b.start for b in box)
+    n_box = int(np.prod(box_shape))
 
-    # Running log-sum-exp style accumulation: votes are kept relative to the running best similarity.
-    best = torch.full((n_vox,), -torch.inf)
-    votes = torch.zeros((n_classes, n_vox))
-    searched = torch.zeros(n_vox, dtype=torch.bool)
-    for bank, coords in zip(banks, coords_in_template):
-        ts = np.array(bank.shape)
-        pad = ts + 2 * r
-        # dense lookup of bank rows on the padded template grid; sentinel = len(bank)
-        n_bank = len(bank.labels)
-        lookup = np.full(int(np.prod(pad)), n_bank, np.int64)
-        bc = bank.coords.astype(np.int64) + r
-        lookup[np.ravel_multi_index(bc.T, pad)] = np.arange(n_bank)
-        core = np.zeros(int(np.prod(pad)), bool)
-        core[np.ravel_multi_index(bc[bank.core].T, pad)] = True
+    def to_box(flat: np.ndarray) -> torch.Tensor:
+        idx = np.unravel_index(flat, shape)
+        return torch.from_numpy(np.ravel_multi_index(tuple(i - b.start for i, b in zip(idx, box)), box_shape))
 
-        base = np.rint(coords.reshape(-1, 3)).astype(np.int64) + r
-        inside = np.all((base >= r) & (base < ts + r), 1)
-        base_lin = np.zeros(n_vox, np.int64)
-        base_lin[inside] = np.ravel_multi_index(base[inside].T, pad)
-        roi = np.flatnonzero(inside & core[base_lin])
+    # Votes are kept relative to the running best similarity (log-sum-exp style) across banks.
+    best = torch.full((n_box,), -torch.inf)
+    votes = torch.zeros((n_classes, n_box))
+    searched = torch.zeros(n_box, dtype=torch.bool)
+    for bank, (roi, base) in zip(banks, regions):
         if len(roi) == 0:
             continue
-        roi_t = torch.from_numpy(roi)
-        searched[roi_t] = True
-        q = q_all[roi_t]
-        blin = torch.from_numpy(base_lin[roi])
-        lk = torch.from_numpy(lookup)
-        feats = torch.cat([torch.from_numpy(bank.features), torch.zeros(1, bank.features.shape[1])])
-        labs = torch.cat([torch.from_numpy(bank.labels), torch.zeros(1, dtype=torch.int64)])
-        off_lin = torch.from_numpy(np.ravel_multi_index((offs + r).T, pad) - np.ravel_multi_index([r, r, r], pad))
-
-        sims = torch.empty((len(offs), len(roi)))
-        rows = torch.empty((len(offs), len(roi)), dtype=torch.int64)
-        for n, o in enumerate(off_lin):
-            row = lk[blin + o]
-            s = (q * feats[row]).sum(1)
-            s[row == n_bank] = -torch.inf
-            sims[n], rows[n] = s, row
-        smax = sims.max(0).values
-        new_best = torch.maximum(best[roi_t], smax)
-        scale = torch.exp((best[roi_t] - new_best) / p.h).nan_to_num(0.0)
-        w = torch.exp((sims - new_best) / p.h)
-        lab_of = labs[rows]
-        v = torch.stack([(w * (lab_of == c)).sum(0) for c in range(n_classes)])
-        votes[:, roi_t] = votes[:, roi_t] * scale + v
-        best[roi_t] = new_best
+        at = to_box(roi)
+        searched[at] = True
+        query = torch.from_numpy(_l2n(features.at_flat(roi)))
+        smax, sims, labels_of = _bank_votes(bank, query, base, r)
+        new_best = torch.maximum(best[at], smax)
+        scale = torch.exp((best[at] - new_best) / p.h).nan_to_num(0.0)
+        weight = torch.exp((sims - new_best) / p.h)
+        bank_votes = torch.stack([(weight * (labels_of == c)).sum(0) for c in range(n_classes)])
+        votes[:, at] = votes[:, at] * scale + bank_votes
+        best[at] = new_best
 
     votes = votes.numpy()
     total = votes.sum(0)
     votes = np.where(total > 0, votes / np.maximum(total, 1e-12), 0.0)
     votes[0][~searched.numpy() | (total <= 0)] = 1.0
-    votes = votes.reshape(n_classes, *shape)
+    votes = votes.reshape(n_classes, *box_shape)
     if p.sigma > 0:
         votes = np.stack([ndimage.gaussian_filter(v, p.sigma) for v in votes])
     pred = votes.argmax(0).astype(np.uint8)
@@ -204,5 +255,6 @@ def propagate(
         for c in range(1, n_classes):
             m = pred == c
             pred[m & ~_largest_cc(m)] = 0
-    conf = (votes.max(0) / np.maximum(votes.sum(0), 1e-6)).astype(np.float32)
-    return pred, conf
+    label[box] = pred
+    confidence[box] = (votes.max(0) / np.maximum(votes.sum(0), 1e-6)).astype(np.float32)
+    return label, confidence

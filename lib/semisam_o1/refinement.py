@@ -30,25 +30,31 @@ import faiss
 import numpy as np
 from scipy import ndimage
 
+from semisam_o1.feature_cache import FeatureGrid, as_grid
+
 
 @dataclass
 class RefineCase:
-    """One volume: ``features`` (C, D, H, W), ``label`` (D, H, W) int, ``entropy`` (D, H, W) nats.
+    """One volume: ``features`` (:class:`FeatureGrid` or dense (C, D, H, W)), ``label`` (D, H, W) int,
+    ``entropy`` (D, H, W) nats.
 
     ``position`` (D, H, W, 3): every voxel's index in the common frame (the first template's voxel
     grid), or ``None`` to search by features alone. Templates have ``is_template=True``: their labels
     are a clinician's, all voxels count as confident and they are never changed.
     """
 
-    features: np.ndarray
+    features: FeatureGrid
     label: np.ndarray
     entropy: np.ndarray
     is_template: bool = False
     position: np.ndarray | None = None
 
+    def __post_init__(self):
+        self.features = as_grid(self.features)
+
     def vectors(self, voxels: np.ndarray, position_weight: float) -> np.ndarray:
         """Search vectors of the flat voxel indices ``voxels``: (N, C) unit features [+ (N, 3) weighted position]."""
-        feats = _unit_rows(_flat(self.features)[voxels])
+        feats = _unit_rows(self.features.at_flat(voxels))
         if self.position is None or position_weight == 0:
             return feats
         return np.ascontiguousarray(np.concatenate([feats, position_weight * self.position.reshape(-1, 3)[voxels]], 1), np.float32)
@@ -85,11 +91,6 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     faiss.normalize_L2(x)
     return x
-
-
-def _flat(features: np.ndarray) -> np.ndarray:
-    """(C, D, H, W) -> (D*H*W, C) float32."""
-    return np.asarray(features, dtype=np.float32).reshape(features.shape[0], -1).T
 
 
 def entropy_threshold(cases: list[RefineCase], params: RefineParams) -> float:
@@ -138,9 +139,9 @@ def refine_voxels(cases: list[RefineCase], params: RefineParams = RefineParams()
     return RefineResult(new_labels, threshold, uncertain_total, changed)
 
 
-def _global_descriptor(features: np.ndarray) -> np.ndarray:
-    """(C, D, H, W) -> (C,) mean feature, L2-normalised."""
-    v = np.asarray(features, dtype=np.float32).reshape(features.shape[0], -1).mean(1)
+def _global_descriptor(features: FeatureGrid) -> np.ndarray:
+    """(C,) mean of the stored features, L2-normalised."""
+    v = features.sample().mean(0)
     return v / (np.linalg.norm(v) + 1e-8)
 
 

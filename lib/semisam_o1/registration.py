@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["affine_register", "refine_register", "map_voxels", "warp_label", "read_image"]
+__all__ = ["affine_register", "refine_register", "map_voxels", "shrink", "warp_label", "read_image"]
 
 
 @contextmanager
@@ -140,8 +140,8 @@ def refine_register(
     raise ValueError(f"unknown refinement '{kind}' (bspline, demons)")
 
 
-def map_voxels(fixed: sitk.Image, transform: sitk.Transform, moving: sitk.Image) -> np.ndarray:
-    """Continuous moving-image voxel index of every fixed voxel, vectorised.
+def map_voxels(fixed: sitk.Image, transform: sitk.Transform, moving: sitk.Image, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Continuous moving-image voxel index of every fixed voxel (of slabs ``start:stop`` along axis 0), vectorised.
 
     Works for any SimpleITK transform (affine, B-spline, composite): the transform is sampled as a
     displacement field on the fixed grid, added to the fixed voxels' physical points, and the result
@@ -151,30 +151,36 @@ def map_voxels(fixed: sitk.Image, transform: sitk.Transform, moving: sitk.Image)
         fixed: target image, size ``(D, H, W)`` in nibabel order.
         transform: fixed physical point -> moving physical point (as from :func:`affine_register`).
         moving: template image.
+        start, stop: the fixed slabs (nibabel axis 0 indices) to map; default all. Memory is
+            proportional to the slabs mapped, so large volumes are mapped a slab range at a time.
 
     Returns:
-        ``(D, H, W, 3)`` float32: for fixed voxel ``[i, j, k]`` (nibabel order) its continuous voxel
+        ``(stop - start, H, W, 3)`` float32: for fixed voxel ``[i, j, k]`` (nibabel order) its continuous voxel
         index in ``moving``, also in nibabel order (units: moving voxels; may fall outside the
         moving image's bounds).
     """
+    size = list(fixed.GetSize())
+    stop = size[0] if stop is None else min(stop, size[0])
+    size[0] = stop - start
+    origin = fixed.TransformIndexToPhysicalPoint((int(start), 0, 0))
     field = sitk.TransformToDisplacementField(
-        transform,
-        sitk.sitkVectorFloat64,
-        fixed.GetSize(),
-        fixed.GetOrigin(),
-        fixed.GetSpacing(),
-        fixed.GetDirection(),
+        transform, sitk.sitkVectorFloat64, size, origin, fixed.GetSpacing(), fixed.GetDirection()
     )
-    disp = sitk.GetArrayFromImage(field).transpose(2, 1, 0, 3)  # (z,y,x,3) -> (D,H,W,3) = (x,y,z,3)
-    size = fixed.GetSize()
+    disp = sitk.GetArrayViewFromImage(field).transpose(2, 1, 0, 3)  # (z,y,x,3) -> (D,H,W,3) = (x,y,z,3)
     idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in size], indexing="ij"), -1)
+    idx[..., 0] += start
     fdir = np.asarray(fixed.GetDirection(), np.float64).reshape(3, 3)
     phys = np.asarray(fixed.GetOrigin()) + (idx * np.asarray(fixed.GetSpacing())) @ fdir.T
-    phys = phys + disp
+    phys += disp
     mdir = np.asarray(moving.GetDirection(), np.float64).reshape(3, 3)
     # physical = origin + dir @ (spacing * index)  =>  index = (dir^-1 @ (physical - origin)) / spacing
     midx = ((phys - np.asarray(moving.GetOrigin())) @ np.linalg.inv(mdir).T) / np.asarray(moving.GetSpacing())
     return midx.astype(np.float32)
+
+
+def shrink(image: sitk.Image, factor: int) -> sitk.Image:
+    """``image`` averaged over ``factor``^3 voxel bins (same physical extent; ``factor`` 1: unchanged)."""
+    return image if factor <= 1 else sitk.BinShrink(image, [int(factor)] * 3)
 
 
 def warp_label(label: sitk.Image, fixed: sitk.Image, transform: sitk.Transform) -> np.ndarray:

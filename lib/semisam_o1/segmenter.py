@@ -84,11 +84,13 @@ def train_network(
     n_classes: int,
     params: TrainParams = TrainParams(),
     on_iteration: Callable[[int, float], None] | None = None,
+    device: str = "cpu",
 ) -> UNet:
     """Train a fresh network on ``images`` (each (D, H, W) in [0, 1]) and ``labels`` (each (D, H, W) int).
 
     Args:
         on_iteration: called as ``on_iteration(iteration, loss)`` after every step (progress, stats).
+        device: where the network trains (patches are cropped on the CPU); it is returned on the CPU.
     """
     torch.manual_seed(params.seed)
     data = [{"image": img[None].astype(np.float32), "label": lab[None].astype(np.int64)} for img, lab in zip(images, labels)]
@@ -107,7 +109,7 @@ def train_network(
     transform.set_random_state(seed=params.seed)
     loader = DataLoader(Dataset(data, transform), batch_size=params.batch_size, shuffle=True, num_workers=0,
                         generator=torch.Generator().manual_seed(params.seed))
-    net = build_network(n_classes, params)
+    net = build_network(n_classes, params).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(net.parameters(), lr=params.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / params.iterations)))
@@ -116,7 +118,7 @@ def train_network(
     while iteration < params.iterations:
         for batch in loader:
             optimizer.zero_grad()
-            loss = loss_fn(net(batch["image"]), batch["label"])
+            loss = loss_fn(net(batch["image"].to(device)), batch["label"].to(device))
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -126,15 +128,18 @@ def train_network(
             if iteration >= params.iterations:
                 break
     net.eval()
-    return net
+    return net.cpu()
 
 
 @torch.no_grad()
-def predict_with_uncertainty(net: UNet, image: np.ndarray, patch: Sequence[int], mc_samples: int = 2, flips: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def predict_with_uncertainty(net: UNet, image: np.ndarray, patch: Sequence[int], mc_samples: int = 2, flips: bool = True,
+                             device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Mean softmax (C, D, H, W) and its entropy (D, H, W) in nats, over flips x MC-dropout passes.
 
-    With ``mc_samples`` = 0 dropout stays off (deterministic, one pass per flip).
+    With ``mc_samples`` = 0 dropout stays off (deterministic, one pass per flip). Patches run on
+    ``device``; the volume and the stitched output stay on the CPU (any volume size fits the GPU).
     """
+    net = net.to(device)
     x = torch.as_tensor(image, dtype=torch.float32)[None, None]
     flip_sets = [(), (2,), (3,), (4,)] if flips else [()]
     passes = max(mc_samples, 1)
@@ -144,7 +149,8 @@ def predict_with_uncertainty(net: UNet, image: np.ndarray, patch: Sequence[int],
             _set_dropout(net, enabled=mc_samples > 0)
             torch.manual_seed(sample)
             xi = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(xi, roi_size=tuple(patch), sw_batch_size=4, predictor=net, overlap=0.25, mode="gaussian")
+            logits = sliding_window_inference(xi, roi_size=tuple(patch), sw_batch_size=4, predictor=net, overlap=0.25, mode="gaussian",
+                                              sw_device=device, device="cpu")
             prob = torch.softmax(logits, 1)
             prob = torch.flip(prob, dims) if dims else prob
             total = prob if total is None else total + prob

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,19 @@ import SimpleITK as sitk
 
 from semisam_o1.feature_cache import FeatureCache
 from semisam_o1.propagation import TemplateBank, build_bank, propagate
-from semisam_o1.registration import affine_register, map_voxels, read_image, refine_register
+from semisam_o1.registration import affine_register, map_voxels, read_image, refine_register, shrink
 from semisam_o1.sample_data import sha256
 from semisam_o1.templates import Template
 from semisam_o1.volumes import InputError, Volume, atomic_write, class_volumes, load_image, load_label
 
 logger = logging.getLogger(__name__)
+
+
+def nib_shape(path: Path) -> tuple[int, ...]:
+    """An image file's voxel shape from its header."""
+    import nibabel as nib
+
+    return tuple(int(n) for n in nib.load(str(path)).header.get_data_shape()[:3])
 
 
 #: ITK's HDF5 library is not thread-safe: transform files are read and written one at a time per
@@ -71,15 +79,21 @@ class StageOne:
         self._banks: dict[tuple, TemplateBank] = {}
 
     def registration_path(self, target: Path, template: Path) -> Path:
-        return self.studies / ".semisam" / "registration" / f"{sha256(target)[:20]}-{sha256(template)[:20]}-affine-demons.h5"
+        factors = [self.cache.plan.registration_shrink(nib_shape(p)) for p in (target, template)]
+        grid = "" if factors == [1, 1] else f"-shrink{factors[0]}x{factors[1]}"
+        return self.studies / ".semisam" / "registration" / f"{sha256(target)[:20]}-{sha256(template)[:20]}-affine-demons{grid}.h5"
 
     def transform(self, target: Path, template: Path) -> sitk.Transform:
-        """Affine + demons target -> template (physical mm), registered once and kept on disk (HDF5)."""
+        """Affine + demons target -> template (physical mm), registered once and kept on disk (HDF5).
+
+        Volumes above the plan's ``registration_voxels`` are registered on a shrunk copy (bin average)."""
         path = self.registration_path(target, template)
         if path.exists():
             with _HDF5_LOCK:
                 return sitk.ReadTransform(str(path))
         fixed, moving = read_image(target), read_image(template)
+        fixed = shrink(fixed, self.cache.plan.registration_shrink(fixed.GetSize()))
+        moving = shrink(moving, self.cache.plan.registration_shrink(moving.GetSize()))
         transform = refine_register(fixed, moving, affine_register(fixed, moving), "demons")
         with _HDF5_LOCK:
             atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
@@ -100,7 +114,7 @@ class StageOne:
             image = load_image(template.image_path)
             label = load_label(template.label_path, image, allowed=self.label_values)
             feats = self.cache.get_or_compute(image, progress=progress)
-            self._banks[key] = build_bank(self._normalized(image), label, np.asarray(feats, dtype=np.float32))
+            self._banks[key] = build_bank(self._normalized(image), label, feats)
         return self._banks[key]
 
     def _normalized(self, image: Volume) -> np.ndarray:
@@ -122,8 +136,8 @@ class StageOne:
             )
         image = load_image(image_path)
         banks = [self.bank(t, progress) for t in templates]
-        feats = np.asarray(self.cache.get_or_compute(image, progress=progress), dtype=np.float32)
+        feats = self.cache.get_or_compute(image, progress=progress)
         target_itk = read_image(image.path)
-        coords = [map_voxels(target_itk, self.transform(image.path, t.image_path), read_image(t.image_path)) for t in templates]
+        coords = [partial(map_voxels, target_itk, self.transform(image.path, t.image_path), read_image(t.image_path)) for t in templates]
         label, confidence = propagate(banks, self._normalized(image), feats, coords)
         return Prediction(image=image, label=label, confidence=confidence)

@@ -89,6 +89,11 @@ class StageTwo:
         self.work = Path(work) if work else self.studies / ".semisam" / "stage2"
         self.progress = Progress(rounds=params.rounds)
 
+    @property
+    def device(self) -> str:
+        """Where the network trains and predicts: the stage-one cache's device (``--conf device``)."""
+        return self.stage_one.cache.device
+
     # ----------------------------------------------------------------- state
     def state(self) -> dict:
         path = self.work / "state.json"
@@ -153,7 +158,8 @@ class StageTwo:
             predicted, uncertainty = {}, {}
             w = 1 / (round_ + 1)  # the mean of stage one and rounds 1..round_
             for i, img in tqdm(images.items(), desc=f"round {round_}: predict", disable=not progress, leave=False):
-                prob, _ = predict_with_uncertainty(net, normalize(img.array, self.stage_one.cache.modality), self.params.train.patch, self.params.mc_samples)
+                prob, _ = predict_with_uncertainty(net, normalize(img.array, self.stage_one.cache.modality), self.params.train.patch, self.params.mc_samples,
+                                                  device=self.device)
                 prob = w * prob + (1 - w) * np.load(self.probs_path(round_ - 1, i)).astype(np.float32)
                 predicted[i], uncertainty[i] = prob.argmax(0).astype(np.uint8), entropy(prob)
                 self._save_probs(prob, round_, i)
@@ -230,7 +236,7 @@ class StageTwo:
             if it % 25 == 0 or it == self.params.train.iterations:
                 notify(self.progress)
 
-        net = train_network(xs, ys, n_classes, self.params.train, on_iteration)
+        net = train_network(xs, ys, n_classes, self.params.train, on_iteration, device=self.device)
         bar.close()
         return net
 
@@ -239,10 +245,10 @@ class StageTwo:
             return predicted, {"uncertain_voxels": 0, "changed_per_class": {}}
         cache = self.stage_one.cache
         where = (lambda i: positions[i]) if positions else (lambda i: None)
-        cases = [RefineCase(np.asarray(cache.get_or_compute(img), np.float32), lab, np.zeros(lab.shape, np.float32), True, where(t.image_id))
+        cases = [RefineCase(cache.get_or_compute(img), lab, np.zeros(lab.shape, np.float32), True, where(t.image_id))
                  for (img, t), lab in zip(finals, final_labels)]
         ids = list(images)
-        cases += [RefineCase(np.asarray(cache.get_or_compute(images[i]), np.float32), predicted[i].astype(np.int64), uncertainty[i], position=where(i))
+        cases += [RefineCase(cache.get_or_compute(images[i]), predicted[i].astype(np.int64), uncertainty[i], position=where(i))
                   for i in ids]
         if self.params.refinement == "voxel":
             result = refine_voxels(cases, self.params.refine)
@@ -262,7 +268,8 @@ class StageTwo:
 
     def predict(self, net: torch.nn.Module, image: Volume) -> tuple[np.ndarray, np.ndarray]:
         """``net`` on one image (flip TTA, no MC dropout): label ``(D, H, W)`` uint8 and entropy ``(D, H, W)`` nats."""
-        prob, ent = predict_with_uncertainty(net, normalize(image.array, self.stage_one.cache.modality), self.params.train.patch, mc_samples=0)
+        prob, ent = predict_with_uncertainty(net, normalize(image.array, self.stage_one.cache.modality), self.params.train.patch, mc_samples=0,
+                                             device=self.device)
         return prob.argmax(0).astype(np.uint8), ent
 
     def published_round(self) -> Path | None:

@@ -1,0 +1,173 @@
+"""Scale benchmark: one real LA volume blown up to CT size, and stage two's memory as the pool grows.
+
+    python benchmarks/scale.py [--sizes 512x512x300 512x512x600] [--pools 10 19] [--device cpu]
+
+Steps, each in a fresh process so its peak RSS is its own (``ru_maxrss`` of that process):
+
+1. ``../shared/data/la`` volume 2 (``0RZDK210BSMWAA6467LU``) resampled (linear) to each size, same
+   physical extent; the LA template ``06SR5RBREL16DQ6M8LWS`` with its label is the datastore's
+   template. For each size: feature extraction (cache miss -> file), stage-one infer (template
+   registration on the plan's registration grid + propagation, features cached), and a network
+   predict (sliding window, flip TTA) -- seconds and peak RSS each, plus cache bytes per voxel.
+2. One stage-two round (``--iterations`` training steps, predict, refine) with a pool of each
+   ``--pools`` size of LA volumes: its peak RSS, and the ratio largest / smallest pool.
+
+Writes ``benchmarks/results/scale.json`` (``scale_gpu.json`` with ``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from common import RESULTS, machine, peak_rss_bytes
+
+from semisam_o1 import PROJECT_ROOT
+
+LA = PROJECT_ROOT.parent / "shared" / "data" / "la"
+TEMPLATE = "06SR5RBREL16DQ6M8LWS"
+TARGET = "0RZDK210BSMWAA6467LU"
+WORK = PROJECT_ROOT / "benchmarks" / "out" / "scale"
+
+
+def la_ids() -> list[str]:
+    return sorted(p.name[: -len(".nii.gz")] for p in (LA / "images").glob("*.nii.gz"))
+
+
+def resampled(size: tuple[int, int, int], out: Path) -> Path:
+    """The LA target resampled to ``size`` voxels over the same physical extent (written once)."""
+    import SimpleITK as sitk
+
+    if out.exists():
+        return out
+    image = sitk.ReadImage(str(LA / "images" / f"{TARGET}.nii.gz"), sitk.sitkFloat32)
+    spacing = [sp * n / m for sp, n, m in zip(image.GetSpacing(), image.GetSize(), size)]
+    big = sitk.Resample(image, list(size), sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing, image.GetDirection(), 0.0, sitk.sitkFloat32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(big, str(out))
+    return out
+
+
+def datastore(root: Path, images: list[Path]) -> Path:
+    """``root`` with the LA template (and its label as ``final``) and ``images``."""
+    (root / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    shutil.copy(LA / "images" / f"{TEMPLATE}.nii.gz", root)
+    shutil.copy(LA / "labels" / f"{TEMPLATE}.nii.gz", root / "labels" / "final")
+    for image in images:
+        if not (root / image.name).exists():
+            shutil.copy(image, root / image.name)
+    return root
+
+
+def run_step(*args: str) -> dict:
+    """One measured step in a fresh process; its JSON line back."""
+    cmd = [sys.executable, __file__, "--step", *args]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ steps (child processes)
+def step(name: str, studies: Path, image: str, device: str, extra: str) -> dict:
+    from semisam_o1.config import AppConfig
+    from semisam_o1.pipeline import build_stage_one
+    from semisam_o1.templates import Template
+    from semisam_o1.volumes import load_image
+
+    config = AppConfig.from_conf({"labels": "atrium=1", "device": device})
+    stage_one = build_stage_one(studies, config)
+    start = time.perf_counter()
+    result: dict = {}
+    if name == "extract":
+        img = load_image(studies / image)
+        stage_one.cache.get_or_compute(img)
+        result["cache_bytes_per_voxel"] = stage_one.cache.path(img.path).stat().st_size / img.array.size
+        result["stride"] = list(stage_one.cache.stride(img))
+    elif name == "stage1":
+        template = Template(TEMPLATE, studies / f"{TEMPLATE}.nii.gz", studies / "labels" / "final" / f"{TEMPLATE}.nii.gz")
+        prediction = stage_one.predict(studies / image, [template])
+        result["foreground_voxels"] = int((prediction.label > 0).sum())
+    elif name == "predict":
+        from semisam_o1.normalize import normalize
+        from semisam_o1.segmenter import TrainParams, predict_with_uncertainty, train_network
+        from semisam_o1.volumes import load_label
+
+        tpl = load_image(studies / f"{TEMPLATE}.nii.gz")
+        params = TrainParams(iterations=10)
+        net = train_network([normalize(tpl.array)], [load_label(studies / "labels" / "final" / f"{TEMPLATE}.nii.gz", tpl)], 2, params, device=stage_one.cache.device)
+        img = load_image(studies / image)
+        start = time.perf_counter()
+        predict_with_uncertainty(net, normalize(img.array), params.patch, mc_samples=0, device=stage_one.cache.device)
+    elif name == "round":
+        from semisam_o1.stage_two import StageTwo, StageTwoParams
+        from semisam_o1.segmenter import TrainParams
+        from semisam_o1.templates import find_templates
+        from semisam_o1.pipeline import open_datastore
+
+        pool_ids = extra.split(",")
+        templates = find_templates(open_datastore(studies))
+        work = studies / ".semisam" / f"stage2-pool{len(pool_ids)}"
+        shutil.rmtree(work, ignore_errors=True)
+        stage_two = StageTwo(studies, stage_one, StageTwoParams(rounds=1, train=TrainParams(iterations=int(image))), work=work)
+        # stage one's labels of the pool are cached by an earlier unmeasured call; this one measures the round
+        stage_two.run(templates, {i: studies / f"{i}.nii.gz" for i in pool_ids})
+    result.update(seconds=round(time.perf_counter() - start, 2), peak_rss_bytes=peak_rss_bytes())
+    return result
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--step", nargs=5, metavar=("NAME", "STUDIES", "IMAGE", "DEVICE", "EXTRA"))
+    p.add_argument("--sizes", nargs="*", default=["512x512x300", "512x512x600"])
+    p.add_argument("--pools", nargs="*", type=int, default=[10, 19])
+    p.add_argument("--iterations", type=int, default=100, help="training steps of the measured stage-two round")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.step:
+        name, studies, image, device, extra = args.step
+        print(json.dumps(step(name, Path(studies), image, device, extra)))
+        return 0
+
+    result: dict = {"device": args.device}
+    for text in args.sizes:
+        size = tuple(int(v) for v in text.split("x"))
+        studies = datastore(WORK / f"ct{text}", [resampled(size, WORK / "volumes" / f"la_{text}.nii.gz")])
+        image = f"la_{text}.nii.gz"
+        for name in ("extract", "stage1", "predict"):
+            r = run_step(name, str(studies), image, args.device, "-")
+            result[f"{name}_{text}"] = r
+            print(f"{text} {name}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+        result[f"peak_rss_bytes_{text}"] = max(result[f"{n}_{text}"]["peak_rss_bytes"] for n in ("extract", "stage1", "predict"))
+        result[f"seconds_{text}"] = round(sum(result[f"{n}_{text}"]["seconds"] for n in ("extract", "stage1", "predict")), 1)
+
+    pool_all = [i for i in la_ids() if i != TEMPLATE]
+    studies = datastore(WORK / "pool", [LA / "images" / f"{i}.nii.gz" for i in pool_all])
+    for n in args.pools:  # unmeasured: features, registrations and stage-one labels of the pool, cached
+        run_step("round", str(studies), "1", args.device, ",".join(pool_all[:n]))
+    rounds = {}
+    for n in args.pools:
+        r = run_step("round", str(studies), str(args.iterations), args.device, ",".join(pool_all[:n]))
+        rounds[n] = r
+        print(f"stage-two round, pool {n}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    result["stage_two_round"] = {str(k): v for k, v in rounds.items()}
+    lo, hi = min(args.pools), max(args.pools)
+    result["round_peak_rss_ratio_20_over_10"] = round(rounds[hi]["peak_rss_bytes"] / rounds[lo]["peak_rss_bytes"], 3)
+    result["round_pools"] = [lo, hi]
+    result["machine"] = machine()
+    out = args.out or RESULTS / ("scale_gpu.json" if args.device.startswith("cuda") else "scale.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"round peak RSS ratio {hi}/{lo}: {result['round_peak_rss_ratio_20_over_10']}")
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The working plan of a datastore: the device, the encoder's slice size and the feature grid.
+
+Like nnU-Net's plans, it is data chosen once from the datastore's images, written to
+``<studies>/.semisam/plan.json`` and read back, so every process (the server, its background jobs,
+the command line) encodes every image the same way::
+
+    {"encoder_image_size": 64, "feature_stride": 2, "registration_voxels": 1000000,
+     "planned_from": {"images": 20, "median_shape": [183, 140, 88], "median_spacing": [0.625, ...]}}
+
+- ``encoder_image_size`` (px, multiple of 32): each 2D slice is resized to this square before the
+  encoder. Planned as the median volume's largest slice edge rounded up to 32, clamped to
+  [64, 256] (256 = LiteMedSAM's native input) on a GPU; on CPU 64 (LiteMedSAM: ~0.1 s per 64 px
+  slice on 2 cores, ~2.6 s at 256 px).
+- ``feature_stride`` (voxels): features are stored for every ``stride``-th voxel along each axis
+  and interpolated (trilinear) on lookup; an axis whose spacing is more than twice the finest
+  (thick slices) keeps stride 1 (:meth:`Plan.stride`). Stride 2 with 32 float16 dims = 8 bytes per
+  image voxel.
+- ``registration_voxels``: template-to-target registration runs on both images resampled to at most
+  this many voxels (larger scans are shrunk isotropically in index space; smaller are untouched).
+
+Labels, confidence and uncertainty always come back on each image's own grid: the plan changes
+only how features are sampled and where registration is computed. The plan is part of the feature
+cache's settings id (:attr:`Plan.id`). Explicit ``--conf`` values override the planned ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from semisam_o1.volumes import atomic_write
+
+PLAN_FILE = Path(".semisam") / "plan.json"
+#: LiteMedSAM's native input size (its training resolution).
+NATIVE_IMAGE_SIZE = 256
+#: Slice size on CPU: the encoder's cost grows ~quadratically with it (0.1 s per slice at 64 px).
+CPU_IMAGE_SIZE = 64
+
+
+class DeviceError(ValueError):
+    """``--conf device`` asks for a device this machine does not have."""
+
+
+def resolve_device(name: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` are checked.
+
+    Raises:
+        DeviceError: naming the option, for CUDA without a usable GPU or an unknown name.
+    """
+    import torch
+
+    name = str(name).strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--conf device {name}: CUDA is not available on this machine (use cpu or auto)")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"--conf device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+        return name
+    raise DeviceError(f"--conf device {name}: not one of auto, cpu, cuda, cuda:N")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a datastore's volumes are encoded and registered (see the module docstring)."""
+
+    encoder_image_size: int = CPU_IMAGE_SIZE
+    feature_stride: int = 2
+    registration_voxels: int = 1_000_000
+    planned_from: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def id(self) -> str:
+        """What changes stored features: ``g2`` (the feature stride rule)."""
+        return f"g{self.feature_stride}"
+
+    def stride(self, spacing: Iterable[float]) -> tuple[int, int, int]:
+        """Feature stride per axis for an image of voxel ``spacing`` (mm): thick-slice axes keep 1.
+
+        >>> Plan(feature_stride=2).stride((1.25, 1.25, 7.7))
+        (2, 2, 1)
+        """
+        spacing = [float(s) for s in spacing]
+        finest = min(spacing)
+        return tuple(self.feature_stride if s <= 2 * finest else 1 for s in spacing)
+
+    def registration_shrink(self, shape: Iterable[int]) -> int:
+        """Integer shrink factor (per axis) that brings a volume of ``shape`` under ``registration_voxels``."""
+        n = int(np.prod(list(shape)))
+        return max(1, math.ceil((n / self.registration_voxels) ** (1 / 3))) if n > self.registration_voxels else 1
+
+    def save(self, studies: Path) -> Path:
+        return atomic_write(Path(studies) / PLAN_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=2)))
+
+    @classmethod
+    def load(cls, studies: Path) -> "Plan | None":
+        path = Path(studies) / PLAN_FILE
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return cls(**{k: data[k] for k in ("encoder_image_size", "feature_stride", "registration_voxels", "planned_from") if k in data})
+
+
+def image_geometries(paths: Iterable[Path]) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
+    """``(shape, spacing)`` of each NIfTI file from its header alone (no voxel data read); unreadable files are skipped."""
+    import nibabel as nib
+
+    out = []
+    for path in paths:
+        try:
+            header = nib.load(str(path)).header
+        except Exception:
+            continue
+        out.append((tuple(int(s) for s in header.get_data_shape()[:3]), tuple(float(z) for z in header.get_zooms()[:3])))
+    return out
+
+
+def make_plan(geometries: list[tuple[tuple[int, ...], tuple[float, ...]]], device: str = "cpu", feature_stride: int = 2) -> Plan:
+    """Plan from the datastore's image geometries (``[(shape, spacing), ...]``) for ``device``."""
+    if geometries:
+        shapes = np.array([g[0] for g in geometries])
+        spacings = np.array([g[1] for g in geometries])
+        median_shape = [int(v) for v in np.median(shapes, 0)]
+        median_spacing = [round(float(v), 4) for v in np.median(spacings, 0)]
+    else:
+        median_shape, median_spacing = [], []
+    size = CPU_IMAGE_SIZE
+    if device != "cpu" and median_shape:
+        size = int(min(NATIVE_IMAGE_SIZE, max(CPU_IMAGE_SIZE, 32 * math.ceil(max(median_shape) / 32))))
+    return Plan(
+        encoder_image_size=size,
+        feature_stride=feature_stride,
+        planned_from={"images": len(geometries), "median_shape": median_shape, "median_spacing": median_spacing, "device": device},
+    )
+
+
+def load_or_make_plan(studies: Path, image_paths: Iterable[Path], device: str, overrides: dict | None = None) -> Plan:
+    """The datastore's plan: read from ``plan.json``, else planned from ``image_paths`` and written.
+
+    ``overrides`` (explicit ``--conf`` values, e.g. ``{"encoder_image_size": 128}``) replace the planned
+    values; the file is rewritten when they change it.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    plan = Plan.load(studies)
+    if plan is None:
+        plan = make_plan(image_geometries(image_paths), device, overrides.get("feature_stride", 2))
+    merged = Plan(**{**asdict(plan), **overrides})
+    if merged != plan or not (Path(studies) / PLAN_FILE).exists():
+        merged.save(studies)
+    return merged
