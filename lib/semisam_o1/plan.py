@@ -15,8 +15,8 @@ the command line) encodes every image the same way::
   and interpolated (trilinear) on lookup; an axis whose spacing is more than twice the finest
   (thick slices) keeps stride 1 (:meth:`Plan.stride`). Stride 2 with 32 float16 dims = 8 bytes per
   image voxel.
-- ``registration_voxels``: template-to-target registration runs on both images resampled to at most
-  this many voxels (larger scans are shrunk isotropically in index space; smaller are untouched).
+- ``registration_voxels``: template-to-target registration runs on both images bin-shrunk to at most
+  this many voxels (finest axes first, towards one working spacing; smaller scans are untouched).
 
 Labels, confidence and uncertainty always come back on each image's own grid: the plan changes
 only how features are sampled and where registration is computed. The plan is part of the feature
@@ -93,10 +93,22 @@ class Plan:
         finest = min(spacing)
         return tuple(self.feature_stride if s <= 2 * finest else 1 for s in spacing)
 
-    def registration_shrink(self, shape: Iterable[int]) -> int:
-        """Integer shrink factor (per axis) that brings a volume of ``shape`` under ``registration_voxels``."""
-        n = int(np.prod(list(shape)))
-        return max(1, math.ceil((n / self.registration_voxels) ** (1 / 3))) if n > self.registration_voxels else 1
+    def registration_shrink(self, shape: Iterable[int], spacing: Iterable[float]) -> tuple[int, int, int]:
+        """Integer bin-shrink factors per axis that bring a volume under ``registration_voxels``.
+
+        The finest axes are shrunk first (towards one working spacing), so thick slices stay whole.
+
+        >>> Plan(registration_voxels=10_000).registration_shrink((34, 52, 11), (1.0, 1.0, 3.0))
+        (2, 2, 1)
+        """
+        shape, spacing = [int(n) for n in shape], [float(v) for v in spacing]
+        target = min(spacing)
+        while True:
+            factors = tuple(max(1, int(target / sp + 1e-6)) for sp in spacing)
+            if np.prod([-(-n // f) for n, f in zip(shape, factors)]) <= self.registration_voxels or min(
+                    -(-n // f) for n, f in zip(shape, factors)) <= 4:
+                return factors
+            target *= 1.1
 
     def save(self, studies: Path) -> Path:
         return atomic_write(Path(studies) / PLAN_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=2)))

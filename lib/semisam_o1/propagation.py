@@ -119,6 +119,8 @@ def _largest_cc(mask: np.ndarray) -> np.ndarray:
 
 #: Target voxels mapped per chunk when the search region is found (bounds temporary memory).
 SLAB_VOXELS = 1 << 21
+#: Searched voxels scored per chunk (a chunk holds ``(2r+1)^3`` x this many similarities).
+QUERY_CHUNK = 1 << 15
 
 def _slab_coords(coords, z0: int, z1: int) -> np.ndarray:
     """Template voxel index of target slabs ``z0:z1`` (axis 0): ``(z1 - z0, H, W, 3)``."""
@@ -229,18 +231,17 @@ def propagate(
     votes = torch.zeros((n_classes, n_box))
     searched = torch.zeros(n_box, dtype=torch.bool)
     for bank, (roi, base) in zip(banks, regions):
-        if len(roi) == 0:
-            continue
-        at = to_box(roi)
-        searched[at] = True
-        query = torch.from_numpy(_l2n(features.at_flat(roi)))
-        smax, sims, labels_of = _bank_votes(bank, query, base, r)
-        new_best = torch.maximum(best[at], smax)
-        scale = torch.exp((best[at] - new_best) / p.h).nan_to_num(0.0)
-        weight = torch.exp((sims - new_best) / p.h)
-        bank_votes = torch.stack([(weight * (labels_of == c)).sum(0) for c in range(n_classes)])
-        votes[:, at] = votes[:, at] * scale + bank_votes
-        best[at] = new_best
+        for s in range(0, len(roi), QUERY_CHUNK):  # (window x query) arrays stay ~100 MB whatever the region
+            at = to_box(roi[s : s + QUERY_CHUNK])
+            searched[at] = True
+            query = torch.from_numpy(_l2n(features.at_flat(roi[s : s + QUERY_CHUNK])))
+            smax, sims, labels_of = _bank_votes(bank, query, base[s : s + QUERY_CHUNK], r)
+            new_best = torch.maximum(best[at], smax)
+            scale = torch.exp((best[at] - new_best) / p.h).nan_to_num(0.0)
+            weight = torch.exp((sims - new_best) / p.h)
+            bank_votes = torch.stack([(weight * (labels_of == c)).sum(0) for c in range(n_classes)])
+            votes[:, at] = votes[:, at] * scale + bank_votes
+            best[at] = new_best
 
     votes = votes.numpy()
     total = votes.sum(0)

@@ -178,9 +178,9 @@ def map_voxels(fixed: sitk.Image, transform: sitk.Transform, moving: sitk.Image,
     return midx.astype(np.float32)
 
 
-def shrink(image: sitk.Image, factor: int) -> sitk.Image:
-    """``image`` averaged over ``factor``^3 voxel bins (same physical extent; ``factor`` 1: unchanged)."""
-    return image if factor <= 1 else sitk.BinShrink(image, [int(factor)] * 3)
+def shrink(image: sitk.Image, factors: tuple[int, int, int]) -> sitk.Image:
+    """``image`` averaged over bins of ``factors`` voxels per axis (same physical extent; all 1: unchanged)."""
+    return image if max(factors) <= 1 else sitk.BinShrink(image, [int(f) for f in factors])
 
 
 def warp_label(label: sitk.Image, fixed: sitk.Image, transform: sitk.Transform) -> np.ndarray:

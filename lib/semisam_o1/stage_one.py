@@ -30,11 +30,12 @@ from semisam_o1.volumes import InputError, Volume, atomic_write, class_volumes, 
 logger = logging.getLogger(__name__)
 
 
-def nib_shape(path: Path) -> tuple[int, ...]:
-    """An image file's voxel shape from its header."""
+def nib_geometry(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """An image file's voxel shape and spacing (mm) from its header."""
     import nibabel as nib
 
-    return tuple(int(n) for n in nib.load(str(path)).header.get_data_shape()[:3])
+    header = nib.load(str(path)).header
+    return tuple(int(n) for n in header.get_data_shape()[:3]), tuple(float(z) for z in header.get_zooms()[:3])
 
 
 #: ITK's HDF5 library is not thread-safe: transform files are read and written one at a time per
@@ -79,8 +80,8 @@ class StageOne:
         self._banks: dict[tuple, TemplateBank] = {}
 
     def registration_path(self, target: Path, template: Path) -> Path:
-        factors = [self.cache.plan.registration_shrink(nib_shape(p)) for p in (target, template)]
-        grid = "" if factors == [1, 1] else f"-shrink{factors[0]}x{factors[1]}"
+        factors = ["".join(map(str, self.cache.plan.registration_shrink(*nib_geometry(p)))) for p in (target, template)]
+        grid = "" if factors == ["111", "111"] else f"-shrink{factors[0]}-{factors[1]}"
         return self.studies / ".semisam" / "registration" / f"{sha256(target)[:20]}-{sha256(template)[:20]}-affine-demons{grid}.h5"
 
     def transform(self, target: Path, template: Path) -> sitk.Transform:
@@ -92,8 +93,8 @@ class StageOne:
             with _HDF5_LOCK:
                 return sitk.ReadTransform(str(path))
         fixed, moving = read_image(target), read_image(template)
-        fixed = shrink(fixed, self.cache.plan.registration_shrink(fixed.GetSize()))
-        moving = shrink(moving, self.cache.plan.registration_shrink(moving.GetSize()))
+        fixed = shrink(fixed, self.cache.plan.registration_shrink(fixed.GetSize(), fixed.GetSpacing()))
+        moving = shrink(moving, self.cache.plan.registration_shrink(moving.GetSize(), moving.GetSpacing()))
         transform = refine_register(fixed, moving, affine_register(fixed, moving), "demons")
         with _HDF5_LOCK:
             atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))

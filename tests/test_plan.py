@@ -1,0 +1,108 @@
+"""The working plan (written once, read back, overridden by explicit options), the device option, and
+labels that come back on the image's own grid whatever the feature stride and registration grid."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from semisam_o1.config import AppConfig, ConfError
+from semisam_o1.pipeline import build_stage_one, open_datastore
+from semisam_o1.plan import PLAN_FILE, Plan, make_plan, resolve_device
+from semisam_o1.templates import find_templates
+from semisam_o1.volumes import load_label, save_label
+
+FAST = {"labels": "anterior=1,posterior=2", "encoder_image_size": "32", "encoder_axes": "0,2", "feature_dims": "8"}
+
+
+def dice(a, b, value):
+    x, y = a == value, b == value
+    return 2 * (x & y).sum() / (x.sum() + y.sum())
+
+
+def test_plan_is_written_once_and_read_back(tiny_studies):
+    build_stage_one(tiny_studies, AppConfig.from_conf(FAST))
+    written = json.loads((tiny_studies / PLAN_FILE).read_text())
+    assert written["feature_stride"] == 2 and written["planned_from"]["images"] == 3
+    assert written["planned_from"]["median_shape"] == [35, 51, 35]
+    assert Plan.load(tiny_studies) == Plan(**{k: written[k] for k in ("encoder_image_size", "feature_stride", "registration_voxels")})
+    # an explicit option overrides the plan, rewrites it, and changes the cache folder (settings id)
+    other = build_stage_one(tiny_studies, AppConfig.from_conf({**FAST, "feature_stride": "1"}))
+    assert json.loads((tiny_studies / PLAN_FILE).read_text())["feature_stride"] == 1
+    assert other.cache.settings_id.endswith("-g1")
+
+
+def test_planned_slice_size_fits_the_slices_on_gpu_and_stays_small_on_cpu():
+    la = [((183, 140, 88), (0.625,) * 3)] * 3
+    assert make_plan(la, "cpu").encoder_image_size == 64
+    assert make_plan(la, "cuda").encoder_image_size == 192
+    assert make_plan([((512, 512, 300), (0.7, 0.7, 1.0))], "cuda").encoder_image_size == 256
+    assert make_plan([((35, 50, 35), (1.0,) * 3)], "cuda").encoder_image_size == 64
+
+
+def test_thick_slice_axes_keep_every_slice():
+    assert Plan(feature_stride=2).stride((1.0, 1.0, 1.0)) == (2, 2, 2)
+    assert Plan(feature_stride=2).stride((1.25, 1.25, 7.7)) == (2, 2, 1)
+    assert Plan(registration_voxels=1000).registration_shrink((50, 40, 30), (1, 1, 1)) == (5, 5, 5)  # 60 k -> 10 x 8 x 6
+    assert Plan(registration_voxels=10_000).registration_shrink((34, 52, 11), (1, 1, 3)) == (2, 2, 1)  # thick axis kept
+    assert Plan().registration_shrink((35, 51, 35), (1, 1, 1)) == (1, 1, 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_start_up_error_naming_the_option():
+    with pytest.raises(ConfError, match="--conf device: .*CUDA is not available"):
+        AppConfig.from_conf({"device": "cuda"})
+    with pytest.raises(ConfError, match="--conf device"):
+        AppConfig.from_conf({"device": "tpu"})
+
+
+def test_device_cpu_and_auto_run_the_same_job(tiny_studies):
+    """``device auto`` is CUDA where there is one, else the CPU: the same stage-one job works with both."""
+    templates = find_templates(open_datastore(tiny_studies))
+    labels = {}
+    for device in ("cpu", "auto"):
+        stage_one = build_stage_one(tiny_studies, AppConfig.from_conf({**FAST, "device": device}))
+        assert stage_one.cache.device == resolve_device(device)
+        shutil.rmtree(stage_one.cache.root, ignore_errors=True)  # encode again on this device
+        labels[device] = stage_one.predict(tiny_studies / "hippocampus_003.nii.gz", templates).label
+    agree = (labels["cpu"] == labels["auto"]).mean()
+    assert agree == 1.0 if resolve_device("auto") == "cpu" else agree > 0.99
+
+
+def test_label_comes_back_on_the_images_own_grid(tmp_path, sample_source):
+    """An anisotropic, offset image (thick third axis: stride (2, 2, 1)), registered on a shrunk
+    grid: the label has the image's shape, spacing, origin and direction, and still finds the structure."""
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    shutil.copy(sample_source.images / "hippocampus_001.nii.gz", studies)
+    shutil.copy(sample_source.labels / "hippocampus_001.nii.gz", studies / "labels" / "final")
+    source = sitk.ReadImage(str(sample_source.images / "hippocampus_003.nii.gz"), sitk.sitkFloat32)
+    truth_src = sitk.ReadImage(str(sample_source.labels / "hippocampus_003.nii.gz"))
+    size = [source.GetSize()[0], source.GetSize()[1], source.GetSize()[2] // 3]
+    spacing = [1.0, 1.0, 3.0]
+    direction = source.GetDirection()
+    origin = tuple(o + 0.5 for o in source.GetOrigin())
+    thick = sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, origin, spacing, direction, 0.0, sitk.sitkFloat32)
+    truth = sitk.Resample(truth_src, size, sitk.Transform(), sitk.sitkNearestNeighbor, origin, spacing, direction, 0, sitk.sitkUInt8)
+    sitk.WriteImage(thick, str(studies / "thick.nii.gz"))
+    sitk.WriteImage(truth, str(tmp_path / "thick_truth.nii.gz"))
+
+    stage_one = build_stage_one(studies, AppConfig.from_conf(FAST))
+    stage_one.cache.plan = Plan(feature_stride=2, registration_voxels=10_000)  # force the shrunk registration grid
+    image_path = studies / "thick.nii.gz"
+    assert stage_one.cache.plan.registration_shrink(thick.GetSize(), thick.GetSpacing()) == (2, 2, 1)
+    assert "-shrink" in stage_one.registration_path(image_path, studies / "hippocampus_001.nii.gz").name
+    prediction = stage_one.predict(image_path, find_templates(open_datastore(studies)))
+    assert stage_one.cache.get(prediction.image).stride == (2, 2, 1)
+    out = save_label(prediction.label, prediction.image, tmp_path / "out.nii.gz")
+    got, ref = nib.load(str(out)), nib.load(str(image_path))
+    assert got.shape == ref.shape and np.allclose(got.affine, ref.affine)
+    got_itk = sitk.ReadImage(str(out))
+    assert got_itk.GetSpacing() == thick.GetSpacing() and got_itk.GetOrigin() == thick.GetOrigin()
+    assert got_itk.GetDirection() == thick.GetDirection()
+    reference = load_label(tmp_path / "thick_truth.nii.gz", prediction.image)
+    assert np.mean([dice(prediction.label, reference, v) for v in (1, 2)]) > 0.4
