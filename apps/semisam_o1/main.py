@@ -14,11 +14,12 @@ from semisam_o1.config import AppConfig
 from semisam_o1.dicom import dicomweb_datastore, work_dir
 from semisam_o1.pipeline import build_stage_one
 from semisam_o1.stage_two import StageTwo
-from semisam_o1.tasks import train_guard
+from semisam_o1.tasks import request_guard, train_guard
 from semisam_o1.tasks.feature_extraction import FeatureExtraction
 from semisam_o1.tasks.network_infer import NetworkInfer
 from semisam_o1.tasks.prototype_infer import PrototypeInfer
 from semisam_o1.tasks.pseudo_labels import PseudoLabelBatchInfer, refuse_final
+from semisam_o1.tasks.safe_datastore import SafeSessions
 from semisam_o1.tasks.self_training import SelfTraining
 from semisam_o1.tasks.strategies import Diverse, Uncertain, UncertainDiverse
 from semisam_o1.tasks.template_datastore import TemplateDatastore
@@ -45,6 +46,7 @@ class SemiSAMO1App(MONAILabelApp):
             version=semisam_o1.__version__,
         )
         train_guard.install({"semisam_o1"}, lambda: bool(find_templates(self.datastore())))
+        request_guard.install()
 
     def init_remote_datastore(self):
         """``--studies http(s)://...``: DICOMweb (e.g. Orthanc) with DICOM SEG by pydicom-seg, never dcmqi."""
@@ -53,6 +55,10 @@ class SemiSAMO1App(MONAILabelApp):
     def current_labels(self) -> dict[str, int]:
         """Label map from the datastore's templates and ``--conf labels`` (re-read as templates change)."""
         return label_map(find_templates(self.datastore()), self.config.labels)
+
+    def _load_sessions(self, load=False):
+        """MONAI Label's upload sessions, with checked session ids and safe unpacking."""
+        return SafeSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY) if load else None
 
     def init_infers(self):
         return {
