@@ -107,6 +107,10 @@ def attacks(image: bytes, label: bytes, outside: Path):
             yield "POST", f"/infer/semisam_prototype?image={POOL}&output=json", None, {"params": json.dumps({"image": value})}
             yield "POST", f"/infer/semisam_prototype?session_id={v}&output=json", None, None
             yield "POST", f"/infer/semisam_prototype?image={POOL}&output=json", None, {"params": json.dumps({"result_extension": f".nii/{value}"})}
+            yield "POST", f"/infer/{v}?image={POOL}&output=json", None, None
+            yield "POST", f"/activelearning/{v}", None, None
+            yield "POST", f"/scoring/{v}", None, None
+            yield "POST", f"/train/{v}", None, None
             yield "GET", f"/session/{v}", None, None
             yield "DELETE", f"/session/{v}", None, None
             if value != ".x":  # a dotted name under /ohif/ is a client-side route: index.html

@@ -14,7 +14,7 @@ from semisam_o1.config import AppConfig
 from semisam_o1.dicom import dicomweb_datastore, work_dir
 from semisam_o1.pipeline import build_stage_one
 from semisam_o1.stage_two import StageTwo
-from semisam_o1.tasks import request_guard, train_guard
+from semisam_o1.tasks import request_guard
 from semisam_o1.tasks.feature_extraction import FeatureExtraction
 from semisam_o1.tasks.network_infer import NetworkInfer
 from semisam_o1.tasks.prototype_infer import PrototypeInfer
@@ -45,8 +45,7 @@ class SemiSAMO1App(MONAILabelApp):
             "(foundation-feature propagation + self-training with feature-space refinement)",
             version=semisam_o1.__version__,
         )
-        train_guard.install({"semisam_o1"}, lambda: bool(find_templates(self.datastore())))
-        request_guard.install()
+        request_guard.install(self, {"semisam_o1"}, lambda: bool(find_templates(self.datastore())))
 
     def init_remote_datastore(self):
         """``--studies http(s)://...``: DICOMweb (e.g. Orthanc) with DICOM SEG by pydicom-seg, never dcmqi."""
