@@ -1,6 +1,7 @@
 """MONAI Label app for SemiSAM-O1: wires the tasks of the ``semisam_o1`` library, nothing more."""
 
 import logging
+import os
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -62,7 +63,7 @@ class SemiSAMO1App(MONAILabelApp):
     def init_infers(self):
         return {
             "semisam_prototype": PrototypeInfer(self.stage_one, self.datastore, self.current_labels),
-            "semisam_o1": NetworkInfer(self.stage_two, self.current_labels),
+            "semisam_o1": NetworkInfer(self.stage_two, self.current_labels, self.datastore),
         }
 
     def init_trainers(self):
@@ -103,7 +104,12 @@ class SemiSAMO1App(MONAILabelApp):
         return {"template": image_id, "templates": len(find_templates(self.datastore())), "pseudo_label_refresh": "started"}
 
     def infer(self, request, datastore=None):
+        """MONAI Label's infer; a datastore image's id also reaches the task as ``image_id`` (MONAI Label
+        replaces ``image`` by the file's path)."""
         refuse_final(request.get("label_tag"))
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):  # MONAI Label's own test for "an id, not a file"
+            request = {**request, "image_id": image}
         return super().infer(request, datastore)
 
     def info(self):
