@@ -182,3 +182,20 @@ def test_uncertainty_map_is_kept_in_the_datastore_not_answered_as_a_server_path(
     assert entropy.get_data_dtype() == np.float32 and entropy.shape == image.shape
     np.testing.assert_array_equal(entropy.affine, image.affine)
     assert entropy.get_fdata().min() >= 0
+
+
+def test_prediction_leaves_the_global_rng_and_the_shared_model_alone():
+    """Requests share one model: a prediction must not reseed torch's RNG nor flip the model's dropout."""
+    small = TrainParams(channels=(4, 8), dropout=0.3)
+    image = np.random.default_rng(0).random((20, 18, 16)).astype(np.float32)
+    for mode in ("eval", "train"):
+        net = build_network(3, small).train(mode == "train")
+        modes = [m.training for m in net.modules()]
+        torch.manual_seed(1234)
+        rng = torch.get_rng_state()
+        mc = [predict_with_uncertainty(net, image, (16, 16, 16), mc_samples=2)[0] for _ in range(2)]
+        deterministic = predict_with_uncertainty(net, image, (16, 16, 16), mc_samples=0)[0]
+        assert torch.equal(torch.get_rng_state(), rng), mode
+        assert [m.training for m in net.modules()] == modes, mode
+        np.testing.assert_array_equal(mc[0], mc[1])  # MC dropout stays reproducible
+        assert not np.allclose(mc[0], deterministic)  # ... and really drops out
