@@ -195,3 +195,29 @@ def test_batch_infer_takes_only_datastore_ids(tiny_studies):
     assert batch.get_images({"images": [POOL]}, datastore) == [POOL]
     with pytest.raises(InputError, match="'/etc/hostname'"):
         batch.get_images({"images": [POOL, "/etc/hostname"]}, datastore)
+
+
+def test_session_archive_members_stay_in_their_folder(served):
+    """``PUT /session/?uncompress=true``: a tar member never lands outside the session's folder.
+
+    An absolute member name is made relative (it lands inside); a '..' one is refused with 422.
+    """
+    import io
+    import tarfile
+
+    server, root, *_ = served
+    send = Raw(server.port)
+    target = root / "from_session.txt"
+    for member in (str(target), "../../../../../../../../" + str(target).lstrip("/")):
+        data = io.BytesIO()
+        with tarfile.open(fileobj=data, mode="w") as tar:
+            info = tarfile.TarInfo(member)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+        status, body = send("PUT", "/session/?uncompress=true", {"files": ("study.tar", data.getvalue(), "application/x-tar")})
+        assert not target.exists()
+        if member.startswith("/"):
+            assert status == 200, body
+            assert send("DELETE", f"/session/{json.loads(body)['session_id']}")[0] == 200
+        else:
+            assert status == 422 and "cannot be unpacked safely" in body, body
