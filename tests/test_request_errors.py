@@ -65,3 +65,8 @@ def test_bad_training_option_is_422_before_the_job_starts(client, options, probl
 def test_training_options_parse_like_conf():
     assert SelfTraining.options(None, {"iterations": 4, "rounds": "2", "refinement": "none", "gpus": "all"}) == {
         "iterations": 4, "rounds": 2, "refinement": "none"}
+
+
+def test_dicom_seg_output_without_dicomweb_is_422_before_inference(client):
+    res = client.post("/infer/semisam_prototype", params={"image": POOL, "output": "dicom_seg"})
+    assert res.status_code == 422 and "only with a DICOMweb datastore" in res.json()["detail"]
