@@ -56,3 +56,21 @@ def test_label_without_names_gets_generic_name(datastore):
     app = app_instance(app_dir=str(APP_DIR), studies=str(datastore), conf={})
     assert app.info()["labels"] == {"label_1": 1, "label_2": 2}
     clear_cache()
+
+
+def test_nrrd_final_label_is_a_template_everywhere(tiny_studies, monkeypatch):
+    """A ``final`` label dropped into the datastore as NRRD (3D Slicer's format) names the labels and serves as template."""
+    import SimpleITK as sitk
+    from test_stage_two import FAST, make_client
+
+    final = tiny_studies / "labels" / "final" / "hippocampus_001.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(final)), str(final.with_name("hippocampus_001.nrrd")))
+    final.unlink()
+    with make_client(tiny_studies, monkeypatch, {k: v for k, v in FAST.items() if k != "labels"}) as client:
+        info = client.get("/info/")
+        assert info.status_code == 200, info.text
+        assert info.json()["labels"] == {"label_1": 1, "label_2": 2}  # read from the NRRD template itself
+        assert info.json()["semisam"]["templates"] == ["hippocampus_001"]
+        res = client.post("/infer/semisam_prototype", params={"image": "hippocampus_003", "output": "json"})
+        assert res.status_code == 200, res.text
+        assert res.json()["templates"] == ["hippocampus_001"] and res.json()["classes"]["label_2"]["voxels"] > 0

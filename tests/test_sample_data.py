@@ -54,3 +54,23 @@ def test_manifest_carries_licence_and_attribution():
     assert manifest["licence"].startswith("CC-BY-SA 4.0")
     assert "Decathlon" in manifest["attribution"]
     assert all(len(c["image_sha256"]) == 64 and len(c["label_sha256"]) == 64 for c in manifest["cases"])
+
+
+def test_failed_download_is_one_line_naming_the_url_and_how_to_provide_the_data(tmp_path, monkeypatch, capsys):
+    """No local copy and no network: ``main.py sample-data`` (hence ``make run``) ends in one clear line."""
+    import tempfile
+
+    from semisam_o1 import cli, sample_data
+    from semisam_o1.orthanc import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/Task04_Hippocampus.tar"  # nothing listens there
+    monkeypatch.setenv("SEMISAM_SAMPLE_URL", url)
+    monkeypatch.setattr(sample_data, "find_local_source", lambda *args: None)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+
+    assert cli.main(["sample-data", "--studies", str(tmp_path / "studies")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: the sample data could not be downloaded from {url} (")
+    assert "shared/data/hippocampus" in err and str(tmp_path / "tmp" / "semisam_o1_msd" / "Task04_Hippocampus.tar") in err

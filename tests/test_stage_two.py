@@ -150,3 +150,52 @@ def test_checkpoints_carry_their_architecture(tmp_path):
     torch.save({"n_classes": 3, "state_dict": old.state_dict()}, tmp_path / "old.pt")
     x = torch.rand(1, 1, 16, 16, 16)
     torch.testing.assert_close(load_network(tmp_path / "old.pt")(x), old.eval()(x))
+
+
+def test_uncertainty_map_is_kept_in_the_datastore_not_answered_as_a_server_path(tiny_studies, monkeypatch, tmp_path):
+    import tempfile
+
+    from monailabel.interfaces.utils.app import app_instance
+
+    scratch = tmp_path / "scratch"  # the server's temporary folder for this test
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with make_client(tiny_studies, monkeypatch, FAST) as client:
+        small = TrainParams(channels=(4, 8))  # any published network will do: the answer's form is under test
+        save_network(build_network(3, small), 3, app_instance().stage_two.model_path, small)
+        res = client.post("/infer/semisam_o1", params={"image": "hippocampus_003", "output": "json"}, data={"params": json.dumps({"uncertainty": True})})
+        assert res.status_code == 200, res.text
+
+        def strings(value):
+            if isinstance(value, dict):
+                return [s for v in value.values() for s in strings(v)]
+            return [s for v in value for s in strings(v)] if isinstance(value, list) else [value] if isinstance(value, str) else []
+
+        assert not [s for s in strings(res.json()) if s.startswith("/") or str(tmp_path) in s]
+        assert res.json()["uncertainty"]["map"] == {"label": "hippocampus_003", "tag": "uncertainty"}
+        assert list(scratch.iterdir()) == []  # result and map files gone once answered
+
+        kept = client.get("/datastore/label", params={"label": "hippocampus_003", "tag": "uncertainty"})
+        assert kept.status_code == 200
+    (tmp_path / "map.nii.gz").write_bytes(kept.content)
+    entropy, image = nib.load(str(tmp_path / "map.nii.gz")), nib.load(str(tiny_studies / "hippocampus_003.nii.gz"))
+    assert entropy.get_data_dtype() == np.float32 and entropy.shape == image.shape
+    np.testing.assert_array_equal(entropy.affine, image.affine)
+    assert entropy.get_fdata().min() >= 0
+
+
+def test_prediction_leaves_the_global_rng_and_the_shared_model_alone():
+    """Requests share one model: a prediction must not reseed torch's RNG nor flip the model's dropout."""
+    small = TrainParams(channels=(4, 8), dropout=0.3)
+    image = np.random.default_rng(0).random((20, 18, 16)).astype(np.float32)
+    for mode in ("eval", "train"):
+        net = build_network(3, small).train(mode == "train")
+        modes = [m.training for m in net.modules()]
+        torch.manual_seed(1234)
+        rng = torch.get_rng_state()
+        mc = [predict_with_uncertainty(net, image, (16, 16, 16), mc_samples=2)[0] for _ in range(2)]
+        deterministic = predict_with_uncertainty(net, image, (16, 16, 16), mc_samples=0)[0]
+        assert torch.equal(torch.get_rng_state(), rng), mode
+        assert [m.training for m in net.modules()] == modes, mode
+        np.testing.assert_array_equal(mc[0], mc[1])  # MC dropout stays reproducible
+        assert not np.allclose(mc[0], deterministic)  # ... and really drops out

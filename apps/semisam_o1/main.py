@@ -1,6 +1,7 @@
 """MONAI Label app for SemiSAM-O1: wires the tasks of the ``semisam_o1`` library, nothing more."""
 
 import logging
+import os
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -14,11 +15,12 @@ from semisam_o1.config import AppConfig
 from semisam_o1.dicom import dicomweb_datastore, work_dir
 from semisam_o1.pipeline import build_stage_one
 from semisam_o1.stage_two import StageTwo
-from semisam_o1.tasks import train_guard
+from semisam_o1.tasks import request_guard
 from semisam_o1.tasks.feature_extraction import FeatureExtraction
 from semisam_o1.tasks.network_infer import NetworkInfer
 from semisam_o1.tasks.prototype_infer import PrototypeInfer
 from semisam_o1.tasks.pseudo_labels import PseudoLabelBatchInfer, refuse_final
+from semisam_o1.tasks.safe_datastore import SafeSessions
 from semisam_o1.tasks.self_training import SelfTraining
 from semisam_o1.tasks.strategies import Diverse, Uncertain, UncertainDiverse
 from semisam_o1.tasks.template_datastore import TemplateDatastore
@@ -44,7 +46,7 @@ class SemiSAMO1App(MONAILabelApp):
             "(foundation-feature propagation + self-training with feature-space refinement)",
             version=semisam_o1.__version__,
         )
-        train_guard.install({"semisam_o1"}, lambda: bool(find_templates(self.datastore())))
+        request_guard.install(self, {"semisam_o1"}, lambda: bool(find_templates(self.datastore())))
 
     def init_remote_datastore(self):
         """``--studies http(s)://...``: DICOMweb (e.g. Orthanc) with DICOM SEG by pydicom-seg, never dcmqi."""
@@ -54,10 +56,14 @@ class SemiSAMO1App(MONAILabelApp):
         """Label map from the datastore's templates and ``--conf labels`` (re-read as templates change)."""
         return label_map(find_templates(self.datastore()), self.config.labels)
 
+    def _load_sessions(self, load=False):
+        """MONAI Label's upload sessions, with checked session ids and safe unpacking."""
+        return SafeSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY) if load else None
+
     def init_infers(self):
         return {
             "semisam_prototype": PrototypeInfer(self.stage_one, self.datastore, self.current_labels),
-            "semisam_o1": NetworkInfer(self.stage_two, self.current_labels),
+            "semisam_o1": NetworkInfer(self.stage_two, self.current_labels, self.datastore),
         }
 
     def init_trainers(self):
@@ -98,7 +104,12 @@ class SemiSAMO1App(MONAILabelApp):
         return {"template": image_id, "templates": len(find_templates(self.datastore())), "pseudo_label_refresh": "started"}
 
     def infer(self, request, datastore=None):
+        """MONAI Label's infer; a datastore image's id also reaches the task as ``image_id`` (MONAI Label
+        replaces ``image`` by the file's path)."""
         refuse_final(request.get("label_tag"))
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):  # MONAI Label's own test for "an id, not a file"
+            request = {**request, "image_id": image}
         return super().infer(request, datastore)
 
     def info(self):

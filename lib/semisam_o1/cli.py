@@ -32,7 +32,11 @@ def cmd_serve(args) -> int:
         studies = Path(studies)
         if studies.resolve() == SAMPLE_DATASTORE.resolve() and verify(studies):
             print("sample datastore incomplete; filling it first (python main.py sample-data)")
-            populate(studies)
+            try:
+                populate(studies)
+            except SampleDataError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
         if not studies.is_dir():
             print(f"error: studies folder {studies} does not exist", file=sys.stderr)
             return 2

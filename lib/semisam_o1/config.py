@@ -179,18 +179,30 @@ class AppConfig:
         Raises:
             ConfError: naming the key, for an unknown key or a value its parser rejects.
         """
-        by_name = {f.name: f for f in fields(cls)}
         values = {}
         for key, raw in (conf or {}).items():
             if key in MONAI_LABEL_KEYS:
                 continue
-            if key not in by_name:
-                raise ConfError(f"--conf {key}: unknown option; known options: {', '.join(sorted(by_name))}")
             try:
-                values[key] = by_name[key].metadata["parse"](raw)
+                values[key] = cls.parse_option(key, raw)
             except ConfError as e:
-                raise ConfError(f"--conf {key}: {e}") from None
+                raise ConfError(f"--conf {e}") from None
         return cls(**values)
+
+    @classmethod
+    def parse_option(cls, key: str, raw):
+        """One option's value, parsed as ``--conf`` parses it (also for request overrides, e.g. training).
+
+        Raises:
+            ConfError: ``"<key>: <problem>"``, for an unknown key or a value its parser rejects.
+        """
+        by_name = {f.name: f for f in fields(cls)}
+        if key not in by_name:
+            raise ConfError(f"{key}: unknown option; known options: {', '.join(sorted(by_name))}")
+        try:
+            return by_name[key].metadata["parse"](raw)
+        except ConfError as e:
+            raise ConfError(f"{key}: {e}") from None
 
 
 #: Keys MONAI Label itself puts into an app's conf.

@@ -14,6 +14,10 @@ library what it reads: real NIfTI files.
 - saving a ``final`` label writes a DICOM SEG (one segment per label value, named after the app's
   label map) and stores it on the server (STOW-RS).
 
+Ids are DICOM UIDs: every id is checked against the DICOM UID grammar, every tag and file name against
+:func:`~semisam_o1.safe_names.safe_name`, before it becomes a path in the cache folder
+(:class:`SafeDICOMwebSource`): a bad one is answered 422.
+
 Failures of the source become HTTP answers (they are :class:`fastapi.HTTPException`, which MONAI
 Label's endpoints pass through): unknown series UID -> 404 naming it; server unreachable -> 503;
 a series without pixel data (SR, KO, PR...) -> 422; the server refusing us -> 502.
@@ -39,6 +43,8 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import md5_digest
 from pydicom.dataset import Dataset
 
+from semisam_o1.safe_names import dicom_uid
+from semisam_o1.tasks.safe_datastore import NameChecks
 from semisam_o1.volumes import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -365,7 +371,13 @@ class DICOMwebSource(DICOMWebDatastore):
         return saved
 
 
-def dicomweb_datastore(url: str, label_names: Callable[[], dict[str, int]] = dict) -> DICOMwebSource:
+class SafeDICOMwebSource(NameChecks, DICOMwebSource):
+    """:class:`DICOMwebSource` whose ids must be DICOM UIDs and whose tags and file names must be safe names."""
+
+    check_id = staticmethod(dicom_uid)
+
+
+def dicomweb_datastore(url: str, label_names: Callable[[], dict[str, int]] = dict) -> SafeDICOMwebSource:
     """The datastore for ``--studies http(s)://...``; never downloads dcmqi (MONAI Label's default does).
 
     Credentials: ``MONAI_LABEL_DICOMWEB_USERNAME``/``PASSWORD`` (HTTP basic, as MONAI Label's proxy
@@ -385,4 +397,4 @@ def dicomweb_datastore(url: str, label_names: Callable[[], dict[str, int]] = dic
         wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
         stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
     )
-    return DICOMwebSource(client, dict(settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER), cache_root(url), label_names)
+    return SafeDICOMwebSource(client, dict(settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER), cache_root(url), label_names)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,23 +71,49 @@ def find_local_source(project_root: Path = PROJECT_ROOT) -> SourceDir | None:
     return None
 
 
+def msd_url() -> str:
+    """Where the tar is downloaded from: ``$SEMISAM_SAMPLE_URL`` (a mirror), else MONAI's ``DecathlonDataset`` URL."""
+    from monai.apps import DecathlonDataset
+
+    return os.environ.get("SEMISAM_SAMPLE_URL") or DecathlonDataset.resource[MSD_TASK]
+
+
 def download_msd(cache_dir: Path) -> SourceDir:
     """Download and extract the official ``Task04_Hippocampus.tar`` (md5-checked by MONAI).
 
-    Uses the URL and md5 that MONAI's own ``DecathlonDataset`` uses, so both stay in step.
+    Uses the URL (unless ``$SEMISAM_SAMPLE_URL`` names a mirror, see :func:`msd_url`) and md5 that
+    MONAI's own ``DecathlonDataset`` uses, so both stay in step.
+
+    Raises:
+        SampleDataError: one line saying the download failed, from which URL, and how to provide
+            the data instead (a local copy, or the tar downloaded by hand into ``cache_dir``).
     """
     from monai.apps import DecathlonDataset, download_and_extract
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     task_dir = cache_dir / MSD_TASK
     if not (task_dir / "imagesTr").is_dir():
-        download_and_extract(
-            url=DecathlonDataset.resource[MSD_TASK],
-            filepath=cache_dir / f"{MSD_TASK}.tar",
-            output_dir=cache_dir,
-            hash_val=DecathlonDataset.md5[MSD_TASK],
-            hash_type="md5",
-        )
+        url = msd_url()
+        try:
+            download_and_extract(
+                url=url,
+                filepath=cache_dir / f"{MSD_TASK}.tar",
+                output_dir=cache_dir,
+                hash_val=DecathlonDataset.md5[MSD_TASK],
+                hash_type="md5",
+                progress=sys.stderr.isatty(),
+            )
+        except Exception as e:
+            root = e
+            while (root.__cause__ or root.__context__) is not None:  # the innermost reason, e.g. ConnectionRefusedError
+                root = root.__cause__ or root.__context__
+            cause = " ".join(f"{type(root).__name__}: {root}".split())[:160]
+            local = PROJECT_ROOT.parent / "shared" / "data" / "hippocampus"
+            raise SampleDataError(
+                f"the sample data could not be downloaded from {url} ({cause}); provide it instead: "
+                f"a copy of MSD {MSD_TASK} with images/ and labels/ at {local} (or $SEMISAM_SAMPLE_SOURCE), "
+                f"or download that URL by hand to {cache_dir / f'{MSD_TASK}.tar'}, or set $SEMISAM_SAMPLE_URL to a mirror"
+            ) from None
     return SourceDir(task_dir / "imagesTr", task_dir / "labelsTr")
 
 
@@ -130,7 +157,8 @@ def populate(
         ``{"copied": n, "kept": n, "source": str}``.
 
     Raises:
-        SampleDataError: a source file is missing or its checksum differs from the manifest.
+        SampleDataError: a source file is missing or its checksum differs from the manifest, or
+            there is no local copy and the download failed.
     """
     if not (datastore / "manifest.json").exists():  # a new folder becomes a copy of the sample datastore
         datastore.mkdir(parents=True, exist_ok=True)

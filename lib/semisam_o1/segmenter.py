@@ -11,6 +11,7 @@ Volumes are ``(D, H, W)`` float32 in [0, 1] (already normalised); labels ``(D, H
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,25 +137,28 @@ def predict_with_uncertainty(net: UNet, image: np.ndarray, patch: Sequence[int],
                              device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Mean softmax (C, D, H, W) and its entropy (D, H, W) in nats, over flips x MC-dropout passes.
 
-    With ``mc_samples`` = 0 dropout stays off (deterministic, one pass per flip). Patches run on
+    With ``mc_samples`` = 0 dropout stays off (deterministic, one pass per flip). MC-dropout pass
+    ``s`` draws its masks from a local generator seeded with ``s`` (reproducible). Nothing outside
+    the call changes: not ``net`` (dropout is switched on a copy when needed, so concurrent requests
+    sharing one model never see each other's mode), not torch's global random state. Patches run on
     ``device``; the volume and the stitched output stay on the CPU (any volume size fits the GPU).
     """
     net = net.to(device)
     x = torch.as_tensor(image, dtype=torch.float32)[None, None]
     flip_sets = [(), (2,), (3,), (4,)] if flips else [()]
     passes = max(mc_samples, 1)
+    generator = torch.Generator(device=torch.device(device))
+    model = _with_dropout(net, generator if mc_samples > 0 else None)
     total = None
     for dims in flip_sets:
         for sample in range(passes):
-            _set_dropout(net, enabled=mc_samples > 0)
-            torch.manual_seed(sample)
+            generator.manual_seed(sample)
             xi = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(xi, roi_size=tuple(patch), sw_batch_size=4, predictor=net, overlap=0.25, mode="gaussian",
+            logits = sliding_window_inference(xi, roi_size=tuple(patch), sw_batch_size=4, predictor=model, overlap=0.25, mode="gaussian",
                                               sw_device=device, device="cpu")
             prob = torch.softmax(logits, 1)
             prob = torch.flip(prob, dims) if dims else prob
             total = prob if total is None else total + prob
-    _set_dropout(net, enabled=False)
     mean = (total / (len(flip_sets) * passes))[0].numpy()
     return mean, entropy(mean)
 
@@ -164,8 +168,41 @@ def entropy(prob: np.ndarray) -> np.ndarray:
     return -(prob * np.log(np.clip(prob, 1e-8, None))).sum(0).astype(np.float32)
 
 
-def _set_dropout(net: torch.nn.Module, enabled: bool) -> None:
-    """Dropout layers in train mode (MC dropout) or eval mode; everything else stays in eval."""
-    for module in net.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
-            module.train(enabled)
+class _SeededDropout(torch.nn.Module):
+    """Dropout active at inference, its masks drawn from ``generator`` (never torch's global RNG).
+
+    Element-wise like ``nn.Dropout``, or channel-wise like ``nn.Dropout1d/2d/3d``; scaled by 1 / (1 - p).
+    """
+
+    def __init__(self, p: float, channelwise: bool, generator: torch.Generator):
+        super().__init__()
+        self.p, self.channelwise, self.generator = p, channelwise, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0:
+            return x
+        shape = (*x.shape[:2], *(1,) * (x.ndim - 2)) if self.channelwise else x.shape
+        keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p, generator=self.generator)
+        return x * keep / (1 - self.p)
+
+
+def _with_dropout(net: torch.nn.Module, generator: torch.Generator | None) -> torch.nn.Module:
+    """``net`` with its dropout layers off (``generator`` None) or drawing from ``generator``.
+
+    ``net`` itself when its dropout layers are already off and none is wanted; otherwise a copy, so
+    the caller's model is never changed.
+    """
+    dropouts = [(name, m) for name, m in net.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    if generator is None and not any(m.training for _, m in dropouts):
+        return net
+    model = copy.deepcopy(net)
+    for name, module in dropouts:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if generator is None:
+            getattr(parent, attr).eval()
+        elif type(module) in (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d):
+            setattr(parent, attr, _SeededDropout(module.p, type(module) is not torch.nn.Dropout, generator))
+        else:
+            raise TypeError(f"MC dropout: {type(module).__name__} is not supported (use nn.Dropout or nn.Dropout1d/2d/3d)")
+    return model

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+
+from semisam_o1.volumes import label_array
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,11 @@ _values_cache: dict[tuple[str, int, int], tuple[int, ...]] = {}
 
 
 def label_values(path: Path) -> tuple[int, ...]:
-    """Sorted non-zero integer values of a label file (cached by path, size and mtime)."""
+    """Sorted non-zero integer values of a label file, NIfTI or NRRD (cached by path, size and mtime)."""
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _values_cache:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
-        _values_cache[key] = tuple(int(v) for v in np.unique(data) if v != 0)
+        _values_cache[key] = tuple(int(v) for v in np.unique(label_array(path)) if v != 0)
     return _values_cache[key]
 
 

@@ -83,6 +83,24 @@ def load_map(path: Path | str) -> np.ndarray:
     return _squeeze3d(Path(path), _load(Path(path)).get_fdata(dtype=np.float32))
 
 
+def label_array(path: Path | str) -> np.ndarray:
+    """A label file's values as stored, without checking them against an image (NIfTI or any format
+    SimpleITK reads, e.g. 3D Slicer's ``.nrrd``); for summaries such as the values present.
+
+    Raises:
+        InputError: the file cannot be read.
+    """
+    path = Path(path)
+    if path.name.endswith((".nii", ".nii.gz")):
+        return np.asanyarray(_load(path).dataobj)
+    import SimpleITK as sitk
+
+    try:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except RuntimeError as e:
+        raise InputError(f"{path}: not a readable label image ({str(e).strip().splitlines()[-1]})") from None
+
+
 def load_label(path: Path | str, image: Volume, allowed: set[int] | None = None, require_foreground: bool = True) -> np.ndarray:
     """Read a label map that belongs to ``image``; returns (D, H, W) int64.
 

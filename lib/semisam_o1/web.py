@@ -34,8 +34,14 @@ SERVER_COOKIE = "MONAILABEL_SERVER_URL"
 OHIF_API = "/ohif-api"
 
 
-def ohif_file(path: str) -> Path:
-    """The file of the OHIF bundle for a URL path below ``/ohif/``; ``index.html`` for anything else."""
+def ohif_file(path: str) -> Path | None:
+    """The file of the OHIF bundle for a URL path below ``/ohif/``; ``index.html`` for anything else.
+
+    ``None`` (answered 404) for a path no browser sends for a page or a bundle file: an absolute one,
+    or one holding a ``..`` segment, a backslash or a NUL byte.
+    """
+    if path.startswith("/") or "\x00" in path or "\\" in path or ".." in path.split("/"):
+        return None
     root = OHIF_DIR.resolve()
     candidate = (root / path).resolve() if path else root
     if candidate.is_file() and candidate.is_relative_to(root):
@@ -49,6 +55,8 @@ router = APIRouter()
 @router.get("/ohif/{path:path}", include_in_schema=False)
 async def ohif(path: str, request: Request, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
     file = ohif_file(path)
+    if file is None:
+        raise HTTPException(status_code=404, detail=f"{'/ohif/' + path!r}: not a page or file of OHIF")
     if not file.exists():
         raise HTTPException(status_code=404, detail=f"OHIF is not installed with MONAI Label ({OHIF_DIR})")
     response = FileResponse(file, media_type=get_mime_type(str(file)))

@@ -15,6 +15,11 @@ from semisam_o1.stage_one import NoTemplateError
 from semisam_o1.volumes import InputError
 
 
+def unknown(kind: str, plural: str, name: str, known) -> HTTPException:
+    """404 for a task name the app does not have, e.g. ``unknown model 'x'; known models: a, b``."""
+    return HTTPException(status_code=404, detail=f"unknown {kind} '{name}'; known {plural}: {', '.join(sorted(known)) or 'none'}")
+
+
 @contextmanager
 def client_errors():
     """``NoTemplateError`` -> 409 (the datastore is not ready), other ``InputError`` -> 422."""

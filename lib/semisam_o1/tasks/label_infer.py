@@ -7,6 +7,8 @@ from typing import Callable
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from semisam_o1.safe_names import safe_name
+
 
 class LabelInfer(InferTask):
     """A SEGMENTATION task (the type 3D Slicer lists) whose label names follow the datastore's templates."""
@@ -23,8 +25,18 @@ class LabelInfer(InferTask):
         return True
 
     @staticmethod
-    def result_path(request) -> str:
-        """A temporary file with the extension the client asked for (Slicer: ``.nrrd``; default ``.nii.gz``)."""
-        suffix = request.get("result_extension") or ".nii.gz"
+    def result_suffix(request) -> str:
+        """The result file's extension the client asked for (``result_extension``; default ``.nii.gz``).
+
+        Raises:
+            UnsafeNameError: the extension would not make a plain file name (e.g. holds a separator).
+        """
+        suffix = str(request.get("result_extension") or ".nii.gz")
         suffix = suffix if suffix.startswith(".") else f".{suffix}"
-        return tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
+        safe_name("result_extension", f"result{suffix}")
+        return suffix
+
+    @classmethod
+    def result_path(cls, request) -> str:
+        """A temporary file with the extension the client asked for (Slicer: ``.nrrd``), see :meth:`result_suffix`."""
+        return tempfile.NamedTemporaryFile(suffix=cls.result_suffix(request), delete=False).name

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from fastapi import HTTPException
+from monailabel.interfaces.datastore import Datastore
 
 from semisam_o1.active_learning import UNCERTAIN_ENTROPY
 from semisam_o1.stage_two import StageTwo
@@ -15,15 +18,24 @@ from semisam_o1.tasks.label_infer import LabelInfer
 from semisam_o1.volumes import class_volumes, load_image, save_label
 
 
+#: Datastore label tag of the entropy maps kept by ``uncertainty: true`` requests.
+UNCERTAINTY_TAG = "uncertainty"
+
+
 class NetworkInfer(LabelInfer):
     """Label file in the image's geometry + JSON: per-class volumes, mean entropy, uncertain fraction.
 
-    Request ``uncertainty: true`` also writes the entropy map next to the label (its path in the JSON).
+    Request ``uncertainty: true`` on a datastore image also keeps the entropy map (float32, nats, the
+    image's grid) in the datastore as that image's label with tag ``uncertainty``; the JSON names it
+    (``"map": {"label": <image id>, "tag": "uncertainty"}``, fetch with ``GET /datastore/label``),
+    ``null`` for an uploaded image. No server path is answered, and no temporary file is left behind.
+    The image id comes as ``image_id`` in the request (the app adds it; MONAI Label passes the path).
     """
 
-    def __init__(self, stage_two: StageTwo, labels: Callable[[], dict[str, int]]):
+    def __init__(self, stage_two: StageTwo, labels: Callable[[], dict[str, int]], datastore: Callable[[], Datastore]):
         super().__init__("SemiSAM-O1 stage two: 3D network self-trained from one template", labels)
         self.stage_two = stage_two
+        self._datastore = datastore
         self._model = None
         self._model_mtime = None
 
@@ -52,5 +64,13 @@ class NetworkInfer(LabelInfer):
             "latencies": {"total": round(time.perf_counter() - start, 3)},
         }
         if request.get("uncertainty"):
-            result["uncertainty"]["map"] = str(save_label(entropy, image, self.result_path(request), dtype=np.float32))
+            result["uncertainty"]["map"] = self._keep_map(request.get("image_id"), entropy, image)
         return out, result
+
+    def _keep_map(self, image_id: str | None, entropy: np.ndarray, image) -> dict | None:
+        if not image_id:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:  # the datastore copies it in under its own name
+            path = save_label(entropy, image, Path(tmp) / "entropy.nii.gz", dtype=np.float32)
+            self._datastore().save_label(image_id, str(path), UNCERTAINTY_TAG, {"model": "semisam_o1"})
+        return {"label": image_id, "tag": UNCERTAINTY_TAG}

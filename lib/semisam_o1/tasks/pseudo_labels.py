@@ -6,6 +6,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.batch_infer import BatchInferImageType, BatchInferTask
 
+from semisam_o1.volumes import InputError
+
 #: Tag of machine-made labels; ``final`` is reserved for clinicians.
 PSEUDO_TAG = "pseudo"
 
@@ -17,12 +19,23 @@ def refuse_final(tag: str | None) -> None:
 
 
 class PseudoLabelBatchInfer(BatchInferTask):
-    """``POST /batch/infer/<model>``: by default every image without a ``final`` label, tag ``pseudo``."""
+    """``POST /batch/infer/<model>``: by default every image without a ``final`` label, tag ``pseudo``.
+
+    A list in ``images`` must hold ids of the datastore's images (MONAI Label would read any server
+    path given there): otherwise the job fails naming them.
+    """
 
     def get_images(self, request, datastore: Datastore):
-        if request.get("images", BatchInferImageType.IMAGES_UNLABELED) == BatchInferImageType.IMAGES_UNLABELED:
+        images = request.get("images", BatchInferImageType.IMAGES_UNLABELED)
+        if images == BatchInferImageType.IMAGES_UNLABELED:
             return datastore.get_unlabeled_images(DefaultLabelTag.FINAL)
-        return super().get_images(request, datastore)
+        if isinstance(images, str):
+            return super().get_images(request, datastore)
+        known = set(datastore.list_images())
+        unknown = [i for i in images if not isinstance(i, str) or i not in known]
+        if unknown:
+            raise InputError(f"batch infer images not in the datastore: {', '.join(repr(i) for i in unknown[:10])}")
+        return images
 
     def __call__(self, request, datastore: Datastore, infer):
         request = {"images": BatchInferImageType.IMAGES_UNLABELED, "label_tag": PSEUDO_TAG, "max_workers": 1, **request}

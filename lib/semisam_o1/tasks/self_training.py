@@ -15,12 +15,16 @@ import logging
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
+from semisam_o1.config import AppConfig
 from semisam_o1.stage_two import Progress, StageTwo
 from semisam_o1.tasks.errors import client_errors
 from semisam_o1.tasks.pseudo_labels import PSEUDO_TAG
 from semisam_o1.templates import find_templates
 
 logger = logging.getLogger(__name__)
+
+#: Request keys that override ``--conf`` for one training run.
+OPTIONS = ("rounds", "iterations", "refinement")
 
 
 class SelfTraining(TrainTask):
@@ -36,10 +40,22 @@ class SelfTraining(TrainTask):
         state = self.stage_two.state()
         return {"rounds_done": len(state["rounds"]), "rounds": state["rounds"], "model": str(self.stage_two.model_path) if state["rounds"] else None}
 
+    def options(self, request) -> dict:
+        """The request's overrides (:data:`OPTIONS` keys present), parsed as their ``--conf`` options.
+
+        The server calls this before it queues the job (:mod:`~semisam_o1.tasks.request_guard`), so a
+        bad value is a 422 answer, never a failed job.
+
+        Raises:
+            ConfError: naming the key and the problem.
+        """
+        return {key: AppConfig.parse_option(key, request[key]) for key in OPTIONS if key in request}
+
     def _with_request(self, request) -> StageTwo:
         p = self.stage_two.params
-        train = dataclasses.replace(p.train, iterations=int(request.get("iterations", p.train.iterations)))
-        params = dataclasses.replace(p, rounds=int(request.get("rounds", p.rounds)), train=train, refinement=request.get("refinement", p.refinement))
+        o = self.options(request)
+        train = dataclasses.replace(p.train, iterations=o.get("iterations", p.train.iterations))
+        params = dataclasses.replace(p, rounds=o.get("rounds", p.rounds), train=train, refinement=o.get("refinement", p.refinement))
         return StageTwo(self.stage_two.studies, self.stage_two.stage_one, params)
 
     def __call__(self, request, datastore: Datastore):

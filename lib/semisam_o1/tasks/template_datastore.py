@@ -6,10 +6,15 @@ values in the label map, not empty) BEFORE anything is written: a bad label is r
 naming the problem and the label that was there stays untouched. Accepted labels are stored as
 NIfTI with the image's exact header, whatever format the client sent (Slicer sends NRRD), so every
 later reader sees the image's voxel grid.
+
+Every id, tag and file name is checked first (:class:`~semisam_o1.tasks.safe_datastore.NameChecks`):
+nothing is read, written or deleted outside the datastore folder. Images whose file names are not
+valid ids (e.g. with spaces) cannot be used; the server names them in a warning at start-up.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -18,14 +23,18 @@ from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from semisam_o1.safe_names import RULE, is_safe_name
 from semisam_o1.tasks.errors import client_errors
+from semisam_o1.tasks.safe_datastore import NameChecks
 from semisam_o1.volumes import InputError, load_image, load_label, save_label
+
+logger = logging.getLogger(__name__)
 
 #: Label values are stored as uint8.
 MAX_LABEL_VALUE = 255
 
 
-class TemplateDatastore(LocalDatastore):
+class FinalLabelChecks(LocalDatastore):
     """``LocalDatastore(studies, ...)`` plus ``label_values()``: the allowed values (``None``: any up to 255)."""
 
     def __init__(self, *args, label_values: Callable[[], set[int] | None], **kwargs):
@@ -47,3 +56,14 @@ class TemplateDatastore(LocalDatastore):
                 raise InputError(str(e).replace(str(label_filename), f"label for image '{image_id}'")) from None
             checked = save_label(label, image, Path(tmp) / f"{image_id}.nii.gz")
             return super().save_label(image_id, str(checked), label_tag, label_info)
+
+
+class TemplateDatastore(NameChecks, FinalLabelChecks):
+    """The app's local datastore: names checked first, then ``final`` labels checked before they are kept."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        unusable = sorted(i for i in self.list_images() if not is_safe_name(i))
+        if unusable:
+            logger.warning(f"{len(unusable)} image(s) cannot be served, their ids are not valid names ({RULE}); "
+                           f"rename the files: {', '.join(repr(i) for i in unusable[:10])}")

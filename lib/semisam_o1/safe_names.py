@@ -1,0 +1,61 @@
+"""The one rule for names a client sends that become file or folder names.
+
+Image ids, label ids, label tags, session ids and the names of uploaded files end up as paths
+(``<studies>/<id>.nii.gz``, ``<studies>/labels/<tag>/<id>.nii.gz``). :func:`safe_name` accepts only
+
+- 1 to :data:`MAX_NAME` characters from ``A-Z a-z 0-9 . _ -``,
+- not starting with ``.`` (no ``.``, ``..``, hidden files) and without ``..`` anywhere,
+
+so a name can never hold a separator (``/``, ``\\``), a NUL byte, an absolute path or a parent
+reference, whatever the client encoded. DICOM series UIDs (the ids of a DICOMweb datastore) must
+also follow the DICOM UID grammar (:func:`dicom_uid`). Both raise :class:`UnsafeNameError`, an
+:class:`~semisam_o1.volumes.InputError` whose message names the parameter and shows the value.
+"""
+
+from __future__ import annotations
+
+import re
+
+from semisam_o1.volumes import InputError
+
+#: Longest accepted name (ids and tags; file names are the id plus its extension).
+MAX_NAME = 128
+#: Longest DICOM UID (PS3.5 section 9.1).
+MAX_UID = 64
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # leading zeros tolerated: some archives write them
+RULE = f"1-{MAX_NAME} letters, digits, '.', '_' or '-', not starting with '.' and without '..'"
+
+
+class UnsafeNameError(InputError):
+    """A client's name that must not become a file or folder name."""
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def is_safe_name(value) -> bool:
+    """Whether :func:`safe_name` accepts ``value``."""
+    return isinstance(value, str) and len(value) <= MAX_NAME and bool(_NAME.fullmatch(value)) and ".." not in value
+
+
+def safe_name(kind: str, value) -> str:
+    """``value`` unchanged if it may become a file or folder name, else :class:`UnsafeNameError`.
+
+    Args:
+        kind: what the value is, as the client knows it (e.g. ``"image id"``, ``"label tag"``): the
+            error message starts with it.
+    """
+    if not is_safe_name(value):
+        raise UnsafeNameError(f"{kind} {_shown(value)} is not allowed: use {RULE}")
+    return value
+
+
+def dicom_uid(kind: str, value) -> str:
+    """``value`` unchanged if it is a DICOM UID (dot-separated runs of digits, at most 64 characters), else
+    :class:`UnsafeNameError`."""
+    if not (isinstance(value, str) and len(value) <= MAX_UID and _UID.fullmatch(value)):
+        raise UnsafeNameError(f"{kind} {_shown(value)} is not a DICOM UID (digits and '.', at most {MAX_UID} characters)")
+    return value

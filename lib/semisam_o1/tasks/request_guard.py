@@ -1,0 +1,158 @@
+"""Checks that answer a client's mistake with a 4xx before MONAI Label's endpoints run the request.
+
+MONAI Label 0.8.5 answers 500 for an unknown model, strategy or scoring method and for malformed
+``params``, and queues a training or scoring job without checking it (the job fails later). Its
+route handlers call module-level functions of ``monailabel.endpoints.*`` that are looked up at call
+time, so :func:`install` wraps those functions (installing again re-wraps the originals, for the
+newest app):
+
+- unknown model (``/infer``, ``/batch/infer``), strategy (``/activelearning``), scoring method
+  (``/scoring``) or trainer (``/train``) -> 404 naming it and listing the known ones;
+- ``POST /infer/<model>``: ``params`` must be a JSON object, its ``result_extension`` a plain
+  extension (422); the image (``image``, or ``image`` inside ``params``) and ``session_id`` must be
+  safe names (:func:`~semisam_o1.safe_names.safe_name`, 422: MONAI Label would otherwise read any
+  existing server path given as ``image``); an image not in the datastore -> 404 naming it; no
+  image, file or session -> 422; ``output=dicom_seg`` without a DICOMweb datastore -> 422;
+- ``POST /train/<model>``: the trainer's request options (``options(params)``, e.g.
+  :meth:`~semisam_o1.tasks.self_training.SelfTraining.options`) are parsed first (422 naming the
+  option); a model in ``needs_template`` without a template -> 409; a second run while one is
+  submitted or running -> 429 (MONAI Label refuses it only once the first job's process started,
+  and would queue it to run again).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from fastapi import HTTPException
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.endpoints import activelearning as activelearning_endpoint
+from monailabel.endpoints import batch_infer as batch_endpoint
+from monailabel.endpoints import infer as infer_endpoint
+from monailabel.endpoints import scoring as scoring_endpoint
+from monailabel.endpoints import train as train_endpoint
+from monailabel.utils.async_tasks.utils import tasks
+
+from semisam_o1.config import ConfError
+from semisam_o1.safe_names import safe_name
+from semisam_o1.tasks.errors import client_errors, unknown
+from semisam_o1.tasks.label_infer import LabelInfer
+from semisam_o1.volumes import InputError
+
+
+def parse_params(text: str | None, field: str = "params") -> dict:
+    """The JSON object of a form field (empty: ``{}``).
+
+    Raises:
+        InputError: naming ``field``, when the text is not JSON or not an object.
+    """
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{field}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{field}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _wrap(module, name: str, make):
+    """Replace ``module.<name>`` by ``make(original)``; the original stays reachable as ``__wrapped__``."""
+    original = getattr(getattr(module, name), "__wrapped__", getattr(module, name))
+    wrapper = make(original)
+    wrapper.__wrapped__ = original
+    setattr(module, name, wrapper)
+
+
+def install(app, needs_template: set[str], has_template: Callable[[], bool]) -> None:
+    """Wrap MONAI Label's endpoint functions with the checks of this module, for ``app``.
+
+    Args:
+        app: the ``MONAILabelApp`` (its task registries ``_infers``, ``_strategies``,
+            ``_scoring_methods``, ``_trainers`` and its ``datastore()``).
+        needs_template: trainers that cannot start without a template.
+        has_template: whether the datastore has one now.
+    """
+
+    def check_image(image_id: str) -> None:
+        safe_name("image", image_id)
+        if not app.datastore().get_image_uri(image_id):
+            raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
+
+    def infer(original):
+        def run_inference(background_tasks, model, image="", session_id="", params="{}", file=None, label=None, output=None):
+            if model not in app._infers:
+                raise unknown("model", "models", model, app._infers)
+            with client_errors():
+                request = parse_params(params)
+                LabelInfer.result_suffix(request)
+                for kind, value in (("image", image), ("session_id", session_id)):
+                    if value:
+                        safe_name(kind, value)
+                if "image" in request:  # params override the query (MONAI Label: request.update(params))
+                    check_image(request["image"])
+                elif not (file or session_id):
+                    if not image:
+                        raise InputError("image: give the id of a datastore image, upload a file, or give a session_id")
+                    check_image(image)
+                if output == "dicom_seg" and not isinstance(app.datastore(), DICOMWebDatastore):
+                    raise InputError("output=dicom_seg: only with a DICOMweb datastore (--studies http(s)://...)")
+            return original(background_tasks, model, image, session_id, params, file, label, output)
+
+        return run_inference
+
+    def batch(original):
+        def run(model, images=None, params=None, run_sync=False):
+            if model not in app._infers:
+                raise unknown("model", "models", model, app._infers)
+            return original(model, images, params, run_sync)
+
+        return run
+
+    def activelearning(original):
+        def sample(strategy, params=None, user=None):
+            if strategy not in app._strategies:
+                raise unknown("strategy", "strategies", strategy, app._strategies)
+            return original(strategy, params, user)
+
+        return sample
+
+    def scoring(original):
+        def run_method(method, params=None, run_sync=False):
+            if method not in app._scoring_methods:
+                raise unknown("scoring method", "scoring methods", method, app._scoring_methods)
+            return original(method, params, run_sync)
+
+        return run_method
+
+    def train(original):
+        def run_model(model, params=None, run_sync=False, enqueue=False):
+            if model not in app._trainers:
+                raise unknown("trainer", "trainers", model, app._trainers)
+            options = getattr(app._trainers[model], "options", None)
+            if options is not None:
+                try:
+                    options(params or {})
+                except ConfError as e:
+                    raise HTTPException(status_code=422, detail=f"training option {e}") from None
+            if model in needs_template and not has_template():
+                raise HTTPException(
+                    status_code=409, detail=f"'{model}' needs a template: save a 'final' label for at least one image first"
+                )
+            active = [t for t in tasks("train") if t.get("status") in ("SUBMITTED", "RUNNING")]
+            if active and not enqueue:
+                raise HTTPException(
+                    status_code=429,
+                    detail=f"training is already {active[0]['status'].lower()} (job {active[0]['id']}): wait for it, or stop it with DELETE /train/",
+                )
+            return original(model, params, run_sync, enqueue)
+
+        return run_model
+
+    _wrap(infer_endpoint, "run_inference", infer)
+    _wrap(batch_endpoint, "run", batch)
+    _wrap(activelearning_endpoint, "sample", activelearning)
+    _wrap(scoring_endpoint, "run_method", scoring)
+    _wrap(train_endpoint, "run_model", train)
