@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from fastapi import HTTPException
-from monailabel.datastore.local import LocalDatastore
+from semisam_o1.tasks.atomic_datastore import AtomicLocalDatastore as LocalDatastore  # MONAI Label's, crash-safe writes
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from semisam_o1.tasks.errors import client_errors
