@@ -145,3 +145,22 @@ def test_a_label_write_killed_halfway_leaves_the_previous_file(tiny_studies, sam
     store = AtomicLocalDatastore(str(tiny_studies), auto_reload=False)  # the next start removes it
     assert not list(dest.parent.glob(".*.partial"))
     assert store.get_label_by_image_id(IMAGE, "final") == IMAGE
+
+
+def test_a_label_saved_by_another_process_reaches_the_server(tiny_studies, sample_source, tmp_path):
+    """Background jobs (training rounds) save labels from their own process: the renames reach the server."""
+    from semisam_o1.tasks.atomic_datastore import AtomicLocalDatastore
+
+    labels = variants(tiny_studies, sample_source, tmp_path)
+    with Server(tiny_studies, env=QUIET) as server:
+        job = AtomicLocalDatastore(str(tiny_studies), auto_reload=False)
+        job.save_label(IMAGE, str(labels["b"][0]), "pseudo", {"round": 1})
+        job.save_label(IMAGE, str(labels["b"][0]), "final", {})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            objects = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+            if {"pseudo", "final"} <= set(objects[IMAGE]["labels"]):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the server does not see the labels saved by another process: {objects}")
