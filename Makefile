@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install sample-data system-deps
+.PHONY: run test install sample-data system-deps oidc-deps
 
 #: Debian packages of the Orthanc/OHIF tests: Orthanc + its DICOMweb plugin, headless Chromium + its WebDriver.
 SYSTEM_DEPS := orthanc orthanc-dicomweb chromium chromium-driver
@@ -34,5 +34,21 @@ system-deps:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	else echo "missing Debian packages:$$missing -- the Orthanc/OHIF tests will skip (sudo apt-get install$$missing)"; fi
 
-test: $(STAMP) system-deps
+#: The OpenID provider the authentication tests start: npm package oidc-provider, pinned in tests/oidc/package-lock.json.
+OIDC_DIR := tests/oidc
+OIDC_STAMP := $(OIDC_DIR)/node_modules/.installed
+
+$(OIDC_STAMP): $(OIDC_DIR)/package.json $(OIDC_DIR)/package-lock.json
+	npm ci --prefix $(OIDC_DIR) --no-audit --no-fund
+	touch $@
+
+# Node.js + npm from Debian only if npm is missing (root with apt, as in CI); otherwise says what will skip.
+oidc-deps:
+	@if ! command -v npm >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm; \
+	  else echo "npm missing -- the authentication tests will skip (sudo apt-get install nodejs npm)"; exit 0; fi; fi; \
+	$(MAKE) --no-print-directory $(OIDC_STAMP)
+
+test: $(STAMP) system-deps oidc-deps
 	$(PY) -m pytest -q

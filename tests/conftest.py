@@ -78,7 +78,8 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
             try:
-                if requests.get(f"{self.url}/info/", timeout=5).ok:
+                answer = requests.get(f"{self.url}/info/", timeout=5)
+                if answer.ok or answer.status_code == 401:  # 401: up, with authentication enabled
                     return time.monotonic() - start
             except requests.ConnectionError:
                 pass

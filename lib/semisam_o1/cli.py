@@ -46,9 +46,13 @@ def cmd_serve(args) -> int:
     except ConfError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from semisam_o1.server import serve
+    from semisam_o1.server import ServeRefused, serve
 
-    serve(studies, conf, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        serve(studies, conf, host=args.host, port=args.port, log_level=args.log_level, insecure=args.insecure)
+    except ServeRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -115,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     conf_help = "app option (repeatable): " + "; ".join(f"{k}: {h}" for k, h in OPTIONS)
     serve = sub.add_parser("serve", help="start the MONAI Label server (default command)")
     serve.add_argument("--studies", default=str(SAMPLE_DATASTORE), help="datastore folder or DICOMweb URL")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only; any other address needs MONAI_LABEL_AUTH_ENABLE or --insecure)")
+    serve.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without authentication (trusted networks only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help=conf_help)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -16,6 +16,10 @@ OFFLINE_DEFAULTS = {
 }
 
 
+class ServeRefused(RuntimeError):
+    """The server will not start as asked (the message says why and what to do)."""
+
+
 def server_environment(studies: str, conf: dict[str, str], port: int) -> dict[str, str]:
     """Environment variables MONAI Label reads in the server and in its background job subprocesses.
 
@@ -42,15 +46,33 @@ def server_environment(studies: str, conf: dict[str, str], port: int) -> dict[st
     return env
 
 
-def serve(studies: Path | str, conf: dict[str, str], host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+def serve(studies: Path | str, conf: dict[str, str], host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", insecure: bool = False):
     """Run the server in this process until it is stopped (Ctrl-C).
 
     Args:
         studies: a local datastore folder, or a DICOMweb URL (``http(s)://...``).
         conf: the app's ``--conf`` pairs (see :mod:`semisam_o1.config`).
+        insecure: serve a non-loopback ``host`` without authentication (else :class:`ServeRefused`).
+
+    Raises:
+        ServeRefused: a non-loopback ``host`` without auth or ``insecure``, or unusable auth settings.
     """
     studies = str(studies) if str(studies).startswith(("http://", "https://")) else str(Path(studies).resolve())
     os.environ.update(server_environment(studies, conf, port))
+
+    from monailabel.config import settings  # MONAI Label's settings: the environment and ./.env
+
+    from semisam_o1 import auth
+
+    try:
+        auth.check_settings()
+        auth.check_bind(host, insecure=insecure)
+    except (auth.AuthConfigError, auth.InsecureBind) as e:
+        raise ServeRefused(str(e)) from None
+    if settings.MONAI_LABEL_AUTH_ENABLE and not auth.is_loopback(host):
+        print(f"authentication: OpenID Connect, issuer {settings.MONAI_LABEL_AUTH_REALM_URI}; serve clients over TLS (a reverse proxy), bearer tokens must not cross a network in clear text")
+    elif insecure and not auth.is_loopback(host):
+        print(f"WARNING: serving {host} WITHOUT authentication (--insecure): anyone who reaches it can overwrite labels and start training")
 
     from monailabel.main import Main  # after the environment: monailabel reads settings at import
 

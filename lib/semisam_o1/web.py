@@ -15,6 +15,8 @@ instead of ``monailabel.app:app``:
   server's ``/ohif-api/``, unless the browser has one, so the panel needs no typing.
 - ``/infer/{model}?output=dicom_seg`` converts with pydicom-seg (:mod:`semisam_o1.dicom`) instead of
   dcmqi's ``itkimage2segimage``, which is never downloaded.
+- With ``MONAI_LABEL_AUTH_ENABLE``: OpenID Connect bearer tokens under MONAI Label's role checks, and
+  ``/auth/token`` as a password grant at the issuer (:mod:`semisam_o1.auth`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from monailabel.config import settings
 from monailabel.endpoints import infer as infer_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.utils.others.generic import get_mime_type
+
+from semisam_o1 import auth
 
 OHIF_DIR = Path(infer_endpoint.__file__).resolve().parent / "static" / "ohif"
 SERVER_COOKIE = "MONAILABEL_SERVER_URL"
@@ -111,10 +115,12 @@ def install(application) -> None:
     """Put this module's routes before MONAI Label's (Starlette answers with the first match)."""
     before = len(application.router.routes)
     application.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
+    application.include_router(auth.router, prefix=settings.MONAI_LABEL_API_STR)
     added = application.router.routes[before:]
     del application.router.routes[before:]
     application.router.routes[0:0] = added
     infer_endpoint.nifti_to_dicom_seg = _dicom_seg
+    auth.install(application)
 
 
 install(monailabel_app)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from fastapi import HTTPException
-from monailabel.datastore.local import LocalDatastore
+from semisam_o1.tasks.atomic_datastore import AtomicLocalDatastore as LocalDatastore  # MONAI Label's, crash-safe writes
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from semisam_o1.safe_names import RULE, is_safe_name
