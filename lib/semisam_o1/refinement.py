@@ -33,13 +33,18 @@ from scipy import ndimage
 from semisam_o1.feature_cache import FeatureGrid, as_grid
 
 
+#: At most this many voxels (every n-th of the pool) estimate the pool-wide entropy quantile.
+QUANTILE_VOXELS = 4_000_000
+
+
 @dataclass
 class RefineCase:
     """One volume: ``features`` (:class:`FeatureGrid` or dense (C, D, H, W)), ``label`` (D, H, W) int,
     ``entropy`` (D, H, W) nats.
 
-    ``position`` (D, H, W, 3): every voxel's index in the common frame (the first template's voxel
-    grid), or ``None`` to search by features alone. Templates have ``is_template=True``: their labels
+    ``position``: every voxel's index in the common frame (the first template's voxel grid) as a
+    3-channel :class:`FeatureGrid` (or a dense ``(D, H, W, 3)`` array), or ``None`` to search by
+    features alone. Templates have ``is_template=True``: their labels
     are a clinician's, all voxels count as confident and they are never changed.
     """
 
@@ -47,17 +52,19 @@ class RefineCase:
     label: np.ndarray
     entropy: np.ndarray
     is_template: bool = False
-    position: np.ndarray | None = None
+    position: FeatureGrid | None = None
 
     def __post_init__(self):
         self.features = as_grid(self.features)
+        if isinstance(self.position, np.ndarray):
+            self.position = FeatureGrid(self.position, (1, 1, 1), tuple(self.position.shape[:3]))
 
     def vectors(self, voxels: np.ndarray, position_weight: float) -> np.ndarray:
         """Search vectors of the flat voxel indices ``voxels``: (N, C) unit features [+ (N, 3) weighted position]."""
         feats = _unit_rows(self.features.at_flat(voxels))
         if self.position is None or position_weight == 0:
             return feats
-        return np.ascontiguousarray(np.concatenate([feats, position_weight * self.position.reshape(-1, 3)[voxels]], 1), np.float32)
+        return np.ascontiguousarray(np.concatenate([feats, position_weight * self.position.at_flat(voxels)], 1), np.float32)
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,9 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 def entropy_threshold(cases: list[RefineCase], params: RefineParams) -> float:
     """The pool-wide entropy above which a (non-template) voxel is uncertain."""
-    pooled = np.concatenate([c.entropy.ravel() for c in cases if not c.is_template])
+    pool = [c.entropy.ravel() for c in cases if not c.is_template]
+    step = max(1, -(-sum(len(e) for e in pool) // QUANTILE_VOXELS))  # a regular subsample for large pools
+    pooled = np.concatenate([e[::step] for e in pool]).astype(np.float32)
     return max(float(np.quantile(pooled, params.uncertain_quantile)), params.min_entropy)
 
 

@@ -94,7 +94,8 @@ def train_network(
         device: where the network trains (patches are cropped on the CPU); it is returned on the CPU.
     """
     torch.manual_seed(params.seed)
-    data = [{"image": img[None].astype(np.float32), "label": lab[None].astype(np.int64)} for img, lab in zip(images, labels)]
+    # views, not copies: a pool of large volumes is held once (labels in any integer dtype, e.g. uint8)
+    data = [{"image": np.asarray(img, np.float32)[None], "label": np.asarray(lab)[None]} for img, lab in zip(images, labels)]
     keys = ["image", "label"]
     transform = Compose(
         [
@@ -119,7 +120,7 @@ def train_network(
     while iteration < params.iterations:
         for batch in loader:
             optimizer.zero_grad()
-            loss = loss_fn(net(batch["image"].to(device)), batch["label"].to(device))
+            loss = loss_fn(net(batch["image"].to(device)), batch["label"].to(device).long())
             loss.backward()
             optimizer.step()
             scheduler.step()

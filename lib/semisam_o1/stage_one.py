@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from semisam_o1.feature_cache import FeatureCache
+from semisam_o1.feature_cache import FeatureCache, FeatureGrid, stored_grid
 from semisam_o1.propagation import TemplateBank, build_bank, propagate
 from semisam_o1.registration import affine_register, map_voxels, read_image, refine_register, shrink
 from semisam_o1.sample_data import sha256
@@ -100,12 +100,21 @@ class StageOne:
             atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
         return transform
 
-    def frame_positions(self, image_path: Path, frame: Path) -> np.ndarray:
+    def frame_positions(self, image_path: Path, frame: Path) -> FeatureGrid:
         """Every voxel of ``image_path`` as a continuous voxel index of the image ``frame`` (a template),
-        through the cached registration: (D, H, W, 3) float32 (identity grid when they are the same file)."""
+        through the cached registration (identity when they are the same file).
+
+        Returns a :class:`FeatureGrid` of 3 channels stored at the plan's feature stride (positions are
+        smooth: trilinear lookup), mapped a slab at a time, so it holds 12 / stride^3 bytes per voxel.
+        """
         same = Path(image_path).resolve() == Path(frame).resolve()
         transform = sitk.Transform(3, sitk.sitkIdentity) if same else self.transform(Path(image_path), Path(frame))
-        return map_voxels(read_image(str(image_path)), transform, read_image(str(frame)))
+        fixed, moving = read_image(str(image_path)), read_image(str(frame))
+        shape = tuple(fixed.GetSize())
+        stride = self.cache.plan.stride(fixed.GetSpacing())
+        kept = stored_grid(shape, stride)
+        slabs = [map_voxels(fixed, transform, moving, int(z), int(z) + 1)[0][kept[1]][:, kept[2]] for z in kept[0]]
+        return FeatureGrid(np.stack(slabs), stride, shape)
 
     def bank(self, template: Template, progress: bool = False) -> TemplateBank:
         """Sampled, labelled feature vectors of one template (rebuilt when its files change)."""

@@ -139,7 +139,7 @@ class StageTwo:
             return state
         images = {i: load_image(p) for i, p in pool.items()}
         finals = [(load_image(t.image_path), t) for t in templates]
-        final_labels = [load_label(t.label_path, img, allowed=self.stage_one.label_values) for img, t in finals]
+        final_labels = [load_label(t.label_path, img, allowed=self.stage_one.label_values).astype(np.uint8) for img, t in finals]
         n_classes = 1 + max(int(lab.max()) for lab in final_labels)
 
         self._stage_one_labels(templates, images, n_classes, progress)
@@ -164,6 +164,7 @@ class StageTwo:
                 predicted[i], uncertainty[i] = prob.argmax(0).astype(np.uint8), entropy(prob)
                 self._save_probs(prob, round_, i)
                 save_label(uncertainty[i], img, round_dir / "uncertainty" / f"{i}.nii.gz", dtype=np.float32)
+                uncertainty[i] = uncertainty[i].astype(np.float16)  # held for the whole pool until the refinement
 
             self.progress.phase = "refine"
             notify(self.progress)
@@ -220,7 +221,7 @@ class StageTwo:
 
     @staticmethod
     def _read_label(path: Path, image: Volume) -> np.ndarray:
-        return load_label(path, image, require_foreground=False)
+        return load_label(path, image, require_foreground=False).astype(np.uint8)
 
     def _train(self, finals, final_labels, images, current, n_classes, progress, notify):
         modality = self.stage_one.cache.modality
@@ -248,7 +249,7 @@ class StageTwo:
         cases = [RefineCase(cache.get_or_compute(img), lab, np.zeros(lab.shape, np.float32), True, where(t.image_id))
                  for (img, t), lab in zip(finals, final_labels)]
         ids = list(images)
-        cases += [RefineCase(cache.get_or_compute(images[i]), predicted[i].astype(np.int64), uncertainty[i], position=where(i))
+        cases += [RefineCase(cache.get_or_compute(images[i]), predicted[i], uncertainty[i], position=where(i))
                   for i in ids]
         if self.params.refinement == "voxel":
             result = refine_voxels(cases, self.params.refine)
