@@ -106,3 +106,26 @@ def test_label_comes_back_on_the_images_own_grid(tmp_path, sample_source):
     assert got_itk.GetDirection() == thick.GetDirection()
     reference = load_label(tmp_path / "thick_truth.nii.gz", prediction.image)
     assert np.mean([dice(prediction.label, reference, v) for v in (1, 2)]) > 0.4
+
+
+def test_gpu_out_of_memory_falls_back_to_the_cpu_with_a_warning(caplog):
+    from semisam_o1.plan import with_cpu_fallback
+
+    def run(device):
+        if device != "cpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return device
+
+    assert with_cpu_fallback(run, "cuda", "encoding case.nii.gz") == "cpu"
+    assert "encoding case.nii.gz: out of GPU memory on cuda" in caplog.text
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        with_cpu_fallback(lambda device: run("cuda"), "cpu", "x")
+
+
+def test_a_scan_too_large_for_memory_is_refused_naming_it():
+    from semisam_o1.plan import check_memory
+    from semisam_o1.volumes import InputError
+
+    with pytest.raises(InputError, match=r"big\.nii\.gz: encoding: 4096x4096x4096 voxels .* GiB available"):
+        check_memory("big.nii.gz: encoding", (4096, 4096, 4096), 8)
+    check_memory("small.nii.gz: encoding", (35, 51, 35), 8)

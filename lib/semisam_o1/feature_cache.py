@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from semisam_o1.encoders import EncoderSpec, SliceEncoder
 from semisam_o1.normalize import normalization_id, normalize
-from semisam_o1.plan import Plan
+from semisam_o1.plan import Plan, check_memory, with_cpu_fallback
 from semisam_o1.sample_data import sha256
 from semisam_o1.volumes import Volume, atomic_write
 
@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 CACHE_DIR = Path(".semisam") / "features"
 #: Voxels of the lattice the PCA basis is fitted on (about; the lattice is regular).
 PCA_FIT_VOXELS = 20000
+#: Memory of the encoder network and one slice batch (bytes), for the memory check before encoding.
+ENCODER_BYTES = 1 << 30
 #: Points interpolated per chunk in :meth:`FeatureGrid.at` (bounds its temporary memory).
 LOOKUP_CHUNK = 1 << 18
 
@@ -184,17 +186,21 @@ class FeatureCache:
         cached = self.get(image)
         if cached is not None:
             return cached
-        values = self._encode(image, progress).astype(np.float16)
+        stored = np.prod([len(g) for g in stored_grid(image.array.shape, self.stride(image))])
+        # the image (+ its normalised copy) and (dims + 1) float32 accumulators per stored voxel
+        check_memory(f"{image.path}: encoding", image.array.shape, 8 + (self.dims + 1) * 4 * stored / image.array.size, ENCODER_BYTES)
+        values = with_cpu_fallback(lambda device: self._encode(image, progress, device), self.device, f"encoding {image.path.name}")
+        values = values.astype(np.float16)
         atomic_write(self.path(image.path), lambda tmp: np.save(tmp, values))
         return self.get(image)
 
     # ----------------------------------------------------------------- encoding
-    def _encode(self, image: Volume, progress: bool) -> np.ndarray:
+    def _encode(self, image: Volume, progress: bool, device: str | None = None) -> np.ndarray:
         """``(d, h, w, dims)`` float32: streamed per axis and slice batch, projected at once."""
         volume = torch.from_numpy(normalize(image.array, self.modality))
         grid = stored_grid(volume.shape, self.stride(image))
         mean, components = self._load_or_fit_basis(volume, grid, progress)
-        enc = self.encoder
+        enc = self.encoder.to(device or self.device)
         acc = np.zeros((*[len(g) for g in grid], self.dims), np.float32)
         sq = np.zeros(acc.shape[:3], np.float32)
         total = sum(len(grid[a]) for a in enc.axes)

@@ -26,14 +26,18 @@ cache's settings id (:attr:`Plan.id`). Explicit ``--conf`` values override the p
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 
 from semisam_o1.volumes import atomic_write
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PLAN_FILE = Path(".semisam") / "plan.json"
 #: LiteMedSAM's native input size (its training resolution).
@@ -67,6 +71,38 @@ def resolve_device(name: str = "auto") -> str:
             raise DeviceError(f"--conf device {name}: only {torch.cuda.device_count()} GPU(s) visible")
         return name
     raise DeviceError(f"--conf device {name}: not one of auto, cpu, cuda, cuda:N")
+
+
+def with_cpu_fallback(run: Callable[[str], T], device: str, what: str) -> T:
+    """``run(device)``; if the GPU runs out of memory, a warning naming ``what`` and ``run("cpu")``."""
+    import torch
+
+    try:
+        return run(device)
+    except torch.cuda.OutOfMemoryError:
+        if device == "cpu":
+            raise
+        logger.warning(f"{what}: out of GPU memory on {device}; running on the CPU instead")
+        torch.cuda.empty_cache()
+        return run("cpu")
+
+
+def check_memory(what: str, shape: Iterable[int], bytes_per_voxel: float, fixed_bytes: int = 0) -> None:
+    """Refuse work whose estimate (``bytes_per_voxel`` x voxels + ``fixed_bytes``) exceeds the memory
+    available now, with an :class:`~semisam_o1.volumes.InputError` naming ``what`` and its size
+    (an HTTP 422 on the server) instead of the kernel killing the server."""
+    import psutil
+
+    from semisam_o1.volumes import InputError
+
+    shape = [int(n) for n in shape]
+    need = bytes_per_voxel * float(np.prod(shape)) + fixed_bytes
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise InputError(
+            f"{what}: {'x'.join(map(str, shape))} voxels ({np.prod(shape) / 1e6:.0f} M) needs about {need / 2**30:.1f} GiB, "
+            f"more than the {available / 2**30:.1f} GiB available; free memory or crop/downsample the scan"
+        )
 
 
 @dataclass(frozen=True)

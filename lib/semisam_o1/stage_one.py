@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from semisam_o1.feature_cache import FeatureCache, FeatureGrid, stored_grid
+from semisam_o1.plan import check_memory
 from semisam_o1.propagation import TemplateBank, build_bank, propagate
 from semisam_o1.registration import affine_register, map_voxels, read_image, refine_register, shrink
 from semisam_o1.sample_data import sha256
@@ -145,6 +146,8 @@ class StageOne:
                 "(PUT /datastore/label?tag=final) and try again"
             )
         image = load_image(image_path)
+        # label + confidence outputs, the normalised copy, one registration slab at a time
+        check_memory(f"{image.path}: stage one", image.array.shape, 4 + 1 + 4 + 4)
         banks = [self.bank(t, progress) for t in templates]
         feats = self.cache.get_or_compute(image, progress=progress)
         target_itk = read_image(image.path)

@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from semisam_o1.normalize import normalize
+from semisam_o1.plan import with_cpu_fallback
 from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
 from semisam_o1.sample_data import sha256
 from semisam_o1.segmenter import TrainParams, entropy, load_network, predict_with_uncertainty, save_network, train_network
@@ -158,8 +159,7 @@ class StageTwo:
             predicted, uncertainty = {}, {}
             w = 1 / (round_ + 1)  # the mean of stage one and rounds 1..round_
             for i, img in tqdm(images.items(), desc=f"round {round_}: predict", disable=not progress, leave=False):
-                prob, _ = predict_with_uncertainty(net, normalize(img.array, self.stage_one.cache.modality), self.params.train.patch, self.params.mc_samples,
-                                                  device=self.device)
+                prob, _ = self._predict(net, img, self.params.mc_samples)
                 prob = w * prob + (1 - w) * np.load(self.probs_path(round_ - 1, i)).astype(np.float32)
                 predicted[i], uncertainty[i] = prob.argmax(0).astype(np.uint8), entropy(prob)
                 self._save_probs(prob, round_, i)
@@ -269,9 +269,14 @@ class StageTwo:
 
     def predict(self, net: torch.nn.Module, image: Volume) -> tuple[np.ndarray, np.ndarray]:
         """``net`` on one image (flip TTA, no MC dropout): label ``(D, H, W)`` uint8 and entropy ``(D, H, W)`` nats."""
-        prob, ent = predict_with_uncertainty(net, normalize(image.array, self.stage_one.cache.modality), self.params.train.patch, mc_samples=0,
-                                             device=self.device)
+        prob, ent = self._predict(net, image, mc_samples=0)
         return prob.argmax(0).astype(np.uint8), ent
+
+    def _predict(self, net: torch.nn.Module, image: Volume, mc_samples: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`predict_with_uncertainty` on the stage's device (the CPU if the GPU runs out of memory)."""
+        x = normalize(image.array, self.stage_one.cache.modality)
+        return with_cpu_fallback(lambda device: predict_with_uncertainty(net, x, self.params.train.patch, mc_samples, device=device),
+                                 self.device, f"predicting {image.path.name}")
 
     def published_round(self) -> Path | None:
         """Folder of the round whose network is the published one; ``None`` when the published model
