@@ -26,6 +26,7 @@ from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import scores
 from semisam_o1.pipeline import build_stage_one, open_datastore
 from semisam_o1.registration import affine_register, read_image, refine_register, warp_label
+from semisam_o1.stage_one import StageOne
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.tasks.uncertainty_scoring import UncertaintyScoring
 from semisam_o1.templates import find_templates
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
         refine_register(fixed, moving, affine_register(fixed, moving), "demons")
         register_seconds.append(time.perf_counter() - start)
 
-    latencies, ours, atlas, atlas_demons = [], [], [], []
+    latencies, ours, atlas, atlas_demons, prototype = [], [], [], [], []
+    paper = StageOne(studies, stage_one.cache, stage_one.label_values, propagation="prototype")  # the paper's stage one, same features
     template_label = read_image(templates[0].label_path)
     for case in tqdm(pool, desc="propagate", unit="image"):
         path = studies / f"{case}.nii.gz"
@@ -93,6 +95,7 @@ def main(argv=None) -> int:
         transform = stage_one.transform(path, templates[0].image_path)  # composite: affine, then demons
         atlas.append(scores(warp_label(template_label, read_image(path), transform.GetNthTransform(0)), truth, CLASSES))
         atlas_demons.append(scores(warp_label(template_label, read_image(path), transform), truth, CLASSES))
+        prototype.append(scores(paper.predict(path, templates).label, truth, CLASSES))
 
     # 4. active learning: one 'uncertainty' scoring pass over the whole pool from the caches
     #    (stage-one source: no network in an empty stage-two folder), as the server runs it
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     cache_images = [load_image(studies / f"{case}.nii.gz") for case in [args.template, *pool]]
     cache_bytes = sum(stage_one.cache.path(image.path).stat().st_size for image in cache_images)
     cache_voxels = sum(image.array.size for image in cache_images)  # bytes per IMAGE voxel
-    ours_s, atlas_s, demons_s = summarize(ours), summarize(atlas), summarize(atlas_demons)
+    ours_s, atlas_s, demons_s, proto_s = summarize(ours), summarize(atlas), summarize(atlas_demons), summarize(prototype)
     result = {
         "dice_mean": ours_s["mean_dice"],
         "dice_per_class": {n: ours_s[n]["dice"] for n in CLASSES},
@@ -116,6 +119,8 @@ def main(argv=None) -> int:
         "atlas_affine_hd95_per_class": {n: atlas_s[n]["hd95"] for n in CLASSES},
         "atlas_affine_demons_dice_mean": demons_s["mean_dice"],
         "atlas_affine_demons_dice_per_class": {n: demons_s[n]["dice"] for n in CLASSES},
+        "dice_prototype_stage1": proto_s["mean_dice"],
+        "dice_prototype_stage1_per_class": {n: proto_s[n]["dice"] for n in CLASSES},
         "encoder_seconds_per_slice": encode_seconds / encoded_slices if encoded_slices else None,
         "encoder_seconds_per_volume": encode_seconds / len(timed) if timed else None,
         "encoder_timed_volumes": len(timed),
@@ -135,6 +140,7 @@ def main(argv=None) -> int:
     write_result(result, args.out, [
         f"stage one  mean Dice {result['dice_mean']:.3f}  {json.dumps({n: round(v, 3) for n, v in result['dice_per_class'].items()})}",
         f"atlas affine {result['atlas_affine_dice_mean']:.3f} (ratio {result['dice_mean'] / result['atlas_affine_dice_mean']:.3f}), affine+demons {result['atlas_affine_demons_dice_mean']:.3f}",
+        f"paper's stage one (class prototypes) {result['dice_prototype_stage1']:.3f}",
         f"encoder {result['encoder_seconds_per_slice']} s/slice; infer p50 {result['infer_p50_seconds']:.3f} s, p95 {result['infer_p95_seconds']:.3f} s",
         f"cache {result['cache_bytes_per_voxel']:.1f} B/voxel; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB; "
         f"uncertainty scoring of {scored} images {scoring_seconds:.1f} s",

@@ -137,6 +137,11 @@ class AppConfig:
     )
     device: str = _option("auto", parse_device, "where the encoder and the network run: auto (CUDA if available), cpu, cuda, cuda:N")
 
+    propagation: str = _option(
+        "fusion", parse_choice("fusion", "prototype"),
+        "stage one: fusion (registration-guided feature label fusion) or prototype (the paper's per-class prototypes; ablation)",
+    )
+
     rounds: int = _option(3, parse_int(1, 20), "stage-two rounds (train, predict with uncertainty, refine)")
     iterations: int = _option(1000, parse_int(1, 100000), "training iterations per round (batch of 4 patches)")
     patch: int = _option(32, parse_int(16, 256), "training/inference patch edge in voxels (cube)")

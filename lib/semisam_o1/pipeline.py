@@ -36,7 +36,7 @@ def build_stage_one(studies: Path, config: AppConfig) -> StageOne:
     images = sorted(p for ext in ("*.nii.gz", "*.nii") for p in Path(studies).glob(ext))
     plan = load_or_make_plan(studies, images, device, overrides)
     cache = FeatureCache(studies, config.encoder_spec(plan.encoder_image_size), config.feature_dims, config.modality, plan, device)
-    return StageOne(studies, cache, label_values=set(config.labels.values()) or None)
+    return StageOne(studies, cache, label_values=set(config.labels.values()) or None, propagation=config.propagation)
 
 
 def refresh_pseudo_labels(stage_one: StageOne, datastore: Datastore, names: dict[str, int], progress: bool = False) -> dict:

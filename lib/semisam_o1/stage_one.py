@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from semisam_o1.feature_cache import FeatureCache, FeatureGrid, stored_grid
 from semisam_o1.plan import check_memory
-from semisam_o1.propagation import TemplateBank, build_bank, propagate
+from semisam_o1.propagation import TemplateBank, build_bank, class_prototypes, propagate, propagate_prototypes
 from semisam_o1.registration import affine_register, map_voxels, read_image, refine_register, shrink
 from semisam_o1.sample_data import sha256
 from semisam_o1.templates import Template
@@ -42,6 +42,11 @@ def nib_geometry(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
 #: ITK's HDF5 library is not thread-safe: transform files are read and written one at a time per
 #: process (the infer request and the background template refresh both use them).
 _HDF5_LOCK = threading.Lock()
+
+
+#: ``fusion``: registration-guided feature label fusion (default); ``prototype``: the paper's one
+#: masked-mean prototype per class, cosine similarity, arg-max (ablation).
+PROPAGATIONS = ("fusion", "prototype")
 
 
 class NoTemplateError(InputError):
@@ -74,10 +79,13 @@ class StageOne:
         label_values: allowed label values (from the label map); template labels are checked against it.
     """
 
-    def __init__(self, studies: Path, cache: FeatureCache, label_values: set[int] | None = None):
+    def __init__(self, studies: Path, cache: FeatureCache, label_values: set[int] | None = None, propagation: str = "fusion"):
+        if propagation not in PROPAGATIONS:
+            raise ValueError(f"propagation must be one of {PROPAGATIONS}, got '{propagation}'")
         self.studies = Path(studies)
         self.cache = cache
         self.label_values = label_values
+        self.propagation = propagation
         self._banks: dict[tuple, TemplateBank] = {}
 
     def registration_path(self, target: Path, template: Path) -> Path:
@@ -117,6 +125,15 @@ class StageOne:
         slabs = [map_voxels(fixed, transform, moving, int(z), int(z) + 1)[0][kept[1]][:, kept[2]] for z in kept[0]]
         return FeatureGrid(np.stack(slabs), stride, shape)
 
+    def _predict_prototypes(self, image: Volume, templates: list[Template], progress: bool) -> Prediction:
+        """The paper's stage one (ablation): class prototypes of every template, nearest by cosine."""
+        labels = [load_label(t.label_path, load_image(t.image_path), allowed=self.label_values) for t in templates]
+        n_classes = 1 + max(int(lab.max()) for lab in labels)
+        protos = [class_prototypes(self.cache.get_or_compute(load_image(t.image_path), progress=progress), lab, n_classes)
+                  for t, lab in zip(templates, labels)]
+        label, confidence = propagate_prototypes(protos, self.cache.get_or_compute(image, progress=progress), image.array.shape)
+        return Prediction(image=image, label=label, confidence=confidence)
+
     def bank(self, template: Template, progress: bool = False) -> TemplateBank:
         """Sampled, labelled feature vectors of one template (rebuilt when its files change)."""
         stat = template.label_path.stat()
@@ -148,6 +165,8 @@ class StageOne:
         image = load_image(image_path)
         # label + confidence outputs, the normalised copy, one registration slab at a time
         check_memory(f"{image.path}: stage one", image.array.shape, 4 + 1 + 4 + 4)
+        if self.propagation == "prototype":
+            return self._predict_prototypes(image, templates, progress)
         banks = [self.bank(t, progress) for t in templates]
         feats = self.cache.get_or_compute(image, progress=progress)
         target_itk = read_image(image.path)
