@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--pools", nargs="*", type=int, default=[10, 19])
     p.add_argument("--iterations", type=int, default=100, help="training steps of the measured stage-two round")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--pool-work", type=Path, default=WORK / "pool",
+                   help="datastore of the LA pool (e.g. benchmarks/la.py's work folder, to reuse its cached features)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.step:
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
     if not args.pools:
         return 0
     pool_all = [i for i in la_ids() if i != TEMPLATE]
-    studies = datastore(WORK / "pool", [LA / "images" / f"{i}.nii.gz" for i in pool_all])
+    studies = datastore(args.pool_work, [LA / "images" / f"{i}.nii.gz" for i in pool_all])
     for n in args.pools:  # unmeasured: features, registrations and stage-one labels of the pool, cached
         run_step("round", str(studies), "1", args.device, ",".join(pool_all[:n]))
     rounds = {}

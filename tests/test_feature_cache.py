@@ -82,3 +82,30 @@ def test_other_settings_use_another_folder(image):
     assert len({a.root, b.root, c.root}) == 3
     a.get_or_compute(image)
     assert b.get(image) is None and c.get(image) is None
+
+
+def test_two_processes_starting_at_once_share_one_basis(image, sample_source):
+    """The server and a background job encoding their first images at the same moment: the PCA basis
+    is fitted once (file lock) and both images' features are in that one space."""
+    import subprocess
+    import sys
+
+    other = image.path.parent / "other.nii.gz"
+    shutil.copy(sample_source.images / "hippocampus_008.nii.gz", other)
+    code = (
+        "import sys; from pathlib import Path; from semisam_o1.encoders import EncoderSpec; "
+        "from semisam_o1.feature_cache import FeatureCache; from semisam_o1.plan import Plan; "
+        "from semisam_o1.volumes import load_image; p = Path(sys.argv[1]); "
+        "FeatureCache(p.parent, EncoderSpec(image_size=32, axes=(0,)), dims=8, plan=Plan(feature_stride=1)).get_or_compute(load_image(p))"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)]) for path in (image.path, other)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    cache = FeatureCache(image.path.parent, SPEC, dims=8, plan=Plan(feature_stride=1))
+    with np.load(cache.root / "basis.npz") as z:
+        mean, components = z["mean"], z["components"]
+    for path in (image.path, other):
+        volume = load_image(path)
+        raw = cache.encoder.encode(normalize(volume.array, "mri"))
+        flat = raw.reshape(raw.shape[0], -1).T
+        flat = flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-6)
+        np.testing.assert_allclose(cache.get(volume).sample(), (flat - mean) @ components, atol=2e-3, rtol=1e-2)
