@@ -27,18 +27,19 @@ def dice(a, b, value):
 def test_plan_is_written_once_and_read_back(tiny_studies):
     build_stage_one(tiny_studies, AppConfig.from_conf(FAST))
     written = json.loads((tiny_studies / PLAN_FILE).read_text())
-    assert written["feature_stride"] == 2 and written["planned_from"]["images"] == 3
+    assert written["feature_stride"] == 1 and written["planned_from"]["images"] == 3  # crops: a feature per voxel
     assert written["planned_from"]["median_shape"] == [35, 51, 35]
     assert Plan.load(tiny_studies) == Plan(**{k: written[k] for k in ("encoder_image_size", "feature_stride", "registration_voxels")})
     # an explicit option overrides the plan, rewrites it, and changes the cache folder (settings id)
-    other = build_stage_one(tiny_studies, AppConfig.from_conf({**FAST, "feature_stride": "1"}))
-    assert json.loads((tiny_studies / PLAN_FILE).read_text())["feature_stride"] == 1
-    assert other.cache.settings_id.endswith("-g1")
+    other = build_stage_one(tiny_studies, AppConfig.from_conf({**FAST, "feature_stride": "2"}))
+    assert json.loads((tiny_studies / PLAN_FILE).read_text())["feature_stride"] == 2
+    assert other.cache.settings_id.endswith("-g2")
 
 
 def test_planned_slice_size_fits_the_slices_on_gpu_and_stays_small_on_cpu():
     la = [((183, 140, 88), (0.625,) * 3)] * 3
     assert make_plan(la, "cpu").encoder_image_size == 64
+    assert make_plan(la, "cpu").feature_stride == 2 and make_plan([((35, 50, 35), (1.0,) * 3)], "cpu").feature_stride == 1
     assert make_plan(la, "cuda").encoder_image_size == 192
     assert make_plan([((512, 512, 300), (0.7, 0.7, 1.0))], "cuda").encoder_image_size == 256
     assert make_plan([((35, 50, 35), (1.0,) * 3)], "cuda").encoder_image_size == 64

@@ -13,8 +13,9 @@ the command line) encodes every image the same way::
   slice on 2 cores, ~2.6 s at 256 px).
 - ``feature_stride`` (voxels): features are stored for every ``stride``-th voxel along each axis
   and interpolated (trilinear) on lookup; an axis whose spacing is more than twice the finest
-  (thick slices) keeps stride 1 (:meth:`Plan.stride`). Stride 2 with 32 float16 dims = 8 bytes per
-  image voxel.
+  (thick slices) keeps stride 1 (:meth:`Plan.stride`). Planned as 2 for scans (median volume above
+  ``SMALL_VOLUME_VOXELS``: 32 float16 dims = 8 bytes per image voxel) and 1 for small crops (a
+  hippocampus crop's cache is ~4 MB, and every voxel keeps its own feature).
 - ``registration_voxels``: template-to-target registration runs on both images bin-shrunk to at most
   this many voxels (finest axes first, towards one working spacing; smaller scans are untouched).
 
@@ -42,6 +43,8 @@ T = TypeVar("T")
 PLAN_FILE = Path(".semisam") / "plan.json"
 #: LiteMedSAM's native input size (its training resolution).
 NATIVE_IMAGE_SIZE = 256
+#: Volumes up to this many voxels (crops) keep a feature per voxel (feature stride 1).
+SMALL_VOLUME_VOXELS = 1_000_000
 #: Slice size on CPU: the encoder's cost grows ~quadratically with it (0.1 s per slice at 64 px).
 CPU_IMAGE_SIZE = 64
 
@@ -172,8 +175,9 @@ def image_geometries(paths: Iterable[Path]) -> list[tuple[tuple[int, ...], tuple
     return out
 
 
-def make_plan(geometries: list[tuple[tuple[int, ...], tuple[float, ...]]], device: str = "cpu", feature_stride: int = 2) -> Plan:
-    """Plan from the datastore's image geometries (``[(shape, spacing), ...]``) for ``device``."""
+def make_plan(geometries: list[tuple[tuple[int, ...], tuple[float, ...]]], device: str = "cpu", feature_stride: int | None = None) -> Plan:
+    """Plan from the datastore's image geometries (``[(shape, spacing), ...]``) for ``device``
+    (``feature_stride`` ``None``: planned from the median volume size)."""
     if geometries:
         shapes = np.array([g[0] for g in geometries])
         spacings = np.array([g[1] for g in geometries])
@@ -181,6 +185,8 @@ def make_plan(geometries: list[tuple[tuple[int, ...], tuple[float, ...]]], devic
         median_spacing = [round(float(v), 4) for v in np.median(spacings, 0)]
     else:
         median_shape, median_spacing = [], []
+    if feature_stride is None:
+        feature_stride = 2 if not median_shape or np.prod(median_shape) > SMALL_VOLUME_VOXELS else 1
     size = CPU_IMAGE_SIZE
     if device != "cpu" and median_shape:
         size = int(min(NATIVE_IMAGE_SIZE, max(CPU_IMAGE_SIZE, 32 * math.ceil(max(median_shape) / 32))))
@@ -200,7 +206,7 @@ def load_or_make_plan(studies: Path, image_paths: Iterable[Path], device: str, o
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     plan = Plan.load(studies)
     if plan is None:
-        plan = make_plan(image_geometries(image_paths), device, overrides.get("feature_stride", 2))
+        plan = make_plan(image_geometries(image_paths), device, overrides.get("feature_stride"))
     merged = Plan(**{**asdict(plan), **overrides})
     if merged != plan or not (Path(studies) / PLAN_FILE).exists():
         merged.save(studies)
