@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     for case in tqdm(timed, desc="encoder timing", unit="image"):
         image = load_image(studies / f"{case}.nii.gz")
         start = time.perf_counter()
-        stage_one.cache._encode(image, progress=False)  # the cache's own streamed path, without writing
+        stage_one.cache.compute(image)  # the cache's own streamed path, without writing
         encode_seconds += time.perf_counter() - start
         stride = stage_one.cache.stride(image)
         encoded_slices += sum(-(-image.array.shape[a] // stride[a]) for a in config.encoder_axes)

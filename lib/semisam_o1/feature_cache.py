@@ -189,14 +189,15 @@ class FeatureCache:
         stored = np.prod([len(g) for g in stored_grid(image.array.shape, self.stride(image))])
         # the image (+ its normalised copy) and (dims + 1) float32 accumulators per stored voxel
         check_memory(f"{image.path}: encoding", image.array.shape, 8 + (self.dims + 1) * 4 * stored / image.array.size, ENCODER_BYTES)
-        values = with_cpu_fallback(lambda device: self._encode(image, progress, device), self.device, f"encoding {image.path.name}")
+        values = with_cpu_fallback(lambda device: self.compute(image, progress, device), self.device, f"encoding {image.path.name}")
         values = values.astype(np.float16)
         atomic_write(self.path(image.path), lambda tmp: np.save(tmp, values))
         return self.get(image)
 
     # ----------------------------------------------------------------- encoding
-    def _encode(self, image: Volume, progress: bool, device: str | None = None) -> np.ndarray:
-        """``(d, h, w, dims)`` float32: streamed per axis and slice batch, projected at once."""
+    def compute(self, image: Volume, progress: bool = False, device: str | None = None) -> np.ndarray:
+        """Encode ``image`` (its features are not written; the basis is, if missing): ``(d, h, w, dims)`` float32, streamed per axis and
+        slice batch and projected at once (on ``device``, default the cache's)."""
         volume = torch.from_numpy(normalize(image.array, self.modality))
         grid = stored_grid(volume.shape, self.stride(image))
         mean, components = self._load_or_fit_basis(volume, grid, progress)
