@@ -196,8 +196,8 @@ class FeatureCache:
 
     # ----------------------------------------------------------------- encoding
     def compute(self, image: Volume, progress: bool = False, device: str | None = None) -> np.ndarray:
-        """Encode ``image`` (its features are not written; the basis is, if missing): ``(d, h, w, dims)`` float32, streamed per axis and
-        slice batch and projected at once (on ``device``, default the cache's)."""
+        """Encode ``image``: ``(d, h, w, dims)`` float32, streamed per axis and slice batch and projected at
+        once, on ``device`` (default the cache's). Its features are not written (the basis is, if missing)."""
         volume = torch.from_numpy(normalize(image.array, self.modality))
         grid = stored_grid(volume.shape, self.stride(image))
         mean, components = self._load_or_fit_basis(volume, grid, progress)
