@@ -138,7 +138,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.step:
         name, studies, image, device, extra = args.step
-        print(json.dumps(step(name, Path(studies), image, device, extra)))
+        result = step(name, Path(studies), image, device, extra)
+        # each step's result is also kept beside its datastore (a run stopped midway keeps what it measured)
+        (Path(studies) / f"step-{name}-{image}.json").write_text(json.dumps(result))
+        print(json.dumps(result))
         return 0
 
     out = args.out or RESULTS / ("scale_gpu.json" if args.device.startswith("cuda") else "scale.json")
