@@ -184,8 +184,14 @@ class FeatureCache:
         cached = self.get(image)
         if cached is not None:
             return cached
-        values = self._encode(image, progress).astype(np.float16)
-        atomic_write(self.path(image.path), lambda tmp: np.save(tmp, values))
+        path = self.path(image.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{path}.lock"):  # one encoder per image: another process or thread may be encoding it
+            cached = self.get(image)
+            if cached is not None:
+                return cached
+            values = self._encode(image, progress).astype(np.float16)
+            atomic_write(path, lambda tmp: np.save(tmp, values))
         return self.get(image)
 
     # ----------------------------------------------------------------- encoding
