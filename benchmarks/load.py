@@ -249,6 +249,11 @@ def main(argv=None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
+    kept = PROJECT_ROOT / "benchmarks" / "out" / "load-server.log"  # git-ignored: the server's side of any error
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    if (work / "server.log").exists():
+        shutil.copy(work / "server.log", kept)
+        print(f"server log -> {kept}")
     shutil.rmtree(work, ignore_errors=True)
     print(f"{result['requests']} requests from {args.clients} clients in {args.seconds:.0f} s: "
           f"5xx {result['status_5xx']}, no answer {result['errors_without_answer']}, labels intact {result['labels_intact']}, "

@@ -62,6 +62,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_") and k != "PYTHONPATH"}, **(env or {})}
+        env = {k: v for k, v in env.items() if v is not None}  # env={"X": None}: X unset for the server
         self.log = Path(log_dir or Path(studies).parent) / f"server-{self.port}.log"  # studies may be a DICOMweb URL
         cmd = [sys.executable, str(PROJECT_ROOT / "main.py"), "serve", "--studies", str(studies), "--port", str(self.port)]
         self._log_file = open(self.log, "w")

@@ -14,6 +14,7 @@ import semisam_o1
 from semisam_o1.config import AppConfig
 from semisam_o1.dicom import dicomweb_datastore, work_dir
 from semisam_o1.pipeline import build_stage_one
+from semisam_o1.priority import InteractivePriority
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.tasks import request_guard
 from semisam_o1.tasks.feature_extraction import FeatureExtraction
@@ -36,6 +37,7 @@ class SemiSAMO1App(MONAILabelApp):
         self.config = AppConfig.from_conf(conf)
         self.stage_one = build_stage_one(work_dir(studies), self.config)
         self.stage_two = StageTwo(work_dir(studies), self.stage_one, self.config.stage_two_params())
+        self.priority = InteractivePriority(self.stage_one.studies)
         self.refresher = PseudoLabelRefresher(self.stage_one, self.datastore, self.current_labels)
         super().__init__(
             app_dir=app_dir,
@@ -105,12 +107,13 @@ class SemiSAMO1App(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer; a datastore image's id also reaches the task as ``image_id`` (MONAI Label
-        replaces ``image`` by the file's path)."""
+        replaces ``image`` by the file's path). Background pool work pauses while it runs (:mod:`semisam_o1.priority`)."""
         refuse_final(request.get("label_tag"))
         image = request.get("image")
         if isinstance(image, str) and not os.path.exists(image):  # MONAI Label's own test for "an id, not a file"
             request = {**request, "image_id": image}
-        return super().infer(request, datastore)
+        with self.priority.interactive():
+            return super().infer(request, datastore)
 
     def info(self):
         self.labels = self.current_labels()

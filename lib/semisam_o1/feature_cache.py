@@ -186,12 +186,18 @@ class FeatureCache:
         cached = self.get(image)
         if cached is not None:
             return cached
-        stored = np.prod([len(g) for g in stored_grid(image.array.shape, self.stride(image))])
-        # the image (+ its normalised copy) and (dims + 1) float32 accumulators per stored voxel
-        check_memory(f"{image.path}: encoding", image.array.shape, 8 + (self.dims + 1) * 4 * stored / image.array.size, ENCODER_BYTES)
-        values = with_cpu_fallback(lambda device: self.compute(image, progress, device), self.device, f"encoding {image.path.name}")
-        values = values.astype(np.float16)
-        atomic_write(self.path(image.path), lambda tmp: np.save(tmp, values))
+        path = self.path(image.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{path}.lock"):  # one encoder per image: another process or thread may be encoding it
+            cached = self.get(image)
+            if cached is not None:
+                return cached
+            stored = np.prod([len(g) for g in stored_grid(image.array.shape, self.stride(image))])
+            # the image (+ its normalised copy) and (dims + 1) float32 accumulators per stored voxel
+            check_memory(f"{image.path}: encoding", image.array.shape, 8 + (self.dims + 1) * 4 * stored / image.array.size, ENCODER_BYTES)
+            values = with_cpu_fallback(lambda device: self.compute(image, progress, device), self.device, f"encoding {image.path.name}")
+            values = values.astype(np.float16)
+            atomic_write(path, lambda tmp: np.save(tmp, values))
         return self.get(image)
 
     # ----------------------------------------------------------------- encoding

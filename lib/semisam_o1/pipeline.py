@@ -39,15 +39,20 @@ def build_stage_one(studies: Path, config: AppConfig) -> StageOne:
     return StageOne(studies, cache, label_values=set(config.labels.values()) or None, propagation=config.propagation)
 
 
-def refresh_pseudo_labels(stage_one: StageOne, datastore: Datastore, names: dict[str, int], progress: bool = False) -> dict:
+def refresh_pseudo_labels(stage_one: StageOne, datastore: Datastore, names: dict[str, int], progress: bool = False,
+                          before_image=None) -> dict:
     """Stage one from the datastore's current templates on every image without a ``final`` label.
 
     Saves each result under tag ``pseudo`` (never ``final``) with its summary as label info.
     Returns ``{image_id: summary}``; an image that fails (bad file) is logged and skipped.
+    ``before_image()`` is called before each image (the server's refresh waits there while an
+    interactive request runs, :mod:`semisam_o1.priority`).
     """
     templates = find_templates(datastore)
     cases = {}
     for image_id in tqdm(sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL)), desc="stage 1: propagate", unit="image", disable=not progress):
+        if before_image is not None:
+            before_image()
         try:
             prediction = stage_one.predict(datastore.get_image_uri(image_id), templates, progress=progress)
         except NoTemplateError:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from filelock import FileLock
 
 from semisam_o1.feature_cache import FeatureCache, FeatureGrid, stored_grid
 from semisam_o1.plan import check_memory
@@ -98,16 +99,19 @@ class StageOne:
 
         Volumes above the plan's ``registration_voxels`` are registered on a shrunk copy (bin average)."""
         path = self.registration_path(target, template)
-        if path.exists():
-            with _HDF5_LOCK:
-                return sitk.ReadTransform(str(path))
-        fixed, moving = read_image(target), read_image(template)
-        fixed = shrink(fixed, self.cache.plan.registration_shrink(fixed.GetSize(), fixed.GetSpacing()))
-        moving = shrink(moving, self.cache.plan.registration_shrink(moving.GetSize(), moving.GetSpacing()))
-        transform = refine_register(fixed, moving, affine_register(fixed, moving), "demons")
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(f"{path}.lock"):  # one registration per pair: a job or another request may be at it
+                if not path.exists():
+                    fixed, moving = read_image(target), read_image(template)
+                    fixed = shrink(fixed, self.cache.plan.registration_shrink(fixed.GetSize(), fixed.GetSpacing()))
+                    moving = shrink(moving, self.cache.plan.registration_shrink(moving.GetSize(), moving.GetSpacing()))
+                    transform = refine_register(fixed, moving, affine_register(fixed, moving), "demons")
+                    with _HDF5_LOCK:
+                        atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
+                    return transform
         with _HDF5_LOCK:
-            atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
-        return transform
+            return sitk.ReadTransform(str(path))
 
     def frame_positions(self, image_path: Path, frame: Path) -> FeatureGrid:
         """Every voxel of ``image_path`` as a continuous voxel index of the image ``frame`` (a template),

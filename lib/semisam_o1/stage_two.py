@@ -20,8 +20,10 @@ round and the refined labels drifted down to the networks' level (0.796 -> 0.789
 mean each source keeps an equal say (0.799 -> 0.797 -> 0.796, ``benchmarks/results/stage2.json``). The entropy of the soft labels is
 the voxel-wise uncertainty; the refinement relabels the most uncertain voxels of their argmax.
 
-A round is committed by writing ``state.json`` last: a run killed mid-round restarts that round,
-and everything of earlier rounds stays valid. ``state.json`` also records the run's inputs (templates
+A round is committed by writing ``state.json`` last: a run killed mid-round (even ``kill -9``)
+restarts that round, and everything of earlier rounds stays valid. Every file is written to a hidden
+temporary name and renamed (``atomic_write``), so no half-written file has a name anything reads;
+the temporary files a killed run left are deleted when the next run starts. ``state.json`` also records the run's inputs (templates
 with their label hashes, the pool, the params): when a clinician saves a new ``final`` label or the
 pool changes, the next run starts again from round 0 instead of resuming (the published
 ``model.pt`` keeps serving until the new run's first round replaces it). ``final`` labels are read,
@@ -130,6 +132,7 @@ class StageTwo:
         if not templates:
             raise NoTemplateError("stage two needs a template: save a 'final' label for at least one image first")
         notify = on_progress or (lambda p: None)
+        self._remove_interrupted_writes()
         inputs = self._inputs(templates, pool)
         state = self.state()
         if state["rounds"] and state.get("inputs") != inputs:
@@ -191,6 +194,14 @@ class StageTwo:
         """What a run depends on; a committed state with other inputs is not resumed (more rounds is)."""
         params = {k: v for k, v in _jsonable(asdict(self.params)).items() if k != "rounds"}
         return {"templates": {t.image_id: sha256(t.label_path)[:16] for t in templates}, "pool": sorted(pool), "params": params}
+
+    def _remove_interrupted_writes(self) -> None:
+        """Delete the hidden temporary files of writes a killed run left (``atomic_write``: ``.<name>.*``);
+        nothing reads them, and the round they belong to is run again."""
+        for tmp in self.work.rglob(".*") if self.work.exists() else []:
+            if tmp.is_file():
+                logger.warning(f"stage 2: removing {tmp}: a write interrupted by a crash (the round is run again)")
+                tmp.unlink(missing_ok=True)
 
     def _reset(self) -> None:
         """Forget every round (the published model stays until a new round replaces it)."""

@@ -7,13 +7,16 @@ without a name is called ``label_<value>``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
-from semisam_o1.volumes import label_array
+from semisam_o1.volumes import InputError, label_array
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ def find_templates(datastore: Datastore) -> list[Template]:
 
 
 _values_cache: dict[tuple[str, int, int], tuple[int, ...]] = {}
+_unreadable: set[tuple[str, int, int]] = set()
 
 
 def label_values(path: Path) -> tuple[int, ...]:
@@ -59,7 +63,20 @@ def label_map(templates: list[Template], names: dict[str, int]) -> dict[str, int
         templates: the datastore's templates (:func:`find_templates`).
         names: ``--conf labels``; its values are listed even before a template has them, so a
             clinician can annotate the first template with the right names.
+
+    A template whose label file cannot be read (corrupt, truncated) is skipped with a warning naming
+    the file, once per version of the file; the file itself is left as it is.
     """
-    values = sorted({v for t in templates for v in label_values(t.label_path)} | set(names.values()))
+    found = set(names.values())
+    for t in templates:
+        try:
+            found |= set(label_values(t.label_path))
+        except (InputError, OSError) as e:
+            stat = t.label_path.stat() if t.label_path.exists() else None
+            key = (str(t.label_path), stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1)
+            if key not in _unreadable:
+                _unreadable.add(key)
+                logger.warning(f"template '{t.image_id}' skipped in the label map: its final label {t.label_path} cannot be read ({e})")
+    values = sorted(found)
     by_value = {v: n for n, v in names.items()}
     return {by_value.get(v, f"label_{v}"): v for v in values}

@@ -14,15 +14,21 @@ instead of ``monailabel.app:app``:
   OHIF's MONAI Label panel reads for the server address (``MONAILABEL_SERVER_URL``) to this
   server's ``/ohif-api/``, unless the browser has one, so the panel needs no typing.
 - ``/infer/{model}?output=dicom_seg`` converts with pydicom-seg (:mod:`semisam_o1.dicom`) instead of
-  dcmqi's ``itkimage2segimage``, which is never downloaded.
+  dcmqi's ``itkimage2segimage``, which is never downloaded; the SEG file is deleted once answered.
 - With ``MONAI_LABEL_AUTH_ENABLE``: OpenID Connect bearer tokens under MONAI Label's role checks, and
   ``/auth/token`` as a password grant at the issuer (:mod:`semisam_o1.auth`).
+- Concurrency: MONAI Label 0.8.5's endpoints are ``async def`` functions that do blocking work
+  (inference, file I/O, datastore writes) on the event loop, so the server answered one request at a
+  time (a listing waited behind every infer). :class:`InWorkerThread` serves each request on a worker
+  thread, so requests are served concurrently.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import anyio
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
 from monailabel.app import app as monailabel_app
@@ -108,7 +114,58 @@ def _dicom_seg(series_dir, label, label_info, file_ext="*", use_itk=True) -> str
     series_dir = Path(series_dir)
     names = {str(info.get("name", f"label_{i + 1}")): int(info.get("idx", i + 1)) for i, info in enumerate(label_info or [])}
     out = Path(tempfile.NamedTemporaryFile(suffix=".dcm", delete=False).name)
-    return str(label_to_seg(label, Path(f"{series_dir}.nii.gz"), series_dir, names, out))
+    try:
+        return str(label_to_seg(label, Path(f"{series_dir}.nii.gz"), series_dir, names, out))
+    except BaseException:
+        out.unlink(missing_ok=True)  # no answer, no file left behind
+        raise
+
+
+class InWorkerThread:
+    """ASGI wrapper: serves each HTTP request on a worker thread, in an event loop of its own.
+
+    The whole request (middleware, body parsing, the role check, the endpoint, sending the response,
+    background tasks) runs there, so blocking code in an ``async def`` endpoint blocks only its own
+    request; ``receive`` and ``send`` still go through the server's event loop. Threads come from
+    AnyIO's worker pool (40 at most, as for FastAPI's own ``def`` endpoints). Paths under
+    :data:`ON_EVENT_LOOP` (MONAI Label's DICOMweb proxy, which really awaits) and non-HTTP scopes
+    (lifespan, websockets) stay on the server's loop.
+
+    (Wrapping each route's ``app`` instead does not work with FastAPI >= 0.1xx: included routers build
+    their own route handlers lazily.)
+    """
+
+    def __init__(self, application):
+        self.application = application
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path", "").startswith(ON_EVENT_LOOP):
+            return await self.application(scope, receive, send)
+        loop = asyncio.get_running_loop()
+
+        def on_server_loop(function):
+            async def call(*args):
+                return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(function(*args), loop))
+
+            return call
+
+        run = lambda: asyncio.run(self.application(scope, on_server_loop(receive), on_server_loop(send)))  # noqa: E731
+        await anyio.to_thread.run_sync(run)
+
+
+#: Path prefixes whose endpoints really await (MONAI Label's DICOMweb proxy over HTTP): on the server's loop.
+ON_EVENT_LOOP = ("/proxy/", f"{OHIF_API}/proxy/")
+
+
+def _send_response(datastore, result, output, background_tasks):
+    """MONAI Label's ``send_response``; the DICOM SEG file made for ``output=dicom_seg`` is deleted
+    once sent (MONAI Label deletes the label file it answers, never the SEG)."""
+    from monailabel.utils.others.generic import remove_file
+
+    seg = result.get("dicom_seg")
+    if seg and Path(seg).is_file():
+        background_tasks.add_task(remove_file, seg)
+    return _send_response.__wrapped__(datastore, result, output, background_tasks)
 
 
 def install(application) -> None:
@@ -120,8 +177,10 @@ def install(application) -> None:
     del application.router.routes[before:]
     application.router.routes[0:0] = added
     infer_endpoint.nifti_to_dicom_seg = _dicom_seg
+    _send_response.__wrapped__ = getattr(infer_endpoint.send_response, "__wrapped__", infer_endpoint.send_response)
+    infer_endpoint.send_response = _send_response
     auth.install(application)
 
 
 install(monailabel_app)
-app = OhifApiPrefix(monailabel_app)
+app = InWorkerThread(OhifApiPrefix(monailabel_app))

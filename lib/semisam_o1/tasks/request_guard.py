@@ -18,11 +18,16 @@ newest app):
   option); a model in ``needs_template`` without a template -> 409; a second run while one is
   submitted or running -> 429 (MONAI Label refuses it only once the first job's process started,
   and would queue it to run again).
+
+Endpoints run on worker threads (:mod:`semisam_o1.web`), so requests run concurrently: a next-sample
+choice and its "served to client X" record are one step (two clients asking at once never get the
+same image as a fresh pick), and a job's "already running?" check and its start are one step.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Callable
 
 from fastapi import HTTPException
@@ -56,6 +61,12 @@ def parse_params(text: str | None, field: str = "params") -> dict:
     if not isinstance(value, dict):
         raise InputError(f"{field}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+#: Next sample: choose and record who it was served to, one request at a time.
+_SAMPLE_LOCK = threading.Lock()
+#: Background jobs: check what runs and submit, one request at a time.
+_JOBS_LOCK = threading.Lock()
 
 
 def _wrap(module, name: str, make):
@@ -115,7 +126,8 @@ def install(app, needs_template: set[str], has_template: Callable[[], bool]) -> 
         def sample(strategy, params=None, user=None):
             if strategy not in app._strategies:
                 raise unknown("strategy", "strategies", strategy, app._strategies)
-            return original(strategy, params, user)
+            with _SAMPLE_LOCK:
+                return original(strategy, params, user)
 
         return sample
 
@@ -123,7 +135,8 @@ def install(app, needs_template: set[str], has_template: Callable[[], bool]) -> 
         def run_method(method, params=None, run_sync=False):
             if method not in app._scoring_methods:
                 raise unknown("scoring method", "scoring methods", method, app._scoring_methods)
-            return original(method, params, run_sync)
+            with _JOBS_LOCK:
+                return original(method, params, run_sync)
 
         return run_method
 
@@ -141,13 +154,14 @@ def install(app, needs_template: set[str], has_template: Callable[[], bool]) -> 
                 raise HTTPException(
                     status_code=409, detail=f"'{model}' needs a template: save a 'final' label for at least one image first"
                 )
-            active = [t for t in tasks("train") if t.get("status") in ("SUBMITTED", "RUNNING")]
-            if active and not enqueue:
-                raise HTTPException(
-                    status_code=429,
-                    detail=f"training is already {active[0]['status'].lower()} (job {active[0]['id']}): wait for it, or stop it with DELETE /train/",
-                )
-            return original(model, params, run_sync, enqueue)
+            with _JOBS_LOCK:
+                active = [t for t in tasks("train") if t.get("status") in ("SUBMITTED", "RUNNING")]
+                if active and not enqueue:
+                    raise HTTPException(
+                        status_code=429,
+                        detail=f"training is already {active[0]['status'].lower()} (job {active[0]['id']}): wait for it, or stop it with DELETE /train/",
+                    )
+                return original(model, params, run_sync, enqueue)
 
         return run_model
 

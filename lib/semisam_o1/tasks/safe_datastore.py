@@ -10,13 +10,17 @@ runs, whoever calls it (an endpoint, a task, a background job):
 - a name that breaks the rule -> HTTP 422 naming the parameter;
 - an image or label that is not in the datastore, where MONAI Label raises its own exceptions
   (answered 500) or silently does nothing -> HTTP 404 naming it;
-- an uploaded image whose file type is not one of the datastore's extensions -> HTTP 422.
+- an uploaded image whose file type is not one of the datastore's extensions -> HTTP 422;
+- an uploaded image under the id of an image already there -> HTTP 409 naming it, unless the file
+  is byte-identical (then nothing changes): replacing an image silently would leave its labels
+  (a clinician's ``final`` label among them) on a volume they were not drawn on.
 
 :class:`SafeSessions` does the same for MONAI Label's upload sessions.
 """
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 import tarfile
@@ -66,6 +70,17 @@ class NameChecks:
         if ext not in allowed:
             with client_errors():
                 raise InputError(f"image '{image_id}': file type '{ext or '(none)'}' is not one of {', '.join(allowed)}")
+        existing = self.get_image_uri(image_id) if image_id in self.list_images() else None
+        if existing:
+            if os.path.basename(existing) == name and filecmp.cmp(existing, image_filename, shallow=False):
+                return image_id  # the same file again: nothing to change
+            labels = sorted(self.get_labels_by_image_id(image_id))
+            raise HTTPException(
+                status_code=409,
+                detail=f"image '{image_id}' is already in the datastore with other content"
+                + (f" (labels: {', '.join(labels)})" if labels else "")
+                + ": upload it under a new id, or delete the old one first (DELETE /datastore/image?id=...)",
+            )
         return super().add_image(image_id, image_filename, image_info)
 
     def remove_image(self, image_id: str) -> None:

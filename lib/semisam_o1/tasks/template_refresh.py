@@ -2,7 +2,8 @@
 
 MONAI Label calls the app's ``on_save_label`` inside the PUT /datastore/label request; the refresh
 (registration of the new template to every unlabelled image, then propagation from cached
-features) takes seconds per image, so it runs in one background thread. Saves that arrive while a
+features) takes seconds per image, so it runs in one background thread, which waits before each
+image while an interactive request runs (:mod:`semisam_o1.priority`). Saves that arrive while a
 refresh runs are coalesced into one more refresh, which sees every template saved until it starts.
 """
 
@@ -16,6 +17,7 @@ from typing import Callable
 from monailabel.interfaces.datastore import Datastore
 
 from semisam_o1.pipeline import refresh_pseudo_labels
+from semisam_o1.priority import InteractivePriority
 from semisam_o1.stage_one import StageOne
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ class PseudoLabelRefresher:
         self.stage_one = stage_one
         self._datastore = datastore
         self._labels = labels
+        self.priority = InteractivePriority(stage_one.studies)
         self._lock = threading.Lock()
         self._wanted = threading.Event()
         self._thread: threading.Thread | None = None
@@ -57,7 +60,7 @@ class PseudoLabelRefresher:
                 self._wanted.clear()
             start = time.perf_counter()
             try:
-                cases = refresh_pseudo_labels(self.stage_one, self._datastore(), self._labels())
+                cases = refresh_pseudo_labels(self.stage_one, self._datastore(), self._labels(), before_image=self.priority.wait_turn)
                 self.last = {"images": len(cases), "seconds": round(time.perf_counter() - start, 1), "error": None}
             except Exception as e:  # a background thread has no caller to raise to: log and report
                 logger.exception("stage-one refresh failed")

@@ -23,6 +23,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from semisam_o1.active_learning import SCORE_KEY, UNCERTAIN_ENTROPY, UNCERTAIN_VOTE, uncertainty_score
+from semisam_o1.priority import InteractivePriority, lower_job_priority
 from semisam_o1.sample_data import sha256
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.templates import Template, find_templates
@@ -43,8 +44,10 @@ class UncertaintyScoring(ScoringMethod):
     def __init__(self, stage_two: StageTwo):
         super().__init__("Uncertainty of every unlabelled image under the latest model (active learning: strategy 'uncertain')")
         self.stage_two = stage_two
+        self.priority = InteractivePriority(stage_two.studies)
 
     def __call__(self, request, datastore: Datastore):
+        lower_job_priority()  # interactive requests first (semisam_o1.priority)
         stage_one = self.stage_two.stage_one
         templates = find_templates(datastore)
         net = self.stage_two.load_model()
@@ -58,6 +61,7 @@ class UncertaintyScoring(ScoringMethod):
             if datastore.get_image_info(image_id).get(SCORE_KEY, {}).get("version") == version:
                 current += 1
                 continue
+            self.priority.wait_turn()
             start = time.perf_counter()
             try:
                 image = load_image(datastore.get_image_uri(image_id))
