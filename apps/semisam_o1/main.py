@@ -1,6 +1,7 @@
 """MONAI Label app for SemiSAM-O1: wires the tasks of the ``semisam_o1`` library, nothing more."""
 
 import logging
+import threading
 import os
 
 from monailabel.config import settings
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 class SemiSAMO1App(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.config = AppConfig.from_conf(conf)
+        self._infer_lock = threading.Lock()
         self.stage_one = build_stage_one(work_dir(studies), self.config)
         self.stage_two = StageTwo(work_dir(studies), self.stage_one, self.config.stage_two_params())
         self.priority = InteractivePriority(self.stage_one.studies)
@@ -107,12 +109,14 @@ class SemiSAMO1App(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer; a datastore image's id also reaches the task as ``image_id`` (MONAI Label
-        replaces ``image`` by the file's path). Background pool work pauses while it runs (:mod:`semisam_o1.priority`)."""
+        replaces ``image`` by the file's path). Background pool work pauses while it runs (:mod:`semisam_o1.priority`).
+        Infers run one at a time (they are CPU/GPU-bound, and MONAI Label's infer tasks keep per-call state);
+        other requests (listings, saves, next sample) are served meanwhile on their own threads."""
         refuse_final(request.get("label_tag"))
         image = request.get("image")
         if isinstance(image, str) and not os.path.exists(image):  # MONAI Label's own test for "an id, not a file"
             request = {**request, "image_id": image}
-        with self.priority.interactive():
+        with self._infer_lock, self.priority.interactive():
             return super().infer(request, datastore)
 
     def info(self):
