@@ -89,15 +89,17 @@ def run(name: str, images: Path, labels: Path, template: str, classes: dict[str,
     templates = find_templates(open_datastore(studies))
     template_path, template_label = templates[0].image_path, templates[0].label_path
 
-    # 1. features: the first cache miss runs in a child process (its peak RSS = one volume's extraction,
-    #    PCA basis fit included); the others in this process, timed. Timings kept in the work dir for reruns.
+    # features, per case as the loop reaches it (so an interrupted run has whole cases): the first cache
+    # miss runs in a child process (its peak RSS = one volume's extraction, PCA basis fit included), the
+    # others in this process, timed. Timings are kept in the work dir for reruns.
     timing_file = studies / "extraction_timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"seconds": {}, "peak_rss_bytes": None}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    for case in [template, *pool]:
+
+    def features(case: str) -> None:
         image = load_image(studies / f"{case}.nii.gz")
         if base.cache.get(image) is not None:
-            continue
+            return
         if timing["peak_rss_bytes"] is None:
             out = subprocess.run([sys.executable, "-c", _CHILD, str(studies), str(image.path), json.dumps(conf)], env=env,
                                  capture_output=True, text=True, check=True)
@@ -109,13 +111,23 @@ def run(name: str, images: Path, labels: Path, template: str, classes: dict[str,
             timing["seconds"][case] = time.perf_counter() - start
         timing_file.write_text(json.dumps(timing))
         print(f"features {case}: {timing['seconds'][case]:.1f} s", flush=True)
-    cache_images = [load_image(studies / f"{c}.nii.gz") for c in [template, *pool]]
-    cache_bytes_per_voxel = sum(base.cache.path(i.path).stat().st_size for i in cache_images) / sum(i.array.size for i in cache_images)
 
+    def bytes_per_voxel(done: list[str]) -> float:
+        images = [load_image(studies / f"{c}.nii.gz") for c in done]
+        return sum(base.cache.path(i.path).stat().st_size for i in images) / sum(i.array.size for i in images)
+
+    features(template)
     cases = {}
+    out_path = args.out or RESULTS / f"{name}.json"
+    reuse = {}
+    if args.reuse_ants and out_path.exists():
+        reuse = {c: r for c, r in json.loads(out_path.read_text()).get("per_case", {}).items() if "ants_syn" in r}
+    pool_size = len(pool)
+    pool = pool[: args.stop_after] if args.stop_after else pool
     label_itk = read_image(template_label)
     for n, case in enumerate(pool):
         path = studies / f"{case}.nii.gz"
+        features(case)
         truth = load_label(labels / f"{case}.nii.gz", load_image(path))
         row: dict = {}
         # registration-only: our affine + demons (the transform stage one's default caches), label warped
@@ -123,7 +135,9 @@ def run(name: str, images: Path, labels: Path, template: str, classes: dict[str,
         transform = stage_ones["demons"].transform(path, template_path)
         row["registration_seconds"] = round(time.perf_counter() - start, 2)
         row["registration_only"] = per_class(warp_label(label_itk, read_image(path), transform), truth, classes)
-        if not args.skip_ants:
+        if case in reuse:  # ANTs SyN does not depend on this project's code: its numbers from the previous run
+            row["ants_syn"], row["ants_syn_seconds"] = reuse[case]["ants_syn"], reuse[case]["ants_syn_seconds"]
+        elif not args.skip_ants:
             start = time.perf_counter()
             row["ants_syn"] = per_class(ants_syn(path, template_path, template_label), truth, classes)
             row["ants_syn_seconds"] = round(time.perf_counter() - start, 2)
@@ -139,7 +153,7 @@ def run(name: str, images: Path, labels: Path, template: str, classes: dict[str,
             row[f"stage1_{method}_floor"] = {nm: prediction.floor.get(v) for nm, v in classes.items()}
         cases[case] = row
         print(f"[{n + 1}/{len(pool)}] {case}: " + json.dumps({k: v for k, v in row.items() if not k.endswith("_floor")}), flush=True)
-        write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, template, len(pool))
+        write(name, cases, classes, default, timing, bytes_per_voxel([template, *cases]), args, template, pool_size)
     return 0
 
 
@@ -181,5 +195,7 @@ def parser(doc: str, name: str, limit: int | None = None):
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--limit", type=int, default=limit, help="only the first N pool volumes (sorted ids)")
     p.add_argument("--skip-ants", action="store_true")
+    p.add_argument("--reuse-ants", action="store_true", help="take ANTs SyN numbers of cases already in the output JSON (same cases, same data)")
+    p.add_argument("--stop-after", type=int, default=None, help="evaluate only the first N cases of the pool (the pool size reported stays --limit)")
     p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), default=[])
     return p

@@ -26,6 +26,7 @@ from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import scores
 from semisam_o1.pipeline import build_stage_one, open_datastore
 from semisam_o1.registration import affine_register, read_image, refine_register, warp_label
+from semisam_o1.stage_one import StageOne
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.tasks.uncertainty_scoring import UncertaintyScoring
 from semisam_o1.templates import find_templates
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
         refine_register(fixed, moving, affine_register(fixed, moving), "demons")
         register_seconds.append(time.perf_counter() - start)
 
+    # the single-atlas baselines always use affine + demons (stage one's own prior may be another method)
+    demons = stage_one if stage_one.registration == "demons" else StageOne(studies, stage_one.cache, label_names=config.labels)
     latencies, ours, atlas, atlas_demons = [], [], [], []
     template_label = read_image(templates[0].label_path)
     for case in tqdm(pool, desc="propagate", unit="image"):
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
         latencies.append(time.perf_counter() - start)
         truth = load_label(source.labels / f"{case}.nii.gz", prediction.image)
         ours.append(scores(prediction.label, truth, CLASSES))
-        transform = stage_one.transform(path, templates[0].image_path)  # composite: affine, then demons
+        transform = demons.transform(path, templates[0].image_path)  # composite: affine, then demons
         atlas.append(scores(warp_label(template_label, read_image(path), transform.GetNthTransform(0)), truth, CLASSES))
         atlas_demons.append(scores(warp_label(template_label, read_image(path), transform), truth, CLASSES))
 
