@@ -171,3 +171,29 @@ def test_failed_registration_is_a_clear_per_image_error(tmp_path):
     stage_one = StageOne(studies, SimpleNamespace(plan=Plan()))
     with pytest.raises(RegistrationError, match=r"blank.nii.gz: registration \(demons\) to template template.nii.gz failed"):
         stage_one.transform(studies / "blank.nii.gz", studies / "template.nii.gz")
+
+
+def test_a_failed_registration_skips_that_image_only_and_is_reported(tmp_path, monkeypatch):
+    import semisam_o1.stage_one as so
+    from semisam_o1.pipeline import run_stage_one
+
+    real = so.refine_register
+
+    def failing(fixed, moving, initial, kind):  # ITK's own message for volumes that do not overlap
+        if sitk.GetArrayViewFromImage(fixed).mean() < 0.01:  # the blank image only
+            raise RuntimeError("Exception thrown in SimpleITK Execute:\nAll samples map outside moving image buffer")
+        return real(fixed, moving, initial, kind)
+
+    monkeypatch.setattr(so, "refine_register", failing)
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    image, label = phantom()
+    write_phantom(studies, "template", image, label)
+    write_phantom(studies, "target", phantom(shift=(1, 1, 0), seed=7)[0])
+    blank = np.zeros(SHAPE, np.float32)
+    blank[0, 0, 0] = 1.0  # not constant (a valid image), but nothing for registration to align
+    write_phantom(studies, "zblank", blank)
+    report = run_stage_one(studies, AppConfig.from_conf(FAST), progress=False)
+    assert list(report["cases"]) == ["target"]
+    assert "registration (demons) to template template.nii.gz failed" in report["errors"]["zblank"]
