@@ -82,6 +82,8 @@ def main(argv=None) -> int:
         refine_register(fixed, moving, affine_register(fixed, moving), "demons")
         register_seconds.append(time.perf_counter() - start)
 
+    # the single-atlas baselines always use affine + demons (stage one's own prior may be another method)
+    demons = stage_one if stage_one.registration == "demons" else StageOne(studies, stage_one.cache, label_names=config.labels)
     latencies, ours, atlas, atlas_demons, prototype = [], [], [], [], []
     paper = StageOne(studies, stage_one.cache, stage_one.label_values, propagation="prototype")  # the paper's stage one, same features
     template_label = read_image(templates[0].label_path)
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
         latencies.append(time.perf_counter() - start)
         truth = load_label(source.labels / f"{case}.nii.gz", prediction.image)
         ours.append(scores(prediction.label, truth, CLASSES))
-        transform = stage_one.transform(path, templates[0].image_path)  # composite: affine, then demons
+        transform = demons.transform(path, templates[0].image_path)  # composite: affine, then demons
         atlas.append(scores(warp_label(template_label, read_image(path), transform.GetNthTransform(0)), truth, CLASSES))
         atlas_demons.append(scores(warp_label(template_label, read_image(path), transform), truth, CLASSES))
         prototype.append(scores(paper.predict(path, templates).label, truth, CLASSES))

@@ -135,6 +135,9 @@ class AppConfig:
     feature_stride: int | None = _option(
         None, parse_auto_int(1, 8), "features stored every N voxels per axis (thick-slice axes: 1), interpolated on lookup; auto = plan (2)"
     )
+    registration: str = _option(
+        "demons", parse_choice("demons", "syn"), "stage one's spatial prior: demons (affine + diffeomorphic demons, SimpleITK) or syn (ANTs SyN, antspyx)"
+    )
     device: str = _option("auto", parse_device, "where the encoder and the network run: auto (CUDA if available), cpu, cuda, cuda:N")
 
     propagation: str = _option(

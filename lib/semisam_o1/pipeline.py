@@ -36,15 +36,17 @@ def build_stage_one(studies: Path, config: AppConfig) -> StageOne:
     images = sorted(p for ext in ("*.nii.gz", "*.nii") for p in Path(studies).glob(ext))
     plan = load_or_make_plan(studies, images, device, overrides)
     cache = FeatureCache(studies, config.encoder_spec(plan.encoder_image_size), config.feature_dims, config.modality, plan, device)
-    return StageOne(studies, cache, label_values=set(config.labels.values()) or None, propagation=config.propagation)
+    return StageOne(studies, cache, label_values=set(config.labels.values()) or None, label_names=config.labels,
+                    registration=config.registration, propagation=config.propagation)
 
 
 def refresh_pseudo_labels(stage_one: StageOne, datastore: Datastore, names: dict[str, int], progress: bool = False,
-                          before_image=None) -> dict:
+                          errors: dict[str, str] | None = None, before_image=None) -> dict:
     """Stage one from the datastore's current templates on every image without a ``final`` label.
 
     Saves each result under tag ``pseudo`` (never ``final``) with its summary as label info.
-    Returns ``{image_id: summary}``; an image that fails (bad file) is logged and skipped.
+    Returns ``{image_id: summary}``; an image that fails (bad file, failed registration) is logged,
+    its message put in ``errors[image_id]`` (when given), and skipped: the rest of the pool goes on.
     ``before_image()`` is called before each image (the server's refresh waits there while an
     interactive request runs, :mod:`semisam_o1.priority`).
     """
@@ -59,6 +61,8 @@ def refresh_pseudo_labels(stage_one: StageOne, datastore: Datastore, names: dict
             raise
         except InputError as e:
             logger.warning(f"stage 1: {image_id} skipped: {e}")
+            if errors is not None:
+                errors[image_id] = str(e)
             continue
         with tempfile.TemporaryDirectory() as tmp:
             out = save_label(prediction.label, prediction.image, Path(tmp) / "label.nii.gz")
@@ -71,15 +75,17 @@ def run_stage_one(studies: Path, config: AppConfig, progress: bool = True) -> di
     """Pseudo-label every image without a ``final`` label; saved in the datastore under tag ``pseudo``.
 
     Returns:
-        ``{"images": n, "seconds": s, "cases": {image_id: summary}}``, also written to
+        ``{"images": n, "seconds": s, "cases": {image_id: summary}, "errors": {image_id: message}}``, also written to
         ``studies/.semisam/stage1.json``.
     """
     studies = Path(studies)
     datastore = open_datastore(studies)
     templates = find_templates(datastore)
     start = time.perf_counter()
-    cases = refresh_pseudo_labels(build_stage_one(studies, config), datastore, label_map(templates, config.labels), progress)
-    report = {"images": len(cases), "templates": [t.image_id for t in templates], "seconds": round(time.perf_counter() - start, 1), "cases": cases}
+    errors: dict[str, str] = {}
+    cases = refresh_pseudo_labels(build_stage_one(studies, config), datastore, label_map(templates, config.labels), progress, errors)
+    report = {"images": len(cases), "templates": [t.image_id for t in templates], "seconds": round(time.perf_counter() - start, 1),
+              "cases": cases, "errors": errors}
     (studies / ".semisam").mkdir(exist_ok=True)
     (studies / ".semisam" / "stage1.json").write_text(json.dumps(report, indent=2))
     return report

@@ -3,18 +3,20 @@
 Method: registration-guided non-local patch label fusion in foundation-model feature space.
 The template is registered to the target (affine + demons, :mod:`semisam_o1.registration`), which
 maps every target voxel to a continuous template voxel index. Each target voxel then searches a
-``(2r+1)^3`` window of template voxels around that point; every template voxel votes for its label
+window of template voxels around that point (half-width ``radius_mm`` per axis, in the template's
+own spacing: thick slices are searched fewer slices deep); every template voxel votes for its label
 with weight ``exp((s - s_max) / h)``, ``s`` = cosine similarity of the two voxels' encoder features
 (``s_max`` = best similarity over all windows of all templates). Per-class vote maps are Gaussian
-smoothed, arg-maxed and cleaned (largest connected component). Target voxels mapped farther than
-``margin`` voxels from the template foreground are background without a search.
+smoothed (``sigma_mm``), arg-maxed and cleaned per class: a class that is one connected component
+in every template keeps only its largest component in the target (a class made of several
+separate objects in a template is left as voted). Target voxels mapped farther than ``margin_mm``
+from the template foreground are background without a search.
 
 Several templates (banks) fuse their votes (multi-atlas). Features arrive already in the stored
 space as a :class:`~semisam_o1.feature_cache.FeatureGrid` (or a dense ``(C, D, H, W)`` array) and are
 read only at the voxels that are searched; they are L2-normalised here.
 
-Measured on MSD hippocampus (template 001, 19 targets, LiteMedSAM s64 3 axes, PCA-32 fp16):
-mean Dice 0.80 vs 0.70 affine atlas, 0.75 demons atlas, 0.75 global voxel kNN.
+Measurements per dataset: README "Stage one per dataset" and ``benchmarks/results``.
 """
 
 from __future__ import annotations
@@ -23,26 +25,29 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from monai.transforms import KeepLargestConnectedComponent
 from scipy import ndimage
 
 from semisam_o1.feature_cache import as_grid
 
-__all__ = ["PropagationParams", "TemplateBank", "build_bank", "propagate", "class_prototypes", "propagate_prototypes"]
+__all__ = ["PropagationParams", "TemplateBank", "build_bank", "propagate", "window_radius", "single_component_classes",
+           "keep_largest_per_class", "class_quota", "class_prototypes", "propagate_prototypes"]
 
 
 @dataclass
 class PropagationParams:
     """Parameters of :func:`propagate`, defaults = best measured values."""
 
-    #: search window half-width (template voxels): window = (2 * radius + 1) ** 3
-    radius: int = 3
+    #: search window half-width (mm) per axis, converted with the template's spacing
+    #: (:func:`window_radius`: ``round(radius_mm / spacing)`` voxels, at most 7 positions per axis)
+    radius_mm: float = 3.0
     #: softmax temperature on cosine similarity
     h: float = 0.05
-    #: target voxels mapped farther than this (template voxels) from template foreground -> background
-    margin: float = 5.0
-    #: Gaussian sigma (voxels) on the per-class vote maps before arg-max; 0 = off
-    sigma: float = 1.0
-    #: keep the largest connected component of the foreground and of each class
+    #: target voxels mapped farther than this (mm, template space) from template foreground -> background
+    margin_mm: float = 5.0
+    #: Gaussian sigma (mm, per axis with the target's spacing) on the per-class vote maps before arg-max; 0 = off
+    sigma_mm: float = 1.0
+    #: per class, keep the largest connected component where the class is one component in every template
     largest_cc: bool = True
 
 
@@ -57,6 +62,8 @@ class TemplateBank:
         core: ``(N,)`` bool, voxel within ``margin`` of the template foreground (target voxels
             mapped onto a core voxel are searched).
         shape: template volume shape ``(D, H, W)``.
+        spacing: template voxel spacing (mm) per axis.
+        single_component: classes that are one connected component in the template label.
     """
 
     features: np.ndarray
@@ -64,6 +71,63 @@ class TemplateBank:
     labels: np.ndarray
     core: np.ndarray
     shape: tuple[int, int, int]
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    single_component: frozenset = frozenset()
+
+
+def window_radius(spacing, radius_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Search window of ``radius_mm`` on a grid of ``spacing`` (mm): ``(half-width, step)`` in voxels per axis.
+
+    Half-width ``round(radius_mm / spacing)`` (0 on slices thicker than twice the radius); positions
+    are taken every ``step`` voxels so an axis has at most 7 (``step = ceil(half-width / 3)``).
+
+    >>> [a.tolist() for a in window_radius((0.625, 1.0, 7.7), 3.0)]
+    [[5, 3, 0], [2, 1, 1]]
+    """
+    r = np.rint(float(radius_mm) / np.asarray(spacing, np.float64)).astype(np.int64)
+    return r, np.maximum(1, -(-r // 3))
+
+
+def single_component_classes(label: np.ndarray) -> frozenset:
+    """Classes (values > 0) of ``label`` whose voxels form exactly one connected component (26-connectivity)."""
+    out = set()
+    for c in np.unique(label):
+        if c > 0 and ndimage.label(label == c, structure=np.ones((3, 3, 3)))[1] == 1:
+            out.add(int(c))
+    return frozenset(out)
+
+
+def keep_largest_per_class(label: np.ndarray, classes) -> np.ndarray:
+    """``(D, H, W)`` uint8 ``label`` with each of ``classes`` cut to its largest connected component
+    (26-connectivity, MONAI ``KeepLargestConnectedComponent``; the rest set to 0); other classes untouched."""
+    classes = sorted(int(c) for c in classes)
+    if not classes:
+        return label
+    out = KeepLargestConnectedComponent(applied_labels=classes, independent=True)(torch.from_numpy(np.ascontiguousarray(label))[None])
+    return np.asarray(out)[0].astype(np.uint8)
+
+
+def class_quota(counts: dict[int, int], budget: int) -> dict[int, int]:
+    """Voxels kept per class under a ``budget``: every class keeps all of its voxels up to an equal share;
+    what small classes leave goes to the larger ones (water-filling), so a class 10x smaller than
+    another is never subsampled while the budget allows.
+
+    >>> class_quota({0: 500, 1: 100, 2: 10}, 300)
+    {0: 190, 1: 100, 2: 10}
+    """
+    quota, left, open_ = {}, budget, sorted(counts, key=lambda c: counts[c])
+    while open_:
+        share = left // len(open_)
+        c = open_[0]
+        if counts[c] <= share:
+            quota[c] = counts[c]
+            left -= counts[c]
+            open_.pop(0)
+        else:
+            for c in open_:
+                quota[c] = share
+            break
+    return {c: quota[c] for c in counts}
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:
@@ -77,6 +141,7 @@ def build_bank(
     max_voxels: int = 200_000,
     seed: int = 0,
     params: PropagationParams | None = None,
+    spacing=(1.0, 1.0, 1.0),
 ) -> TemplateBank:
     """Template bank from one labelled template.
 
@@ -84,37 +149,33 @@ def build_bank(
         image: ``(D, H, W)`` float32 in [0, 1] (kept for API symmetry; not used by the method).
         label: ``(D, H, W)`` int class map (0 background).
         features: :class:`FeatureGrid` (or dense ``(C, D, H, W)``) in the stored feature space.
-        max_voxels: cap on bank size; above it, voxels are subsampled class-balanced (equal share
-            per class, all of a class if it has fewer), the rest do not vote.
+        max_voxels: cap on bank size; above it, voxels are subsampled per class by
+            :func:`class_quota` (all of a class below an equal share, the budget small classes leave
+            goes to the large ones), the rest do not vote.
         seed: subsampling seed.
-        params: gives ``margin`` and ``radius`` (bank = voxels within ``margin + radius`` of foreground).
+        params: gives ``margin_mm`` and ``radius_mm`` (bank = voxels within ``margin_mm`` + the window of foreground).
+        spacing: template voxel spacing (mm) per axis.
     """
     p = params or PropagationParams()
+    spacing = tuple(float(v) for v in spacing)
     label = np.asarray(label).astype(np.int64)
-    dist = ndimage.distance_transform_edt(label == 0)
-    sel = np.flatnonzero(dist.reshape(-1) <= p.margin + p.radius + 1)
+    dist = ndimage.distance_transform_edt(label == 0, sampling=spacing)
+    reach = p.margin_mm + float(np.max(window_radius(spacing, p.radius_mm)[0] * np.asarray(spacing))) + max(spacing)
+    sel = np.flatnonzero(dist.reshape(-1) <= reach)
     lab = label.reshape(-1)[sel]
     if len(sel) > max_voxels:
         rng = np.random.default_rng(seed)
-        classes = np.unique(lab)
-        share = max_voxels // len(classes)
+        classes, counts = np.unique(lab, return_counts=True)
+        quota = class_quota(dict(zip(classes.tolist(), counts.tolist())), max_voxels)
         keep = []
         for c in classes:
             idx = np.flatnonzero(lab == c)
-            keep.append(idx if len(idx) <= share else rng.choice(idx, share, replace=False))
+            keep.append(idx if len(idx) <= quota[int(c)] else rng.choice(idx, quota[int(c)], replace=False))
         keep = np.sort(np.concatenate(keep))
         sel, lab = sel[keep], lab[keep]
     coords = np.stack(np.unravel_index(sel, label.shape), -1).astype(np.float32)
     feats = _l2n(as_grid(features).at_flat(sel))
-    return TemplateBank(feats, coords, lab, dist.reshape(-1)[sel] <= p.margin, tuple(label.shape))
-
-
-def _largest_cc(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum(mask, lab, range(1, n + 1))
-    return lab == (int(np.argmax(sizes)) + 1)
+    return TemplateBank(feats, coords, lab, dist.reshape(-1)[sel] <= p.margin_mm, tuple(label.shape), spacing, single_component_classes(label))
 
 
 #: Target voxels mapped per chunk when the search region is found (bounds temporary memory).
@@ -127,11 +188,11 @@ def _slab_coords(coords, z0: int, z1: int) -> np.ndarray:
     return coords(z0, z1) if callable(coords) else coords[z0:z1]
 
 
-def _search_region(bank: TemplateBank, coords, shape: tuple[int, ...], r: int) -> tuple[np.ndarray, np.ndarray]:
+def _search_region(bank: TemplateBank, coords, shape: tuple[int, ...], r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Target voxels to search for one bank and where they fall in its padded template grid.
 
     Returns ``roi`` (flat target indices, sorted) and ``base`` (flat index in the template grid padded
-    by ``r``): voxels mapped inside the template onto a ``core`` voxel of the bank.
+    by ``r`` voxels per axis, ``(3,)``): voxels mapped inside the template onto a ``core`` voxel of the bank.
     """
     ts = np.array(bank.shape)
     pad = ts + 2 * r
@@ -151,10 +212,11 @@ def _search_region(bank: TemplateBank, coords, shape: tuple[int, ...], r: int) -
     return np.concatenate(rois), np.concatenate(bases)
 
 
-def _bank_votes(bank: TemplateBank, query: torch.Tensor, base: np.ndarray, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cosine similarities of ``N`` unit query vectors to every bank voxel of the ``(2r+1)^3`` template
-    window around ``base`` (flat index, padded grid): best ``(N,)``, all ``(W, N)`` (-inf where the
-    window voxel is not in the bank) and those voxels' labels ``(W, N)``."""
+def _bank_votes(bank: TemplateBank, query: torch.Tensor, base: np.ndarray, r: np.ndarray, step: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cosine similarities of ``N`` unit query vectors to every bank voxel of the template window
+    (half-width ``r``, every ``step`` voxels, per axis ``(3,)``) around ``base`` (flat index, grid padded
+    by ``r``): best ``(N,)``, all ``(W, N)`` (-inf where the window voxel is not in the bank) and those
+    voxels' labels ``(W, N)``."""
     pad = np.array(bank.shape) + 2 * r
     n_bank = len(bank.labels)
     lookup = np.full(int(np.prod(pad)), n_bank, np.int64)  # bank row of each padded template voxel; n_bank = none
@@ -162,8 +224,9 @@ def _bank_votes(bank: TemplateBank, query: torch.Tensor, base: np.ndarray, r: in
     lookup = torch.from_numpy(lookup)
     feats = torch.cat([torch.from_numpy(bank.features), torch.zeros(1, bank.features.shape[1])])
     labels = torch.cat([torch.from_numpy(bank.labels), torch.zeros(1, dtype=torch.int64)])
-    offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    offsets = torch.from_numpy(np.ravel_multi_index((offsets + r).T, pad) - np.ravel_multi_index([r, r, r], pad))
+    axes = [np.arange(-(a // t) * t, (a // t) * t + 1, t) for a, t in zip(r, step)]
+    offsets = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    offsets = torch.from_numpy(np.ravel_multi_index((offsets + r).T, pad) - np.ravel_multi_index(tuple(r), pad))
     base = torch.from_numpy(base)
     sims = torch.empty((len(offsets), len(base)))
     rows = torch.empty((len(offsets), len(base)), dtype=torch.int64)
@@ -189,6 +252,7 @@ def propagate(
     features,
     coords_in_template: list,
     params: PropagationParams | None = None,
+    spacing=(1.0, 1.0, 1.0),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pseudo-label of one target volume from one or more template banks.
 
@@ -200,6 +264,7 @@ def propagate(
             ``(D, H, W, 3)``, or a function ``(z0, z1) -> (z1 - z0, H, W, 3)`` for target slabs
             (:func:`semisam_o1.registration.map_voxels`), so large targets are mapped a slab at a time.
         params: :class:`PropagationParams` (defaults if ``None``).
+        spacing: target voxel spacing (mm) per axis (vote smoothing).
 
     Returns:
         ``labels (D, H, W) uint8`` and ``confidence (D, H, W) float32`` in [0, 1] (the winning
@@ -211,14 +276,15 @@ def propagate(
     n_classes = 1 + max(int(bank.labels.max()) for bank in banks)  # label values 0..n-1
     shape = tuple(image.shape)
     features = as_grid(features)
-    r = p.radius
-    regions = [_search_region(bank, coords, shape, r) for bank, coords in zip(banks, coords_in_template)]
+    windows = [window_radius(bank.spacing, p.radius_mm) for bank in banks]
+    regions = [_search_region(bank, coords, shape, w[0]) for bank, coords, w in zip(banks, coords_in_template, windows)]
+    sigma = p.sigma_mm / np.asarray(spacing, np.float64)
     label = np.zeros(shape, np.uint8)
     confidence = np.ones(shape, np.float32)
     searched_all = np.concatenate([roi for roi, _ in regions])
     if len(searched_all) == 0:
         return label, confidence
-    box = _bounding_box(searched_all, shape, margin=int(4 * p.sigma + 2))
+    box = _bounding_box(searched_all, shape, margin=int(4 * sigma.max() + 2))
     box_shape = tuple(b.stop - b.start for b in box)
     n_box = int(np.prod(box_shape))
 
@@ -230,12 +296,12 @@ def propagate(
     best = torch.full((n_box,), -torch.inf)
     votes = torch.zeros((n_classes, n_box))
     searched = torch.zeros(n_box, dtype=torch.bool)
-    for bank, (roi, base) in zip(banks, regions):
+    for bank, (roi, base), (r, step) in zip(banks, regions, windows):
         for s in range(0, len(roi), QUERY_CHUNK):  # (window x query) arrays stay ~100 MB whatever the region
             at = to_box(roi[s : s + QUERY_CHUNK])
             searched[at] = True
             query = torch.from_numpy(_l2n(features.at_flat(roi[s : s + QUERY_CHUNK])))
-            smax, sims, labels_of = _bank_votes(bank, query, base[s : s + QUERY_CHUNK], r)
+            smax, sims, labels_of = _bank_votes(bank, query, base[s : s + QUERY_CHUNK], r, step)
             new_best = torch.maximum(best[at], smax)
             scale = torch.exp((best[at] - new_best) / p.h).nan_to_num(0.0)
             weight = torch.exp((sims - new_best) / p.h)
@@ -248,14 +314,11 @@ def propagate(
     votes = np.where(total > 0, votes / np.maximum(total, 1e-12), 0.0)
     votes[0][~searched.numpy() | (total <= 0)] = 1.0
     votes = votes.reshape(n_classes, *box_shape)
-    if p.sigma > 0:
-        votes = np.stack([ndimage.gaussian_filter(v, p.sigma) for v in votes])
+    if p.sigma_mm > 0:
+        votes = np.stack([ndimage.gaussian_filter(v, sigma) for v in votes])
     pred = votes.argmax(0).astype(np.uint8)
     if p.largest_cc:
-        pred[~_largest_cc(pred > 0)] = 0
-        for c in range(1, n_classes):
-            m = pred == c
-            pred[m & ~_largest_cc(m)] = 0
+        pred = keep_largest_per_class(pred, set.intersection(*[set(bank.single_component) for bank in banks]))
     label[box] = pred
     confidence[box] = (votes.max(0) / np.maximum(votes.sum(0), 1e-6)).astype(np.float32)
     return label, confidence

@@ -15,12 +15,18 @@ Conventions
 
 from __future__ import annotations
 
+import os
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["affine_register", "refine_register", "map_voxels", "shrink", "warp_label", "read_image"]
+__all__ = ["affine_register", "refine_register", "syn_register", "map_voxels", "shrink", "warp_label", "read_image", "REGISTRATIONS"]
+
+#: Registration methods of stage one's spatial prior (``--conf registration``).
+REGISTRATIONS = ("demons", "syn")
 
 
 @contextmanager
@@ -138,6 +144,31 @@ def refine_register(
         out.AddTransform(disp)
         return out
     raise ValueError(f"unknown refinement '{kind}' (bspline, demons)")
+
+
+def syn_register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> sitk.Transform:
+    """ANTs SyN (``antspyx``: ``ants.registration(type_of_transform="SyN")``, its own affine first) of
+    ``moving`` (template) to ``fixed`` (target), composed into one displacement field on the fixed grid.
+
+    ``seed`` goes to ``ANTS_RANDOM_SEED`` (affine metric sampling).
+
+    Returns:
+        ``sitk.DisplacementFieldTransform`` mapping fixed physical points (mm) to moving physical points (mm).
+    """
+    import ants
+
+    os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
+    with tempfile.TemporaryDirectory(prefix="semisam-syn-") as tmp:
+        tmp = Path(tmp)
+        sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), str(tmp / "fixed.nii.gz"))
+        sitk.WriteImage(sitk.Cast(moving, sitk.sitkFloat32), str(tmp / "moving.nii.gz"))
+        f, m = ants.image_read(str(tmp / "fixed.nii.gz")), ants.image_read(str(tmp / "moving.nii.gz"))
+        reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN", outprefix=str(tmp / "syn_"))
+        composed = ants.apply_transforms(fixed=f, moving=m, transformlist=reg["fwdtransforms"], compose=str(tmp / "all_"))
+        if composed is None:
+            raise RuntimeError("ANTs could not compose the SyN transforms")
+        field = sitk.ReadImage(composed, sitk.sitkVectorFloat64)
+    return sitk.DisplacementFieldTransform(field)
 
 
 def map_voxels(fixed: sitk.Image, transform: sitk.Transform, moving: sitk.Image, start: int = 0, stop: int | None = None) -> np.ndarray:

@@ -3,17 +3,21 @@
 Pipeline per target image (every step cached on disk under ``<studies>/.semisam/``):
 
 1. features: :class:`~semisam_o1.feature_cache.FeatureCache` (the encoder runs once per image);
-2. alignment: affine + demons registration of each template to the target (``registration/*.h5``), used as a
-   spatial prior: each target voxel knows where it falls in each template;
+2. alignment: registration of each template to the target (``registration/*.h5``, the method in the
+   file name: affine + demons, or ANTs SyN with ``--conf registration syn``), used as a spatial prior:
+   each target voxel knows where it falls in each template;
 3. propagation: voxel k-nearest-neighbour label transfer from every template
-   (:mod:`semisam_o1.propagation`), votes fused over templates.
+   (:mod:`semisam_o1.propagation`), votes fused over templates;
+4. safety floor (:func:`registration_floor`): per class, where the feature votes disagree with the
+   registration-only warp of the template labels (low agreement, or a volume far from the warp's),
+   the class falls back to the warp; :meth:`Prediction.summary` names those classes.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -23,8 +27,8 @@ from filelock import FileLock
 
 from semisam_o1.feature_cache import FeatureCache, FeatureGrid, stored_grid
 from semisam_o1.plan import check_memory
-from semisam_o1.propagation import TemplateBank, build_bank, class_prototypes, propagate, propagate_prototypes
-from semisam_o1.registration import affine_register, map_voxels, read_image, refine_register, shrink
+from semisam_o1.propagation import PropagationParams, TemplateBank, build_bank, class_prototypes, propagate, propagate_prototypes
+from semisam_o1.registration import REGISTRATIONS, affine_register, map_voxels, read_image, refine_register, shrink, syn_register, warp_label
 from semisam_o1.sample_data import sha256
 from semisam_o1.templates import Template
 from semisam_o1.volumes import InputError, Volume, atomic_write, class_volumes, load_image, load_label
@@ -54,21 +58,79 @@ class NoTemplateError(InputError):
     """Stage one needs at least one image with a ``final`` label."""
 
 
+class RegistrationError(InputError):
+    """A template could not be registered to a target (e.g. the volumes do not overlap)."""
+
+
+@dataclass(frozen=True)
+class FloorParams:
+    """The label-free safety floor of :func:`registration_floor` (per class)."""
+
+    #: fall back when the Dice overlap of the voted class and the warped class is below this
+    min_agreement: float = 0.5
+    #: ... or when the voted volume is more than this factor larger or smaller than the warped one
+    #: (hippocampus, where the votes beat the warp, stays within 0.76-1.14; see README "Stage one per dataset")
+    max_volume_ratio: float = 1.4
+    enabled: bool = True
+
+
+def registration_floor(label: np.ndarray, warped: np.ndarray, classes, params: FloorParams = FloorParams()) -> tuple[np.ndarray, dict[int, dict]]:
+    """Per class, keep the feature vote or fall back to the registration-only warp (no ground truth used).
+
+    Args:
+        label: ``(D, H, W)`` uint8 stage-one vote.
+        warped: ``(D, H, W)`` uint8 the template labels warped by registration alone, same grid.
+        classes: class values to check.
+
+    Returns:
+        the label with every fallen-back class replaced by its warp (those voxels only; the warp
+        never overwrites a class that kept its vote), and per class ``{"agreement": Dice(vote, warp),
+        "volume_ratio": |vote| / |warp|, "fallback": bool}``.
+    """
+    out, stats, fallen = label.copy(), {}, []
+    for c in classes:
+        a, w = label == c, warped == c
+        na, nw = int(a.sum()), int(w.sum())
+        agreement = 2 * int((a & w).sum()) / (na + nw) if na + nw else 1.0
+        ratio = na / nw if nw else (1.0 if na == 0 else float("inf"))
+        fallback = params.enabled and nw > 0 and (agreement < params.min_agreement or not (1 / params.max_volume_ratio <= ratio <= params.max_volume_ratio))
+        stats[int(c)] = {"agreement": round(agreement, 4), "volume_ratio": round(ratio, 4), "fallback": bool(fallback)}
+        if fallback:
+            fallen.append(int(c))
+    for c in fallen:
+        out[out == c] = 0
+    for c in fallen:
+        out[(warped == c) & ((out == 0) | np.isin(label, fallen))] = c
+    return out, stats
+
+
 @dataclass
 class Prediction:
-    """Stage-one output for one image: ``label`` (D, H, W) uint8 and ``confidence`` (D, H, W) float32 in [0, 1]."""
+    """Stage-one output for one image: ``label`` (D, H, W) uint8 and ``confidence`` (D, H, W) float32 in [0, 1].
+
+    ``floor``: per class value, the safety floor's check (:func:`registration_floor`); ``voted``: the
+    label before the floor (``None`` when nothing fell back)."""
 
     image: Volume
     label: np.ndarray
     confidence: np.ndarray
+    floor: dict = field(default_factory=dict)
+    voted: np.ndarray | None = None
+
+    @property
+    def fallback_values(self) -> list[int]:
+        return sorted(c for c, f in self.floor.items() if f["fallback"])
 
     def summary(self, label_names: dict[str, int]) -> dict:
-        """Per-class volume (mm^3 and voxels) and mean confidence, for the infer task's JSON."""
+        """Per-class volume (mm^3 and voxels), mean confidence and source (``features``, or ``registration``
+        where the safety floor fell back), and ``registration_fallback``: the names of those classes."""
         classes = class_volumes(self.label, self.image, label_names)
         for entry in classes.values():
             mask = self.label == entry["value"]
             entry["mean_confidence"] = round(float(self.confidence[mask].mean()), 4) if entry["voxels"] else None
-        return {"classes": classes, "mean_confidence": round(float(self.confidence.mean()), 4)}
+            entry["source"] = "registration" if entry["value"] in self.fallback_values else "features"
+        fallen = [name for name, value in label_names.items() if value in self.fallback_values]
+        return {"classes": classes, "mean_confidence": round(float(self.confidence.mean()), 4), "registration_fallback": fallen}
 
 
 class StageOne:
@@ -78,26 +140,42 @@ class StageOne:
         studies: datastore folder (caches go to ``studies/.semisam``).
         cache: feature cache of the datastore.
         label_values: allowed label values (from the label map); template labels are checked against it.
+        label_names: the label map ``{name: value}``: every class must have voxels in every template.
+        registration: the spatial prior, one of :data:`~semisam_o1.registration.REGISTRATIONS`.
+        params: propagation parameters; ``floor``: the safety floor's.
     """
 
-    def __init__(self, studies: Path, cache: FeatureCache, label_values: set[int] | None = None, propagation: str = "fusion"):
+    def __init__(self, studies: Path, cache: FeatureCache, label_values: set[int] | None = None, label_names: dict[str, int] | None = None,
+                 registration: str = "demons", params: PropagationParams | None = None, floor: FloorParams | None = None,
+                 propagation: str = "fusion"):
+        if registration not in REGISTRATIONS:
+            raise ValueError(f"registration '{registration}' is not one of {', '.join(REGISTRATIONS)}")
         if propagation not in PROPAGATIONS:
             raise ValueError(f"propagation must be one of {PROPAGATIONS}, got '{propagation}'")
         self.studies = Path(studies)
         self.cache = cache
-        self.label_values = label_values
+        self.label_names = dict(label_names or {})
+        self.label_values = label_values if label_values is not None else (set(self.label_names.values()) or None)
+        self.registration = registration
         self.propagation = propagation
+        self.params = params or PropagationParams()
+        self.floor = floor or FloorParams()
         self._banks: dict[tuple, TemplateBank] = {}
 
     def registration_path(self, target: Path, template: Path) -> Path:
         factors = ["".join(map(str, self.cache.plan.registration_shrink(*nib_geometry(p)))) for p in (target, template)]
         grid = "" if factors == ["111", "111"] else f"-shrink{factors[0]}-{factors[1]}"
-        return self.studies / ".semisam" / "registration" / f"{sha256(target)[:20]}-{sha256(template)[:20]}-affine-demons{grid}.h5"
+        return self.studies / ".semisam" / "registration" / f"{sha256(target)[:20]}-{sha256(template)[:20]}-affine-{self.registration}{grid}.h5"
 
     def transform(self, target: Path, template: Path) -> sitk.Transform:
-        """Affine + demons target -> template (physical mm), registered once and kept on disk (HDF5).
+        """Target -> template registration (physical mm) with :attr:`registration` (affine + demons, or
+        ANTs SyN), registered once and kept on disk (HDF5, the method in the file name).
 
-        Volumes above the plan's ``registration_voxels`` are registered on a shrunk copy (bin average)."""
+        Volumes above the plan's ``registration_voxels`` are registered on a shrunk copy (bin average).
+
+        Raises:
+            RegistrationError: naming both images, when the registration fails (e.g. no overlap).
+        """
         path = self.registration_path(target, template)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +184,16 @@ class StageOne:
                     fixed, moving = read_image(target), read_image(template)
                     fixed = shrink(fixed, self.cache.plan.registration_shrink(fixed.GetSize(), fixed.GetSpacing()))
                     moving = shrink(moving, self.cache.plan.registration_shrink(moving.GetSize(), moving.GetSpacing()))
-                    transform = refine_register(fixed, moving, affine_register(fixed, moving), "demons")
+                    try:
+                        if self.registration == "syn":
+                            transform = syn_register(fixed, moving)
+                        else:
+                            transform = refine_register(fixed, moving, affine_register(fixed, moving), "demons")
+                    except Exception as e:
+                        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                        raise RegistrationError(
+                            f"{Path(target).name}: registration ({self.registration}) to template {Path(template).name} failed: {reason}"
+                        ) from None
                     with _HDF5_LOCK:
                         atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
                     return transform
@@ -145,9 +232,24 @@ class StageOne:
         if key not in self._banks:
             image = load_image(template.image_path)
             label = load_label(template.label_path, image, allowed=self.label_values)
+            present = set(np.unique(label).tolist())
+            missing = [f"'{name}' (value {value})" for name, value in self.label_names.items() if value not in present]
+            if missing:
+                raise InputError(f"{template.label_path}: template label has no voxels of class {', '.join(missing)} "
+                                 f"declared in the label map; label every class or remove it from --conf labels")
             feats = self.cache.get_or_compute(image, progress=progress)
-            self._banks[key] = build_bank(self._normalized(image), label, feats)
+            self._banks[key] = build_bank(self._normalized(image), label, feats, params=self.params, spacing=image.spacing)
         return self._banks[key]
+
+    def warped_labels(self, image_path: Path, templates: list[Template]) -> np.ndarray:
+        """The registration-only prediction: each template label warped (nearest neighbour) by its cached
+        registration, majority vote over templates: ``(D, H, W)`` uint8 on the image's grid."""
+        target = read_image(str(image_path))
+        warps = [warp_label(sitk.ReadImage(str(t.label_path), sitk.sitkUInt8), target, self.transform(Path(image_path), t.image_path)) for t in templates]
+        if len(warps) == 1:
+            return warps[0]
+        counts = np.stack([sum((w == c).astype(np.uint8) for w in warps) for c in range(int(max(w.max() for w in warps)) + 1)])
+        return counts.argmax(0).astype(np.uint8)
 
     def _normalized(self, image: Volume) -> np.ndarray:
         from semisam_o1.normalize import normalize
@@ -159,7 +261,8 @@ class StageOne:
 
         Raises:
             NoTemplateError: no template in ``templates``.
-            InputError: the image or a template label is bad (message names the file).
+            InputError: the image or a template label is bad (message names the file and the class).
+            RegistrationError: a template could not be registered to the image (message names both).
         """
         if not templates:
             raise NoTemplateError(
@@ -175,5 +278,10 @@ class StageOne:
         feats = self.cache.get_or_compute(image, progress=progress)
         target_itk = read_image(image.path)
         coords = [partial(map_voxels, target_itk, self.transform(image.path, t.image_path), read_image(t.image_path)) for t in templates]
-        label, confidence = propagate(banks, self._normalized(image), feats, coords)
-        return Prediction(image=image, label=label, confidence=confidence)
+        voted, confidence = propagate(banks, self._normalized(image), feats, coords, self.params, spacing=image.spacing)
+        classes = sorted(set().union(*[set(np.unique(b.labels).tolist()) for b in banks]) - {0})
+        label, floor = registration_floor(voted, self.warped_labels(image.path, templates), classes, self.floor)
+        fell = any(f["fallback"] for f in floor.values())
+        if fell:
+            logger.info(f"stage 1: {image.path.name}: classes {[c for c, f in floor.items() if f['fallback']]} fall back to the registration ({floor})")
+        return Prediction(image=image, label=label, confidence=confidence, floor=floor, voted=voted if fell else None)

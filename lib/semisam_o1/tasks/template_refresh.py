@@ -60,8 +60,10 @@ class PseudoLabelRefresher:
                 self._wanted.clear()
             start = time.perf_counter()
             try:
-                cases = refresh_pseudo_labels(self.stage_one, self._datastore(), self._labels(), before_image=self.priority.wait_turn)
-                self.last = {"images": len(cases), "seconds": round(time.perf_counter() - start, 1), "error": None}
+                failed: dict[str, str] = {}
+                cases = refresh_pseudo_labels(self.stage_one, self._datastore(), self._labels(), errors=failed,
+                                              before_image=self.priority.wait_turn)
+                self.last = {"images": len(cases), "seconds": round(time.perf_counter() - start, 1), "error": None, "failed": failed}
             except Exception as e:  # a background thread has no caller to raise to: log and report
                 logger.exception("stage-one refresh failed")
                 self.last = {"images": 0, "seconds": round(time.perf_counter() - start, 1), "error": str(e)}

@@ -1,0 +1,208 @@
+"""Stage one against single-atlas registration on a labelled dataset (shared by ``la.py`` and ``chaos.py``).
+
+One template (its label the datastore's only ``final`` label), the other volumes the pool. On the
+same cases, in one run: stage one (:class:`~semisam_o1.stage_one.StageOne`, each registration
+method of :data:`~semisam_o1.registration.REGISTRATIONS`; Dice before and after the safety floor),
+the registration-only warp of the template label (our affine + demons), and ANTs SyN single-atlas
+(``ants.registration(type_of_transform="SyN")`` at full resolution, template label warped nearest
+neighbour); seconds per volume of each, feature extraction cost. The JSON is rewritten after every
+case (``"complete": false`` until the pool is done), so an interrupted run leaves its partial numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from common import RESULTS, write_result
+
+from semisam_o1.config import AppConfig
+from semisam_o1.pipeline import build_stage_one
+from semisam_o1.registration import REGISTRATIONS, read_image, warp_label
+from semisam_o1.stage_one import StageOne
+from semisam_o1.templates import find_templates
+from semisam_o1.pipeline import open_datastore
+from semisam_o1.volumes import load_image, load_label
+
+_CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+from semisam_o1.config import AppConfig
+from semisam_o1.pipeline import build_stage_one
+from semisam_o1.volumes import load_image
+studies, image, conf = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+stage_one = build_stage_one(studies, AppConfig.from_conf(conf))
+start = time.perf_counter()
+stage_one.cache.get_or_compute(load_image(image))
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def dice(pred: np.ndarray, truth: np.ndarray, value: int) -> float:
+    a, b = pred == value, truth == value
+    n = int(a.sum()) + int(b.sum())
+    return 2.0 * int((a & b).sum()) / n if n else 1.0
+
+
+def per_class(pred, truth, classes: dict[str, int]) -> dict[str, float]:
+    return {name: round(dice(pred, truth, v), 4) for name, v in classes.items()}
+
+
+def mean_over(cases: list[dict], key: str, classes: dict[str, int]) -> tuple[float | None, dict[str, float] | None]:
+    rows = [c[key] for c in cases if c.get(key) is not None]
+    if not rows:
+        return None, None
+    by_class = {n: round(float(np.mean([r[n] for r in rows])), 4) for n in classes}
+    return round(float(np.mean(list(by_class.values()))), 4), by_class
+
+
+def ants_syn(fixed: Path, template: Path, template_label: Path) -> np.ndarray:
+    """ANTs SyN single-atlas: the template label warped onto ``fixed`` (nearest neighbour), (D, H, W) uint8."""
+    import ants
+
+    f, m = ants.image_read(str(fixed)), ants.image_read(str(template))
+    reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN")
+    warped = ants.apply_transforms(f, ants.image_read(str(template_label)), reg["fwdtransforms"], interpolator="nearestNeighbor")
+    return np.rint(warped.numpy()).astype(np.uint8)
+
+
+def run(name: str, images: Path, labels: Path, template: str, classes: dict[str, int], args) -> int:
+    ids = sorted(p.name[: -len(".nii.gz")] for p in images.glob("*.nii.gz"))
+    pool = [i for i in ids if i != template][: args.limit]
+    studies = args.work
+    (studies / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    for case in [template, *pool]:
+        if not (studies / f"{case}.nii.gz").exists():
+            shutil.copy(images / f"{case}.nii.gz", studies / f"{case}.nii.gz")
+    shutil.copy(labels / f"{template}.nii.gz", studies / "labels" / "final" / f"{template}.nii.gz")
+    conf = {"labels": ",".join(f"{n}={v}" for n, v in classes.items()), **dict(args.conf)}
+    config = AppConfig.from_conf(conf)
+    base = build_stage_one(studies, config)
+    stage_ones = {m: StageOne(studies, base.cache, label_names=config.labels, registration=m) for m in REGISTRATIONS}
+    default = config.registration
+    templates = find_templates(open_datastore(studies))
+    template_path, template_label = templates[0].image_path, templates[0].label_path
+
+    # features, per case as the loop reaches it (so an interrupted run has whole cases): the first cache
+    # miss runs in a child process (its peak RSS = one volume's extraction, PCA basis fit included), the
+    # others in this process, timed. Timings are kept in the work dir for reruns.
+    timing_file = studies / "extraction_timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"seconds": {}, "peak_rss_bytes": None}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def features(case: str) -> None:
+        image = load_image(studies / f"{case}.nii.gz")
+        if base.cache.get(image) is not None:
+            return
+        if timing["peak_rss_bytes"] is None:
+            out = subprocess.run([sys.executable, "-c", _CHILD, str(studies), str(image.path), json.dumps(conf)], env=env,
+                                 capture_output=True, text=True, check=True)
+            child = json.loads(out.stdout.strip().splitlines()[-1])
+            timing["peak_rss_bytes"], timing["seconds"][case] = child["peak_rss_bytes"], child["seconds"]
+        else:
+            start = time.perf_counter()
+            base.cache.get_or_compute(image)
+            timing["seconds"][case] = time.perf_counter() - start
+        timing_file.write_text(json.dumps(timing))
+        print(f"features {case}: {timing['seconds'][case]:.1f} s", flush=True)
+
+    def bytes_per_voxel(done: list[str]) -> float:
+        images = [load_image(studies / f"{c}.nii.gz") for c in done]
+        return sum(base.cache.path(i.path).stat().st_size for i in images) / sum(i.array.size for i in images)
+
+    features(template)
+    cases = {}
+    out_path = args.out or RESULTS / f"{name}.json"
+    reuse = {}
+    if args.reuse_ants and out_path.exists():
+        reuse = {c: r for c, r in json.loads(out_path.read_text()).get("per_case", {}).items() if "ants_syn" in r}
+    pool_size = len(pool)
+    pool = pool[: args.stop_after] if args.stop_after else pool
+    label_itk = read_image(template_label)
+    for n, case in enumerate(pool):
+        path = studies / f"{case}.nii.gz"
+        features(case)
+        truth = load_label(labels / f"{case}.nii.gz", load_image(path))
+        row: dict = {}
+        # registration-only: our affine + demons (the transform stage one's default caches), label warped
+        cached = stage_ones["demons"].registration_path(path, template_path).exists()
+        start = time.perf_counter()
+        transform = stage_ones["demons"].transform(path, template_path)
+        row["registration_seconds"] = round(time.perf_counter() - start, 2)
+        if cached and case in reuse:  # the registration's own cost, from the run that computed it
+            row["registration_seconds"] = reuse[case]["registration_seconds"]
+            for method in REGISTRATIONS:  # stage one's seconds when it registered (not from cache)
+                row[f"stage1_{method}_seconds_first_run"] = reuse[case].get(f"stage1_{method}_seconds_first_run", reuse[case].get(f"stage1_{method}_seconds"))
+        row["registration_only"] = per_class(warp_label(label_itk, read_image(path), transform), truth, classes)
+        if case in reuse:  # ANTs SyN does not depend on this project's code: its numbers from the previous run
+            row["ants_syn"], row["ants_syn_seconds"] = reuse[case]["ants_syn"], reuse[case]["ants_syn_seconds"]
+        elif not args.skip_ants:
+            start = time.perf_counter()
+            row["ants_syn"] = per_class(ants_syn(path, template_path, template_label), truth, classes)
+            row["ants_syn_seconds"] = round(time.perf_counter() - start, 2)
+        for method, stage_one in stage_ones.items():
+            start = time.perf_counter()
+            prediction = stage_one.predict(path, templates)
+            seconds = time.perf_counter() - start
+            voted = prediction.voted if prediction.voted is not None else prediction.label
+            row[f"stage1_{method}"] = per_class(prediction.label, truth, classes)
+            row[f"stage1_{method}_voted"] = per_class(voted, truth, classes)
+            row[f"stage1_{method}_seconds"] = round(seconds, 2)
+            row[f"stage1_{method}_fallback"] = [nm for nm, v in classes.items() if v in prediction.fallback_values]
+            row[f"stage1_{method}_floor"] = {nm: prediction.floor.get(v) for nm, v in classes.items()}
+        cases[case] = row
+        print(f"[{n + 1}/{len(pool)}] {case}: " + json.dumps({k: v for k, v in row.items() if not k.endswith("_floor")}), flush=True)
+        write(name, cases, classes, default, timing, bytes_per_voxel([template, *cases]), args, template, pool_size)
+    return 0
+
+
+def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, template, pool_size) -> None:
+    rows = list(cases.values())
+    result: dict = {"complete": len(rows) == pool_size, "cases_done": len(rows), "pool_size": pool_size, "template": template,
+                    "default_registration": default, "conf": dict(args.conf)}
+    for method in REGISTRATIONS:
+        for suffix in ("", "_voted"):
+            m, pc = mean_over(rows, f"stage1_{method}{suffix}", classes)
+            result[f"stage1_{method}{suffix}_dice"], result[f"stage1_{method}{suffix}_dice_per_class"] = m, pc
+        result[f"stage1_{method}_seconds_per_volume"] = round(float(np.mean([r[f"stage1_{method}_seconds"] for r in rows])), 2)
+        first = [r.get(f"stage1_{method}_seconds_first_run", r[f"stage1_{method}_seconds"]) for r in rows]
+        result[f"stage1_{method}_seconds_per_volume_with_registration"] = round(float(np.mean(first)), 2)
+        result[f"stage1_{method}_fallbacks"] = {n: sum(n in r[f"stage1_{method}_fallback"] for r in rows) for n in classes}
+    result["stage1_dice"], result["stage1_dice_per_class"] = result[f"stage1_{default}_dice"], result[f"stage1_{default}_dice_per_class"]
+    result["ants_syn_dice"], result["ants_syn_dice_per_class"] = mean_over(rows, "ants_syn", classes)
+    result["ants_syn_seconds_per_volume"] = round(float(np.mean([r["ants_syn_seconds"] for r in rows])), 2) if rows and "ants_syn_seconds" in rows[0] else None
+    result["registration_only_dice"], result["registration_only_dice_per_class"] = mean_over(rows, "registration_only", classes)
+    result["registration_only_seconds_per_volume"] = round(float(np.mean([r["registration_seconds"] for r in rows])), 2)
+    result["final_dice"] = None  # stage two not run by this benchmark
+    secs = list(timing["seconds"].values())
+    result["extraction_seconds_per_volume"] = round(float(np.mean(secs)), 2) if secs else None
+    result["extraction_volumes_timed"] = len(secs)
+    result["extraction_peak_rss_bytes"] = timing["peak_rss_bytes"]
+    result["cache_bytes_per_voxel"] = round(cache_bytes_per_voxel, 3)
+    result["device"] = "cpu"
+    result["stage_two_round_peak_rss_bytes"] = None
+    result["per_case"] = cases
+    lines = [f"{name}: {len(rows)}/{pool_size} cases"]
+    for key in ["stage1", *[f"stage1_{m}" for m in REGISTRATIONS], *[f"stage1_{m}_voted" for m in REGISTRATIONS], "ants_syn", "registration_only"]:
+        lines.append(f"  {key:22s} {result[key + '_dice']}  {json.dumps(result[key + '_dice_per_class'])}")
+    write_result(result, args.out or RESULTS / f"{name}.json", lines)
+
+
+def parser(doc: str, name: str, limit: int | None = None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/semisam-bench") / name, help="datastore (features, registrations cached)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--limit", type=int, default=limit, help="only the first N pool volumes (sorted ids)")
+    p.add_argument("--skip-ants", action="store_true")
+    p.add_argument("--reuse-ants", action="store_true", help="take ANTs SyN numbers of cases already in the output JSON (same cases, same data)")
+    p.add_argument("--stop-after", type=int, default=None, help="evaluate only the first N cases of the pool (the pool size reported stays --limit)")
+    p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), default=[])
+    return p
