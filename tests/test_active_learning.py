@@ -111,7 +111,7 @@ def test_a_saved_final_label_becomes_a_template_and_changes_stage_one(tiny_studi
         np.testing.assert_array_equal(np.asarray(stored.dataobj), np.asarray(nib.load(str(sample_source.labels / "hippocampus_003.nii.gz")).dataobj))
 
         status = wait_refresh(client, runs=1)
-        assert status["last"] == {"images": 1, "seconds": status["last"]["seconds"], "error": None}
+        assert status["last"] == {"images": 1, "seconds": status["last"]["seconds"], "error": None, "failed": {}}
         datastore = open_datastore(tiny_studies)
         info = datastore.get_label_info(datastore.get_label_by_image_id("hippocampus_008", "pseudo"), "pseudo")
         assert info["templates"] == ["hippocampus_001", "hippocampus_003"]
