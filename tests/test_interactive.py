@@ -150,11 +150,11 @@ def test_two_processes_never_encode_one_image_at_once(tiny_studies):
     caches[1].encoder
     encoded = []
     for cache in caches:
-        def counting(image, progress, encode=cache._encode):
+        def counting(image, progress=False, device=None, encode=cache.compute):
             encoded.append(image.path.name)
-            return encode(image, progress)
+            return encode(image, progress, device)
 
-        cache._encode = counting
+        cache.compute = counting
     image = load_image(tiny_studies / "hippocampus_003.nii.gz")
     threads = [threading.Thread(target=c.get_or_compute, args=(image,)) for c in caches]
     for t in threads:
