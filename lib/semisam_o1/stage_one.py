@@ -16,7 +16,7 @@ Pipeline per target image (every step cached on disk under ``<studies>/.semisam/
 from __future__ import annotations
 
 import logging
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -44,9 +44,10 @@ def nib_geometry(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     return tuple(int(n) for n in header.get_data_shape()[:3]), tuple(float(z) for z in header.get_zooms()[:3])
 
 
-#: ITK's HDF5 library is not thread-safe: transform files are read and written one at a time per
-#: process (the infer request and the background template refresh both use them).
-_HDF5_LOCK = threading.Lock()
+#: ITK's HDF5 library is not thread-safe, and serialising its calls with a lock is not enough once
+#: requests run on many threads (a threaded load run hit "no VOL object wrap context" read errors and
+#: a segfault): every transform file is read and written on this one thread.
+_HDF5_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semisam-hdf5")
 
 
 #: ``fusion``: registration-guided feature label fusion (default); ``prototype``: the paper's one
@@ -194,11 +195,9 @@ class StageOne:
                         raise RegistrationError(
                             f"{Path(target).name}: registration ({self.registration}) to template {Path(template).name} failed: {reason}"
                         ) from None
-                    with _HDF5_LOCK:
-                        atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
+                    _HDF5_THREAD.submit(atomic_write, path, lambda tmp: sitk.WriteTransform(transform, str(tmp))).result()
                     return transform
-        with _HDF5_LOCK:
-            return sitk.ReadTransform(str(path))
+        return _HDF5_THREAD.submit(sitk.ReadTransform, str(path)).result()
 
     def frame_positions(self, image_path: Path, frame: Path) -> FeatureGrid:
         """Every voxel of ``image_path`` as a continuous voxel index of the image ``frame`` (a template),
