@@ -61,4 +61,4 @@ def test_feature_extraction_job_fills_the_cache_with_progress(tiny_studies):
         assert any("features 3/3" in line for line in status["details"]), status["details"]
     cached = list((tiny_studies / ".semisam" / "features").glob("*/*.npy"))
     assert len(cached) == 3
-    assert len(list((tiny_studies / ".semisam" / "registration").glob("*.h5"))) == 3
+    assert len(list((tiny_studies / ".semisam" / "registration").glob("*.npz"))) == 3

@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset
 
 from semisam_o1.safe_names import dicom_uid
 from semisam_o1.tasks.safe_datastore import NameChecks
-from semisam_o1.volumes import atomic_write
+from semisam_o1.volumes import atomic_write, read_sitk
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def seg_to_label(seg_file: Path, image_nifti: Path, out: Path) -> Path:
     import SimpleITK as sitk
 
     seg = pydicom_seg.MultiClassReader().read(pydicom.dcmread(str(seg_file))).image
-    reference = sitk.ReadImage(str(image_nifti))
+    reference = read_sitk(image_nifti)
     label = sitk.Cast(sitk.Resample(seg, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
     return atomic_write(out, lambda tmp: sitk.WriteImage(label, str(tmp), True))
 
@@ -148,9 +148,9 @@ def label_to_seg(label_file: str | Path, image_nifti: Path, series_dir: Path, na
 
     from monailabel.datastore.utils.colors import GENERIC_ANATOMY_COLORS
 
-    reference = sitk.ReadImage(str(image_nifti))
+    reference = read_sitk(image_nifti)
     try:
-        label = sitk.ReadImage(str(label_file))
+        label = read_sitk(label_file)
     except RuntimeError:
         raise SourceError(422, f"label {Path(label_file).name}: not a readable image") from None
     if label.GetSize() != reference.GetSize():

@@ -177,7 +177,9 @@ def nifti_to_dicom_series(nifti: Path, out_dir: Path, patient: str, series_descr
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-    image = sitk.ReadImage(str(nifti))
+    from semisam_o1.volumes import read_sitk
+
+    image = read_sitk(nifti)
     array = np.rint(sitk.GetArrayFromImage(image)).astype(np.int16)  # (z, y, x)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     spacing, origin = image.GetSpacing(), np.array(image.GetOrigin())

@@ -23,7 +23,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["affine_register", "refine_register", "syn_register", "map_voxels", "shrink", "warp_label", "read_image", "REGISTRATIONS"]
+from semisam_o1.volumes import atomic_write, read_sitk
+
+__all__ = ["affine_register", "refine_register", "syn_register", "map_voxels", "shrink", "warp_label", "read_image",
+           "save_transform", "load_transform", "REGISTRATIONS"]
 
 #: Registration methods of stage one's spatial prior (``--conf registration``).
 REGISTRATIONS = ("demons", "syn")
@@ -42,7 +45,73 @@ def _single_thread():
 
 def read_image(path: str) -> sitk.Image:
     """A volume as a float32 ``SimpleITK.Image`` (the pixel type registration expects)."""
-    return sitk.ReadImage(str(path), sitk.sitkFloat32)
+    return read_sitk(path, sitk.sitkFloat32)
+
+
+#: Transform kinds :func:`save_transform` stores by their parameters (the displacement field as an array).
+_PARAMETRIC = {"AffineTransform": sitk.AffineTransform, "BSplineTransform": sitk.BSplineTransform,
+               "IdentityTransform": lambda dim: sitk.Transform(dim, sitk.sitkIdentity),
+               "TranslationTransform": sitk.TranslationTransform, "Euler3DTransform": lambda dim: sitk.Euler3DTransform()}
+
+
+def _flatten(transform: sitk.Transform) -> list[sitk.Transform]:
+    if transform.GetName() == "CompositeTransform":
+        composite = sitk.CompositeTransform(transform)
+        return [t for i in range(composite.GetNumberOfTransforms()) for t in _flatten(composite.GetNthTransform(i))]
+    return [transform]
+
+
+def save_transform(transform: sitk.Transform, path: Path) -> Path:
+    """Write a registration result to ``path`` (``.npz``), atomically.
+
+    Stored as plain arrays, not ITK transform files: ITK reads and writes those (and probes every file it
+    reads) with its HDF5 library, which is not thread-safe. A composite is stored as its flattened list
+    (ITK order: the last transform is applied first); each part as its ITK class name and parameters, a
+    displacement field as a float32 ``(z, y, x, 3)`` array (mm) with its grid. Supported parts: affine,
+    B-spline, identity, translation, Euler 3D and displacement field.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    parts = _flatten(transform)
+    for i, t in enumerate(parts):
+        name = t.GetName()
+        arrays[f"{i}_name"] = np.array(name)
+        if name == "DisplacementFieldTransform":
+            field = sitk.DisplacementFieldTransform(t).GetDisplacementField()
+            arrays[f"{i}_field"] = sitk.GetArrayViewFromImage(field).astype(np.float32)
+            arrays[f"{i}_grid"] = np.array([*field.GetOrigin(), *field.GetSpacing(), *field.GetDirection()])
+        elif name in _PARAMETRIC:
+            arrays[f"{i}_fixed"] = np.array(t.GetFixedParameters(), dtype=np.float64)
+            arrays[f"{i}_params"] = np.array(t.GetParameters(), dtype=np.float64)
+        else:
+            raise ValueError(f"cannot store a {name}")
+    arrays["count"] = np.array(len(parts))
+    return atomic_write(Path(path), lambda tmp: np.savez(tmp, **arrays))
+
+
+def load_transform(path: Path) -> sitk.Transform:
+    """The transform :func:`save_transform` wrote (one part as itself, several as a composite)."""
+    with np.load(str(path)) as data:
+        parts = []
+        for i in range(int(data["count"])):
+            name = str(data[f"{i}_name"])
+            if name == "DisplacementFieldTransform":
+                field = sitk.GetImageFromArray(data[f"{i}_field"].astype(np.float64), isVector=True)
+                grid = data[f"{i}_grid"]
+                field.SetOrigin(tuple(grid[:3]))
+                field.SetSpacing(tuple(grid[3:6]))
+                field.SetDirection(tuple(grid[6:]))
+                parts.append(sitk.DisplacementFieldTransform(field))
+            else:
+                t = _PARAMETRIC[name](3)
+                t.SetFixedParameters(tuple(data[f"{i}_fixed"]))
+                t.SetParameters(tuple(data[f"{i}_params"]))
+                parts.append(t)
+    if len(parts) == 1:
+        return parts[0]
+    out = sitk.CompositeTransform(3)
+    for t in parts:
+        out.AddTransform(t)
+    return out
 
 
 def affine_register(
@@ -167,7 +236,7 @@ def syn_register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> sitk.T
         composed = ants.apply_transforms(fixed=f, moving=m, transformlist=reg["fwdtransforms"], compose=str(tmp / "all_"))
         if composed is None:
             raise RuntimeError("ANTs could not compose the SyN transforms")
-        field = sitk.ReadImage(composed, sitk.sitkVectorFloat64)
+        field = read_sitk(composed, sitk.sitkVectorFloat64)
     return sitk.DisplacementFieldTransform(field)
 
 

@@ -3,7 +3,7 @@
 Pipeline per target image (every step cached on disk under ``<studies>/.semisam/``):
 
 1. features: :class:`~semisam_o1.feature_cache.FeatureCache` (the encoder runs once per image);
-2. alignment: registration of each template to the target (``registration/*.h5``, the method in the
+2. alignment: registration of each template to the target (``registration/*.npz``, the method in the
    file name: affine + demons, or ANTs SyN with ``--conf registration syn``), used as a spatial prior:
    each target voxel knows where it falls in each template;
 3. propagation: voxel k-nearest-neighbour label transfer from every template
@@ -16,7 +16,6 @@ Pipeline per target image (every step cached on disk under ``<studies>/.semisam/
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,10 +27,12 @@ from filelock import FileLock
 from semisam_o1.feature_cache import FeatureCache, FeatureGrid, stored_grid
 from semisam_o1.plan import check_memory
 from semisam_o1.propagation import PropagationParams, TemplateBank, build_bank, class_prototypes, propagate, propagate_prototypes
-from semisam_o1.registration import REGISTRATIONS, affine_register, map_voxels, read_image, refine_register, shrink, syn_register, warp_label
+from semisam_o1.registration import (
+    REGISTRATIONS, affine_register, load_transform, map_voxels, read_image, refine_register, save_transform, shrink, syn_register, warp_label,
+)
 from semisam_o1.sample_data import sha256
 from semisam_o1.templates import Template
-from semisam_o1.volumes import InputError, Volume, atomic_write, class_volumes, load_image, load_label
+from semisam_o1.volumes import InputError, Volume, class_volumes, load_image, load_label, read_sitk
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ def nib_geometry(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
 
     header = nib.load(str(path)).header
     return tuple(int(n) for n in header.get_data_shape()[:3]), tuple(float(z) for z in header.get_zooms()[:3])
-
-
-#: ITK's HDF5 library is not thread-safe, and serialising its calls with a lock is not enough once
-#: requests run on many threads (a threaded load run hit "no VOL object wrap context" read errors and
-#: a segfault): every transform file is read and written on this one thread.
-_HDF5_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semisam-hdf5")
 
 
 #: ``fusion``: registration-guided feature label fusion (default); ``prototype``: the paper's one
@@ -166,11 +161,11 @@ class StageOne:
     def registration_path(self, target: Path, template: Path) -> Path:
         factors = ["".join(map(str, self.cache.plan.registration_shrink(*nib_geometry(p)))) for p in (target, template)]
         grid = "" if factors == ["111", "111"] else f"-shrink{factors[0]}-{factors[1]}"
-        return self.studies / ".semisam" / "registration" / f"{sha256(target)[:20]}-{sha256(template)[:20]}-affine-{self.registration}{grid}.h5"
+        return self.studies / ".semisam" / "registration" / f"{sha256(target)[:20]}-{sha256(template)[:20]}-affine-{self.registration}{grid}.npz"
 
     def transform(self, target: Path, template: Path) -> sitk.Transform:
         """Target -> template registration (physical mm) with :attr:`registration` (affine + demons, or
-        ANTs SyN), registered once and kept on disk (HDF5, the method in the file name).
+        ANTs SyN), registered once and kept on disk (``.npz``, see :func:`~semisam_o1.registration.save_transform`; the method in the file name).
 
         Volumes above the plan's ``registration_voxels`` are registered on a shrunk copy (bin average).
 
@@ -195,9 +190,9 @@ class StageOne:
                         raise RegistrationError(
                             f"{Path(target).name}: registration ({self.registration}) to template {Path(template).name} failed: {reason}"
                         ) from None
-                    _HDF5_THREAD.submit(atomic_write, path, lambda tmp: sitk.WriteTransform(transform, str(tmp))).result()
+                    save_transform(transform, path)
                     return transform
-        return _HDF5_THREAD.submit(sitk.ReadTransform, str(path)).result()
+        return load_transform(path)
 
     def frame_positions(self, image_path: Path, frame: Path) -> FeatureGrid:
         """Every voxel of ``image_path`` as a continuous voxel index of the image ``frame`` (a template),
@@ -244,7 +239,7 @@ class StageOne:
         """The registration-only prediction: each template label warped (nearest neighbour) by its cached
         registration, majority vote over templates: ``(D, H, W)`` uint8 on the image's grid."""
         target = read_image(str(image_path))
-        warps = [warp_label(sitk.ReadImage(str(t.label_path), sitk.sitkUInt8), target, self.transform(Path(image_path), t.image_path)) for t in templates]
+        warps = [warp_label(read_sitk(t.label_path, sitk.sitkUInt8), target, self.transform(Path(image_path), t.image_path)) for t in templates]
         if len(warps) == 1:
             return warps[0]
         counts = np.stack([sum((w == c).astype(np.uint8) for w in warps) for c in range(int(max(w.max() for w in warps)) + 1)])

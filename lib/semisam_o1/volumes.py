@@ -96,7 +96,7 @@ def label_array(path: Path | str) -> np.ndarray:
     import SimpleITK as sitk
 
     try:
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        return sitk.GetArrayFromImage(read_sitk(path))
     except RuntimeError as e:
         raise InputError(f"{path}: not a readable label image ({str(e).strip().splitlines()[-1]})") from None
 
@@ -138,12 +138,12 @@ def _load_itk_label(path: Path, image: Volume) -> np.ndarray:
     import SimpleITK as sitk
 
     try:
-        label = sitk.ReadImage(str(path))
+        label = read_sitk(path)
     except RuntimeError as e:
         raise InputError(f"{path}: not a readable label image ({str(e).strip().splitlines()[-1]})") from None
     if label.GetNumberOfComponentsPerPixel() != 1 or label.GetDimension() != 3:
         raise InputError(f"{path}: expected a single-component 3D label, got {label.GetDimension()}D x {label.GetNumberOfComponentsPerPixel()}")
-    ref = sitk.ReadImage(str(image.path))
+    ref = read_sitk(image.path)
     checks = [
         ("size", label.GetSize(), ref.GetSize(), 0),
         ("spacing", label.GetSpacing(), ref.GetSpacing(), 1e-3),
@@ -154,6 +154,23 @@ def _load_itk_label(path: Path, image: Volume) -> np.ndarray:
         if not np.allclose(got, want, atol=tol):
             raise InputError(f"{path}: label {name} {tuple(round(v, 4) for v in got)} does not match image {image.path.name} {tuple(round(v, 4) for v in want)}")
     return sitk.GetArrayFromImage(label).transpose(2, 1, 0)  # sitk (z, y, x) -> (D, H, W)
+
+
+#: The ImageIO SimpleITK reads each file suffix with. Named explicitly so ITK never probes a file with its
+#: other readers: its HDF5 reader opens every candidate with the HDF5 library, which is not thread-safe
+#: (a threaded server hit HDF5 "no VOL object wrap context" errors and a segfault).
+_ITK_READERS = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
+                ".seg.nrrd": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
+
+
+def read_sitk(path: Path | str, pixel_type=None):
+    """``SimpleITK.ReadImage(path)`` (optionally cast to ``pixel_type``, e.g. ``sitk.sitkFloat32``) with the
+    reader chosen by the file suffix (NIfTI, NRRD, MetaImage); other suffixes fall back to ITK's probing."""
+    import SimpleITK as sitk
+
+    name = Path(path).name.lower()
+    io = next((v for k, v in sorted(_ITK_READERS.items(), key=lambda kv: -len(kv[0])) if name.endswith(k)), "")
+    return sitk.ReadImage(str(path), sitk.sitkUnknown if pixel_type is None else pixel_type, imageIO=io)
 
 
 def atomic_write(path: Path, write) -> Path:
@@ -185,7 +202,7 @@ def save_label(label: np.ndarray, image: Volume, path: Path | str, dtype=np.uint
         import SimpleITK as sitk
 
         out = sitk.GetImageFromArray(label.astype(dtype).transpose(2, 1, 0))  # (D,H,W) -> sitk (z,y,x)
-        out.CopyInformation(sitk.ReadImage(str(image.path)))
+        out.CopyInformation(read_sitk(image.path))
         return atomic_write(path, lambda tmp: sitk.WriteImage(out, str(tmp), True))
     header = image.header.copy()
     header.set_data_dtype(dtype)
