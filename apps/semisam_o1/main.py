@@ -14,6 +14,7 @@ from monailabel.tasks.scoring.dice import Dice
 import semisam_o1
 from semisam_o1.config import AppConfig
 from semisam_o1.dicom import dicomweb_datastore, work_dir
+from semisam_o1.jobs import exit_with_parent, in_job_process
 from semisam_o1.pipeline import build_stage_one
 from semisam_o1.priority import InteractivePriority
 from semisam_o1.stage_two import StageTwo
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 class SemiSAMO1App(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
+        if in_job_process():
+            exit_with_parent()  # a background job ends with its server, even after kill -9
         self.config = AppConfig.from_conf(conf)
         self._infer_lock = threading.Lock()
         self.stage_one = build_stage_one(work_dir(studies), self.config)

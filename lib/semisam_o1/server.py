@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from semisam_o1 import PROJECT_ROOT
+from semisam_o1.jobs import SERVER_PID
 
 APP_DIR = PROJECT_ROOT / "apps" / "semisam_o1"
 
@@ -41,6 +42,7 @@ def server_environment(studies: str, conf: dict[str, str], port: int) -> dict[st
             "MONAI_LABEL_APP_CONF": json.dumps(conf),
             "MONAI_LABEL_SERVER_PORT": str(port),
             "PYTHONPATH": os.pathsep.join(dict.fromkeys(os.pathsep.join(pythonpath).split(os.pathsep))),
+            SERVER_PID: str(os.getpid()),  # its jobs end with it (semisam_o1.jobs)
         }
     )
     return env

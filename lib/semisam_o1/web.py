@@ -17,6 +17,7 @@ instead of ``monailabel.app:app``:
   dcmqi's ``itkimage2segimage``, which is never downloaded; the SEG file is deleted once answered.
 - With ``MONAI_LABEL_AUTH_ENABLE``: OpenID Connect bearer tokens under MONAI Label's role checks, and
   ``/auth/token`` as a password grant at the issuer (:mod:`semisam_o1.auth`).
+- Shutdown stops every queued and running background job (:mod:`semisam_o1.jobs`).
 - Concurrency: MONAI Label 0.8.5's endpoints are ``async def`` functions that do blocking work
   (inference, file I/O, datastore writes) on the event loop, so the server answered one request at a
   time (a listing waited behind every infer). :class:`InWorkerThread` serves each request on a worker
@@ -180,6 +181,24 @@ def install(application) -> None:
     _send_response.__wrapped__ = getattr(infer_endpoint.send_response, "__wrapped__", infer_endpoint.send_response)
     infer_endpoint.send_response = _send_response
     auth.install(application)
+    application.router.lifespan_context = _stopping_jobs(application.router.lifespan_context)
+
+
+def _stopping_jobs(lifespan):
+    """MONAI Label's lifespan, then every background job stopped at shutdown (:mod:`semisam_o1.jobs`)."""
+    from contextlib import asynccontextmanager
+
+    from semisam_o1.jobs import stop_background_jobs
+
+    @asynccontextmanager
+    async def wrapped(application):
+        async with lifespan(application) as state:
+            try:
+                yield state
+            finally:
+                stop_background_jobs()
+
+    return wrapped
 
 
 install(monailabel_app)
