@@ -41,6 +41,10 @@ def network_dice(net, cases: dict, patch) -> float:
     return mean_dice(out)
 
 
+#: Label-free round-quality signals stage two records per round, and their sign (+1: higher is better).
+CRITERIA = {"network_entropy": -1, "agreement_with_stage_one": +1, "template_dice": +1, "mean_entropy": -1}
+
+
 def main(argv=None) -> int:
     p = parser(__doc__, "stage2")
     p.add_argument("--rounds", type=int, default=3)
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
             if r:
                 net = load_network(work / f"round_{r}" / "model.pt")
                 entry["test_dice"] = network_dice(net, test, patch)
-                entry.update({k: state["rounds"][r - 1][k] for k in ("seconds", "uncertain_voxels", "changed_per_class")})
+                entry.update({k: state["rounds"][r - 1].get(k) for k in ("seconds", "uncertain_voxels", "changed_per_class", *CRITERIA)})
             per_round.append(entry)
             print(refinement, json.dumps(entry))
         variants[refinement] = per_round
@@ -106,7 +110,14 @@ def main(argv=None) -> int:
             "peak_rss_bytes": peak_rss_bytes(),
         }
     )
-    result["ratio_to_full_supervision"] = result["dice_per_round"][-1] / result["dice_full_supervision"]
+    result["dice_final"] = result["dice_per_round"][-1]  # the published model: the last round's
+    result["ratio_to_full_supervision"] = result["dice_final"] / result["dice_full_supervision"]
+    # which round each label-free criterion would publish, and that round's test Dice (never used to choose)
+    result["round_chosen_by"] = {
+        name: {"round": best["round"], "test_dice": best["test_dice"]}
+        for name, sign in CRITERIA.items()
+        for best in [max(rounds[1:], key=lambda r: sign * r[name])]
+    }
     write_result(result, args.out, [
         f"template only {result['dice_template_only']:.3f} | stage 1 {result['dice_stage1']:.3f} | rounds {[round(d, 3) for d in result['dice_per_round']]}",
         f"volume-level ablation {result['dice_volume_level_ablation']:.3f} | full supervision {result['dice_full_supervision']:.3f}",

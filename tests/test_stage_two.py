@@ -199,3 +199,27 @@ def test_prediction_leaves_the_global_rng_and_the_shared_model_alone():
         assert [m.training for m in net.modules()] == modes, mode
         np.testing.assert_array_equal(mc[0], mc[1])  # MC dropout stays reproducible
         assert not np.allclose(mc[0], deterministic)  # ... and really drops out
+
+
+def test_training_patches_come_from_memory_maps_aligned_and_mostly_on_foreground(tmp_path):
+    from semisam_o1.segmenter import PatchSampler
+
+    shape = (60, 50, 40)
+    label = np.zeros(shape, np.uint8)
+    label[40:46, 10:16, 30:36] = 1  # one small structure far from the centre
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    image[label > 0] = 2.0  # a marker: foreground voxels are recognisable in an image patch
+    np.save(tmp_path / "image.npy", image)
+    np.save(tmp_path / "label.npy", label)
+    small = np.zeros((10, 50, 40), np.uint8)
+    small[5, 20, 20] = 1
+    sampler = PatchSampler([np.load(tmp_path / "image.npy", mmap_mode="r"), np.zeros(small.shape, np.float32)],
+                           [np.load(tmp_path / "label.npy", mmap_mode="r"), small], (16, 16, 16), seed=0)
+    patches = [sampler[0] for _ in range(300)]
+    assert all(p["image"].shape == (1, 16, 16, 16) and p["label"].shape == (1, 16, 16, 16) for p in patches)
+    assert all(np.array_equal(p["image"] == 2.0, p["label"] == 1) for p in patches)  # image and label crops line up
+    on_structure = np.mean([p["label"].any() for p in patches])
+    assert 0.55 < on_structure < 0.8  # pos 2 : neg 1, the structure is 0.4 % of the volume
+    padded = sampler[1]  # 10 voxels deep: zero-padded evenly to the patch
+    assert padded["label"].shape == (1, 16, 16, 16) and padded["label"].sum() == 1
+    assert padded["label"][0, :3].sum() == 0 and padded["label"][0, 13:].sum() == 0

@@ -24,6 +24,20 @@ def scores(pred: np.ndarray, truth: np.ndarray, classes: dict[str, int], spacing
     return {name: {"dice": float(dice[v]), "hd95": float(hd95[v])} for name, v in classes.items()}
 
 
+def class_dice(pred: np.ndarray, truth: np.ndarray, n_classes: int, slab: int = 16) -> np.ndarray:
+    """``(n_classes - 1,)`` Dice of each foreground class 1..n-1 of two (D, H, W) label maps (1 where a
+    class is absent from both), from their confusion matrix counted slab by slab along axis 0: no one-hot
+    volume (MONAI's ``compute_dice`` needs ``classes x voxels`` floats), so any size and memory maps work."""
+    confusion = np.zeros((n_classes, n_classes), np.int64)
+    for z in range(0, pred.shape[0], slab):
+        a = np.asarray(pred[z:z + slab], np.int64).clip(0, n_classes - 1)
+        b = np.asarray(truth[z:z + slab], np.int64).clip(0, n_classes - 1)
+        confusion += np.bincount((a * n_classes + b).ravel(), minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    both = np.diag(confusion)[1:]
+    total = confusion.sum(1)[1:] + confusion.sum(0)[1:]
+    return np.where(total > 0, 2 * both / np.maximum(total, 1), 1.0)
+
+
 def mean_dice(per_case: list[dict]) -> float:
     """Mean over cases and classes of :func:`scores` results."""
     return float(np.mean([[c[name]["dice"] for name in c] for c in per_case]))

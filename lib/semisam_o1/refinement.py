@@ -25,6 +25,7 @@ volumes take the whole label map of their most similar confident volume.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -113,38 +114,57 @@ def _near_structures(label: np.ndarray, band: int) -> np.ndarray:
     return ndimage.binary_dilation(label > 0, iterations=band) if band > 0 else np.ones(label.shape, bool)
 
 
-def refine_voxels(cases: list[RefineCase], params: RefineParams = RefineParams()) -> RefineResult:
-    """Relabel the uncertain voxels of every non-template case by kNN over confident voxels."""
+def refine_voxels(cases: list[RefineCase], params: RefineParams = RefineParams(),
+                  sink: Callable[[int, np.ndarray], None] | None = None) -> RefineResult:
+    """Relabel the uncertain voxels of every non-template case by kNN over confident voxels.
+
+    Labels and entropies may be memory maps: cases are read one at a time (the bank's candidates are
+    counted in one pass and sampled in a second, so no pool-wide index list is held). With ``sink``,
+    each non-template case's new label is handed to ``sink(case_index, label)`` as soon as it is made
+    and not kept (``RefineResult.labels`` is then empty): memory stays one volume's worth.
+    """
     rng = np.random.default_rng(params.seed)
     threshold = entropy_threshold(cases, params)
     classes = sorted({int(v) for c in cases for v in np.unique(c.label)})
-    candidates = [np.flatnonzero(_near_structures(c.label, params.band) & (c.is_template | (c.entropy <= threshold))) for c in cases]
-    rate = min(1.0, params.bank_size / max(1, sum(len(idx) for idx in candidates)))
-    picked = [idx[rng.random(len(idx)) < rate] for idx in candidates]
+
+    def confident(c: RefineCase) -> np.ndarray:
+        return np.flatnonzero(_near_structures(c.label, params.band) & (c.is_template | (np.asarray(c.entropy) <= threshold)))
+
+    total = sum(len(confident(c)) for c in cases)
+    rate = min(1.0, params.bank_size / max(1, total))
+    picked = []
+    for c in cases:
+        idx = confident(c)
+        picked.append(idx[rng.random(len(idx)) < rate])
     bank = np.concatenate([c.vectors(idx, params.position_weight) for c, idx in zip(cases, picked)])
-    bank_labels = np.concatenate([c.label.reshape(-1)[idx] for c, idx in zip(cases, picked)])
+    bank_labels = np.concatenate([np.asarray(c.label).reshape(-1)[idx] for c, idx in zip(cases, picked)])
     index = faiss.IndexFlatL2(bank.shape[1])
     index.add(bank)
-
     new_labels, uncertain_total, changed = [], 0, {v: 0 for v in classes}
-    for c in cases:
-        label = c.label.copy()
-        if not c.is_template:
-            uncertain = np.flatnonzero(c.entropy.ravel() > threshold)
-            uncertain_total += len(uncertain)
-            if len(uncertain):
-                dist, nn = index.search(c.vectors(uncertain, params.position_weight), params.k)
-                weights = np.clip(1 - dist / 2, 0, None)
-                votes = np.zeros((len(uncertain), max(classes) + 1), np.float32)
-                for j in range(params.k):
-                    np.add.at(votes, (np.arange(len(uncertain)), bank_labels[nn[:, j]]), weights[:, j])
-                new = votes.argmax(1)
-                flat = label.reshape(-1)
-                moved = new != flat[uncertain]
-                for v in classes:
-                    changed[v] += int((moved & (new == v)).sum())
-                flat[uncertain] = new
-        new_labels.append(label)
+    for n, c in enumerate(cases):
+        if c.is_template:
+            if sink is None:
+                new_labels.append(np.array(c.label))
+            continue
+        label = np.array(c.label)  # a writable copy (the case's may be a read-only memory map)
+        uncertain = np.flatnonzero(np.asarray(c.entropy).ravel() > threshold)
+        uncertain_total += len(uncertain)
+        if len(uncertain):
+            dist, nn = index.search(c.vectors(uncertain, params.position_weight), params.k)
+            weights = np.clip(1 - dist / 2, 0, None)
+            votes = np.zeros((len(uncertain), max(classes) + 1), np.float32)
+            for j in range(params.k):
+                np.add.at(votes, (np.arange(len(uncertain)), bank_labels[nn[:, j]]), weights[:, j])
+            new = votes.argmax(1)
+            flat = label.reshape(-1)
+            moved = new != flat[uncertain]
+            for v in classes:
+                changed[v] += int((moved & (new == v)).sum())
+            flat[uncertain] = new
+        if sink is None:
+            new_labels.append(label)
+        else:
+            sink(n, label)
     return RefineResult(new_labels, threshold, uncertain_total, changed)
 
 
@@ -167,21 +187,26 @@ def _center_fit(label: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def refine_volumes(cases: list[RefineCase], fraction: float = 0.1) -> RefineResult:
+def refine_volumes(cases: list[RefineCase], fraction: float = 0.1, sink: Callable[[int, np.ndarray], None] | None = None) -> RefineResult:
     """Ablation: the ``fraction`` most uncertain volumes (mean entropy) take the label map of the most
-    similar (global feature) confident volume, centre-aligned."""
+    similar (global feature) confident volume, centre-aligned. ``sink`` as in :func:`refine_voxels`."""
     candidates = [i for i, c in enumerate(cases) if not c.is_template]
-    mean_entropy = np.array([cases[i].entropy.mean() for i in candidates])
+    mean_entropy = np.array([float(np.mean(cases[i].entropy, dtype=np.float64)) for i in candidates])
     n_uncertain = max(1, int(round(fraction * len(candidates))))
     uncertain = [candidates[j] for j in np.argsort(-mean_entropy)[:n_uncertain]]
     donors = [i for i in range(len(cases)) if i not in uncertain]
     descriptors = {i: _global_descriptor(c.features) for i, c in enumerate(cases)}
-    labels = [c.label.copy() for c in cases]
-    changed: dict[int, int] = {}
-    for i in uncertain:
-        donor = max(donors, key=lambda d: float(descriptors[i] @ descriptors[d]))
-        new = _center_fit(cases[donor].label, cases[i].label.shape)
-        for v in np.unique(new[new != labels[i]]):
-            changed[int(v)] = changed.get(int(v), 0) + int(((new == v) & (labels[i] != v)).sum())
-        labels[i] = new
+    labels, changed = [], {}
+    for i, case in enumerate(cases):
+        label = np.array(case.label)
+        if i in uncertain:
+            donor = max(donors, key=lambda d: float(descriptors[i] @ descriptors[d]))
+            new = _center_fit(np.asarray(cases[donor].label), label.shape)
+            for v in np.unique(new[new != label]):
+                changed[int(v)] = changed.get(int(v), 0) + int(((new == v) & (label != v)).sum())
+            label = new
+        if sink is None:
+            labels.append(label)
+        elif not case.is_template:
+            sink(i, label)
     return RefineResult(labels, threshold=float("nan"), uncertain_voxels=sum(cases[i].label.size for i in uncertain), changed_per_class=changed)

@@ -1,8 +1,10 @@
 """Stage two's 3D network: trained from scratch on (pseudo-)labels, predicting with voxel-wise uncertainty.
 
 - :func:`build_network`: MONAI ``UNet`` with dropout (dropout also drives MC-dropout uncertainty).
-- :func:`train_network`: MONAI dictionary transforms (random crops around foreground/background,
-  flips, intensity jitter), Dice + cross-entropy loss, Adam; a fixed number of iterations, sized for CPU.
+- :func:`train_network`: patches read straight from (memory-mapped) volumes by :class:`PatchSampler`
+  (2 of 3 centred on foreground), MONAI dictionary transforms on each patch (flips, intensity jitter),
+  Dice + cross-entropy loss, Adam; a fixed number of iterations, sized for CPU. Only the patches are
+  ever in memory, so the pool may be ``np.load(..., mmap_mode="r")`` arrays of any size.
 - :func:`predict_with_uncertainty`: MONAI sliding-window inference averaged over flips (TTA) and
   MC-dropout passes; returns the mean softmax and its entropy.
 
@@ -23,14 +25,7 @@ from monai.data import DataLoader, Dataset
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
-from monai.transforms import (
-    Compose,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    SpatialPadd,
-)
+from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 
 
 @dataclass(frozen=True)
@@ -79,6 +74,57 @@ def load_network(path: Path) -> UNet:
     return net.eval()
 
 
+class PatchSampler(Sequence):
+    """One random training patch per case and access: ``{"image": (1, *patch) float32, "label": (1, *patch) uint8}``.
+
+    What MONAI's ``SpatialPadd`` + ``RandCropByPosNegLabeld(pos=2, neg=1)`` do, reading only the patch:
+    MONAI's crop first turns the whole volume into a tensor, i.e. the whole pool into memory, once per
+    step. A patch is centred on a foreground voxel (label > 0) with probability ``pos / (pos + neg)``,
+    else on a background voxel, moved so that it lies inside the volume; a volume smaller than the patch
+    is zero-padded evenly on both sides. Candidate centres: a uniform sample of at most ``max_points``
+    foreground and as many background voxels per case, found slab by slab (never a whole-volume copy).
+
+    Args:
+        images: (D, H, W) arrays in [0, 1] (``np.memmap`` welcome); labels: (D, H, W) integer arrays.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], patch: Sequence[int],
+                 pos: int = 2, neg: int = 1, seed: int = 0, max_points: int = 20000):
+        self.images, self.labels, self.patch = list(images), list(labels), tuple(int(p) for p in patch)
+        self.p_pos = pos / (pos + neg)
+        self.rng = np.random.default_rng(seed)
+        self.points = [self._centres(lab, max_points) for lab in self.labels]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _centres(self, label: np.ndarray, max_points: int, slab: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """(foreground, background) flat voxel indices, each a uniform sample of at most ``max_points``."""
+        counts = [int(np.count_nonzero(label[z:z + slab])) for z in range(0, label.shape[0], slab)]
+        n_fg, n_bg = sum(counts), label.size - sum(counts)
+        rates = (min(1.0, max_points / max(1, n_fg)), min(1.0, max_points / max(1, n_bg)))
+        fg, bg, per_slab = [], [], int(np.prod(label.shape[1:]))
+        for z in range(0, label.shape[0], slab):
+            flat = np.asarray(label[z:z + slab]).reshape(-1) > 0
+            for out, where, rate in ((fg, flat, rates[0]), (bg, ~flat, rates[1])):
+                idx = np.flatnonzero(where)
+                out.append(idx[self.rng.random(len(idx)) < rate] + z * per_slab)
+        return np.concatenate(fg), np.concatenate(bg)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        image, label = self.images[i], self.labels[i]
+        fg, bg = self.points[i]
+        pool = fg if (len(fg) and self.rng.random() < self.p_pos) or not len(bg) else bg
+        centre = np.unravel_index(int(pool[self.rng.integers(len(pool))]), label.shape)
+        start = [min(max(c - p // 2, 0), max(n - p, 0)) for c, p, n in zip(centre, self.patch, label.shape)]
+        box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
+        x, y = np.asarray(image[box], np.float32), np.asarray(label[box], np.uint8)
+        pad = [((p - n) // 2, p - n - (p - n) // 2) for p, n in zip(self.patch, x.shape)]
+        if any(sum(w) for w in pad):
+            x, y = np.pad(x, pad), np.pad(y, pad)
+        return {"image": x[None], "label": y[None]}
+
+
 def train_network(
     images: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
@@ -94,13 +140,9 @@ def train_network(
         device: where the network trains (patches are cropped on the CPU); it is returned on the CPU.
     """
     torch.manual_seed(params.seed)
-    # views, not copies: a pool of large volumes is held once (labels in any integer dtype, e.g. uint8)
-    data = [{"image": np.asarray(img, np.float32)[None], "label": np.asarray(lab)[None]} for img, lab in zip(images, labels)]
     keys = ["image", "label"]
     transform = Compose(
         [
-            SpatialPadd(keys, spatial_size=params.patch),
-            RandCropByPosNegLabeld(keys, label_key="label", spatial_size=params.patch, pos=2, neg=1, num_samples=1),
             RandFlipd(keys, prob=0.5, spatial_axis=0),
             RandFlipd(keys, prob=0.5, spatial_axis=1),
             RandFlipd(keys, prob=0.5, spatial_axis=2),
@@ -109,7 +151,8 @@ def train_network(
         ]
     )
     transform.set_random_state(seed=params.seed)
-    loader = DataLoader(Dataset(data, transform), batch_size=params.batch_size, shuffle=True, num_workers=0,
+    patches = PatchSampler(images, labels, params.patch, seed=params.seed)
+    loader = DataLoader(Dataset(patches, transform), batch_size=params.batch_size, shuffle=True, num_workers=0,
                         generator=torch.Generator().manual_seed(params.seed))
     net = build_network(n_classes, params).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)

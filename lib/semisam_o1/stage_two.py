@@ -8,7 +8,10 @@ Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net s
     round_<r>/model.pt          the network trained in round r
     round_<r>/probs/<id>.npy    soft pseudo-labels after round r (see below)
     round_<r>/uncertainty/<id>.nii.gz   entropy (nats) of those soft pseudo-labels
-    round_<r>/labels/<id>.nii.gz   refined hard pseudo-labels after round r (what round r+1 trains on)
+    round_<r>/labels/<id>.nii.gz   refined hard pseudo-labels after round r (what round r+1 trains on;
+                                   also as ``<id>.npy`` uint8, memory-mapped by training)
+    images/<id>.npy             each pool image normalised, float32 (training reads patches from it)
+    positions/<id>.npy, .json   voxel positions in the first template's grid (the refinement's frame)
     model.pt                    the latest finished round's network (what the infer task serves)
 
 Soft pseudo-labels are a temporal ensemble (Laine & Aila, 2017): after round r they are the mean of
@@ -19,6 +22,11 @@ it is (0.800). With a fixed weight for the newest network (tried: 0.5) stage one
 round and the refined labels drifted down to the networks' level (0.796 -> 0.789 -> 0.785); with the
 mean each source keeps an equal say (0.799 -> 0.797 -> 0.796, ``benchmarks/results/stage2.json``). The entropy of the soft labels is
 the voxel-wise uncertainty; the refinement relabels the most uncertain voxels of their argmax.
+
+Memory: no step holds the pool. Training reads patches from memory-mapped arrays
+(:class:`~semisam_o1.segmenter.PatchSampler`); prediction holds one image at a time and writes its
+soft labels, entropy and argmax before the next; the refinement reads those back memory-mapped and
+writes each refined label as it is made. Peak memory grows with the largest volume, not the pool.
 
 A round is committed by writing ``state.json`` last: a run killed mid-round (even ``kill -9``)
 restarts that round, and everything of earlier rounds stays valid. Every file is written to a hidden
@@ -44,6 +52,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from semisam_o1.evaluation import class_dice
+from semisam_o1.feature_cache import FeatureGrid
 from semisam_o1.normalize import normalize
 from semisam_o1.plan import with_cpu_fallback
 from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
@@ -51,7 +61,7 @@ from semisam_o1.sample_data import sha256
 from semisam_o1.segmenter import TrainParams, entropy, load_network, predict_with_uncertainty, save_network, train_network
 from semisam_o1.stage_one import NoTemplateError, StageOne
 from semisam_o1.templates import Template
-from semisam_o1.volumes import Volume, atomic_write, load_image, load_label, load_map, save_label
+from semisam_o1.volumes import Volume, atomic_write, load_image, load_label, load_map, read_geometry, save_label
 
 logger = logging.getLogger(__name__)
 
@@ -141,45 +151,57 @@ class StageTwo:
             state = self.state()
         if len(state["rounds"]) >= self.params.rounds:
             return state
-        images = {i: load_image(p) for i, p in pool.items()}
+        grids = {i: read_geometry(p) for i, p in pool.items()}  # each image's grid; voxels are read when needed
         finals = [(load_image(t.image_path), t) for t in templates]
         final_labels = [load_label(t.label_path, img, allowed=self.stage_one.label_values).astype(np.uint8) for img, t in finals]
         n_classes = 1 + max(int(lab.max()) for lab in final_labels)
 
-        self._stage_one_labels(templates, images, n_classes, progress)
-        positions = self._positions(templates, images)
+        self._stage_one_labels(templates, pool, n_classes, progress)
+        self._write_images(pool, progress)
+        positions = self._positions(templates, pool)
         for round_ in range(len(state["rounds"]) + 1, self.params.rounds + 1):
             start = time.perf_counter()
             self.progress.round, self.progress.phase = round_, "train"
             notify(self.progress)
-            current = {i: self._read_label(self.labels_dir(round_ - 1) / f"{i}.nii.gz", img) for i, img in images.items()}
-            net = self._train(finals, final_labels, images, current, n_classes, progress, notify)
+            current = {i: self._label_array(round_ - 1, i, grids[i]) for i in pool}
+            net = self._train(finals, final_labels, current, n_classes, progress, notify)
             round_dir = self.work / f"round_{round_}"
             save_network(net, n_classes, round_dir / "model.pt", self.params.train)
 
             self.progress.phase = "predict"
             notify(self.progress)
-            predicted, uncertainty = {}, {}
+            mean_entropy, criteria = [], {"network_entropy": [], "agreement_with_stage_one": []}
             w = 1 / (round_ + 1)  # the mean of stage one and rounds 1..round_
-            for i, img in tqdm(images.items(), desc=f"round {round_}: predict", disable=not progress, leave=False):
-                prob, _ = self._predict(net, img, self.params.mc_samples)
+            for i, path in tqdm(pool.items(), desc=f"round {round_}: predict", disable=not progress, leave=False):
+                prob, network_entropy = self._predict(net, load_image(path), self.params.mc_samples)
+                criteria["network_entropy"].append(float(network_entropy.mean()))
+                criteria["agreement_with_stage_one"].append(
+                    float(class_dice(prob.argmax(0), self._label_array(0, i, grids[i]), n_classes).mean()))
+                del network_entropy
                 prob = w * prob + (1 - w) * np.load(self.probs_path(round_ - 1, i)).astype(np.float32)
-                predicted[i], uncertainty[i] = prob.argmax(0).astype(np.uint8), entropy(prob)
                 self._save_probs(prob, round_, i)
-                save_label(uncertainty[i], img, round_dir / "uncertainty" / f"{i}.nii.gz", dtype=np.float32)
-                uncertainty[i] = uncertainty[i].astype(np.float16)  # held for the whole pool until the refinement
+                uncertainty = entropy(prob)
+                mean_entropy.append(float(uncertainty.mean()))
+                save_label(uncertainty, grids[i], round_dir / "uncertainty" / f"{i}.nii.gz", dtype=np.float32)
+                _save_array(round_dir / "uncertainty" / f"{i}.npy", uncertainty.astype(np.float16))
+                _save_array(round_dir / "predicted" / f"{i}.npy", prob.argmax(0).astype(np.uint8))
+                del prob, uncertainty
 
             self.progress.phase = "refine"
             notify(self.progress)
-            refined, refine_stats = self._refine(finals, final_labels, images, predicted, uncertainty, positions)
-            for i, img in images.items():
-                save_label(refined[i], img, self.labels_dir(round_) / f"{i}.nii.gz")
+            refine_stats = self._refine(finals, final_labels, pool, round_dir, positions, grids)
+            for scratch in (round_dir / "predicted", *(round_dir / "uncertainty").glob("*.npy")):  # inputs of the refinement only
+                shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink()
             atomic_write(self.model_path, lambda tmp: shutil.copyfile(round_dir / "model.pt", tmp))
             stats = {
                 "round": round_,
                 "seconds": round(time.perf_counter() - start, 1),
                 "final_loss": self.progress.loss,
-                "mean_entropy": float(np.mean([e.mean() for e in uncertainty.values()])),
+                "mean_entropy": float(np.mean(mean_entropy)),
+                # label-free signals of the round network's quality (recorded to find which predicts Dice)
+                **{name: float(np.mean(values)) for name, values in criteria.items()},
+                "template_dice": float(np.mean([class_dice(self.predict(net, img)[0], lab, n_classes).mean()
+                                                for (img, _), lab in zip(finals, final_labels)])),
                 **refine_stats,
             }
             state = {"inputs": inputs, "n_classes": n_classes, "rounds": [*state["rounds"], stats]}
@@ -205,39 +227,73 @@ class StageTwo:
 
     def _reset(self) -> None:
         """Forget every round (the published model stays until a new round replaces it)."""
-        for path in self.work.glob("round_*"):
-            shutil.rmtree(path)
+        for path in [*self.work.glob("round_*"), self.work / "images", self.work / "positions"]:
+            if path.exists():
+                shutil.rmtree(path)
         (self.work / "state.json").unlink(missing_ok=True)
 
-    def _stage_one_labels(self, templates, images: dict[str, Volume], n_classes: int, progress: bool) -> None:
+    def _stage_one_labels(self, templates, pool: dict[str, Path], n_classes: int, progress: bool) -> None:
         """Round 0: stage one's label and soft label (its confidence on the label, the rest shared evenly)."""
-        for i, img in tqdm(images.items(), desc="stage 1: propagate", disable=not progress, leave=False):
+        for i, image_path in tqdm(pool.items(), desc="stage 1: propagate", disable=not progress, leave=False):
             path = self.labels_dir(0) / f"{i}.nii.gz"
             if path.exists() and self.probs_path(0, i).exists():
                 continue
-            prediction = self.stage_one.predict(img.path, templates)
+            prediction = self.stage_one.predict(image_path, templates)
             onehot = np.eye(n_classes, dtype=np.float32)[prediction.label].transpose(3, 0, 1, 2)
             conf = prediction.confidence[None]
             self._save_probs(onehot * conf + (1 - onehot) * (1 - conf) / (n_classes - 1), 0, i)
-            save_label(prediction.label, img, path)
+            del onehot, conf
+            save_label(prediction.label, read_geometry(image_path), path)
 
-    def _positions(self, templates: list[Template], images: dict[str, Volume]) -> dict[str, np.ndarray] | None:
+    def image_array_path(self, image_id: str) -> Path:
+        return self.work / "images" / f"{image_id}.npy"
+
+    def _write_images(self, pool: dict[str, Path], progress: bool) -> None:
+        """Each pool image normalised, as ``images/<id>.npy`` float32 (training reads its patches from it)."""
+        modality = self.stage_one.cache.modality
+        for i, image_path in tqdm(pool.items(), desc="stage 2: images", disable=not progress, leave=False):
+            if not self.image_array_path(i).exists():
+                _save_array(self.image_array_path(i), normalize(load_image(image_path).array, modality))
+
+    def _label_array(self, round_: int, image_id: str, grid: Volume) -> np.ndarray:
+        """Round ``round_``'s label of ``image_id`` as a read-only memory map (``labels/<id>.npy``, made
+        from the NIfTI the first time: runs of earlier versions have the NIfTI only)."""
+        path = self.labels_dir(round_) / f"{image_id}.npy"
+        if not path.exists():
+            _save_array(path, self._read_label(self.labels_dir(round_) / f"{image_id}.nii.gz", grid))
+        return np.load(path, mmap_mode="r")
+
+    def _save_refined(self, round_: int, image_id: str, label: np.ndarray, grid: Volume) -> None:
+        save_label(label, grid, self.labels_dir(round_) / f"{image_id}.nii.gz")
+        _save_array(self.labels_dir(round_) / f"{image_id}.npy", np.asarray(label, np.uint8))
+
+    def _positions(self, templates: list[Template], pool: dict[str, Path]) -> dict[str, FeatureGrid] | None:
         """Every voxel's index in the first template's grid (the refinement's common frame), per image id
-        and template image id; ``None`` when the refinement does not use positions."""
+        and template image id, kept on disk (``positions/<id>.npy``) and memory-mapped; ``None`` when the
+        refinement does not use positions."""
         if self.params.refinement != "voxel" or self.params.refine.position_weight == 0:
             return None
         frame = templates[0].image_path
-        paths = {**{t.image_id: t.image_path for t in templates}, **{i: img.path for i, img in images.items()}}
-        return {i: self.stage_one.frame_positions(path, frame) for i, path in paths.items()}
+        paths = {**{t.image_id: t.image_path for t in templates}, **pool}
+        out = {}
+        for i, path in paths.items():
+            values, meta = self.work / "positions" / f"{i}.npy", self.work / "positions" / f"{i}.json"
+            if not meta.exists():
+                grid = self.stage_one.frame_positions(path, frame)
+                _save_array(values, grid.values)
+                atomic_write(meta, lambda tmp: tmp.write_text(json.dumps({"stride": grid.stride, "shape": grid.shape})))
+            info = json.loads(meta.read_text())
+            out[i] = FeatureGrid(np.load(values, mmap_mode="r"), tuple(info["stride"]), tuple(info["shape"]))
+        return out
 
     @staticmethod
     def _read_label(path: Path, image: Volume) -> np.ndarray:
         return load_label(path, image, require_foreground=False).astype(np.uint8)
 
-    def _train(self, finals, final_labels, images, current, n_classes, progress, notify):
+    def _train(self, finals, final_labels, current: dict[str, np.ndarray], n_classes, progress, notify):
         modality = self.stage_one.cache.modality
-        xs = [normalize(img.array, modality) for img, _ in finals] + [normalize(img.array, modality) for img in images.values()]
-        ys = list(final_labels) + [current[i] for i in images]
+        xs = [normalize(img.array, modality) for img, _ in finals] + [np.load(self.image_array_path(i), mmap_mode="r") for i in current]
+        ys = list(final_labels) + list(current.values())
         self.progress.iterations = self.params.train.iterations
         bar = tqdm(total=self.params.train.iterations, desc=f"round {self.progress.round}: train", disable=not progress, leave=False)
 
@@ -252,27 +308,32 @@ class StageTwo:
         bar.close()
         return net
 
-    def _refine(self, finals, final_labels, images, predicted, uncertainty, positions):
+    def _refine(self, finals, final_labels, pool: dict[str, Path], round_dir: Path, positions, grids: dict[str, Volume]) -> dict:
+        """Refine round ``round_dir``'s predicted labels (read from disk) and write the round's labels."""
+        round_ = int(round_dir.name.split("_")[1])
+        ids = list(pool)
+        predicted = {i: np.load(round_dir / "predicted" / f"{i}.npy", mmap_mode="r") for i in ids}
         if self.params.refinement == "none":
-            return predicted, {"uncertain_voxels": 0, "changed_per_class": {}}
+            for i in ids:
+                self._save_refined(round_, i, predicted[i], grids[i])
+            return {"uncertain_voxels": 0, "changed_per_class": {}}
         cache = self.stage_one.cache
         where = (lambda i: positions[i]) if positions else (lambda i: None)
-        cases = [RefineCase(cache.get_or_compute(img), lab, np.zeros(lab.shape, np.float32), True, where(t.image_id))
+        cases = [RefineCase(cache.get_or_compute(img), lab, np.zeros(lab.shape, np.float16), True, where(t.image_id))
                  for (img, t), lab in zip(finals, final_labels)]
-        ids = list(images)
-        cases += [RefineCase(cache.get_or_compute(images[i]), predicted[i], uncertainty[i], position=where(i))
-                  for i in ids]
+        features = lambda i: cache.get(grids[i]) or cache.get_or_compute(load_image(pool[i]))  # noqa: E731 (stage one cached them)
+        cases += [RefineCase(features(i), predicted[i],
+                             np.load(round_dir / "uncertainty" / f"{i}.npy", mmap_mode="r"), position=where(i)) for i in ids]
+        sink = lambda n, label: self._save_refined(round_, ids[n - len(finals)], label, grids[ids[n - len(finals)]])  # noqa: E731
         if self.params.refinement == "voxel":
-            result = refine_voxels(cases, self.params.refine)
+            result = refine_voxels(cases, self.params.refine, sink=sink)
         else:
-            result = refine_volumes(cases)
-        refined = {i: result.labels[len(finals) + n].astype(np.uint8) for n, i in enumerate(ids)}
-        stats = {
+            result = refine_volumes(cases, sink=sink)
+        return {
             "uncertainty_threshold": result.threshold,
             "uncertain_voxels": result.uncertain_voxels,
             "changed_per_class": {str(k): v for k, v in result.changed_per_class.items()},
         }
-        return refined, stats
 
     def load_model(self) -> torch.nn.Module | None:
         """The published network (latest finished round), or ``None`` before any training."""
@@ -309,6 +370,11 @@ class StageTwo:
     def model_version(self) -> str | None:
         """Content hash of the published network (changes with every finished round), ``None`` before any."""
         return f"stage2-{sha256(self.model_path)[:12]}" if self.model_path.exists() else None
+
+
+def _save_array(path: Path, array: np.ndarray) -> Path:
+    """``np.save`` to ``path`` atomically (memory-mapped later with ``np.load(path, mmap_mode="r")``)."""
+    return atomic_write(path, lambda tmp: np.save(tmp, np.ascontiguousarray(array)))
 
 
 def _jsonable(value):
