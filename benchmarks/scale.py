@@ -163,8 +163,8 @@ def main(argv=None) -> int:
         return 0
     pool_all = [i for i in la_ids() if i != TEMPLATE]
     studies = datastore(args.pool_work, [LA / "images" / f"{i}.nii.gz" for i in pool_all])
-    for n in args.pools:  # unmeasured: features, registrations and stage-one labels of the pool, cached
-        run_step("round", str(studies), "1", args.device, ",".join(pool_all[:n]))
+    # unmeasured: features, registrations and stage-one labels of the largest pool (the others are subsets)
+    run_step("round", str(studies), "1", args.device, ",".join(pool_all[:max(args.pools)]))
     rounds = {}
     for n in args.pools:
         r = run_step("round", str(studies), str(args.iterations), args.device, ",".join(pool_all[:n]))
