@@ -223,3 +223,27 @@ def test_training_patches_come_from_memory_maps_aligned_and_mostly_on_foreground
     padded = sampler[1]  # 10 voxels deep: zero-padded evenly to the patch
     assert padded["label"].shape == (1, 16, 16, 16) and padded["label"].sum() == 1
     assert padded["label"][0, :3].sum() == 0 and padded["label"][0, 13:].sum() == 0
+
+
+def test_published_round_is_chosen_by_a_label_free_signal_and_rounds_stop_early(tiny_studies):
+    from semisam_o1.stage_two import SIGNALS, choose_round
+
+    rounds = [{"round": 1, "network_entropy": 0.30}, {"round": 2, "network_entropy": 0.20}, {"round": 3, "network_entropy": 0.25}]
+    assert choose_round(rounds, "network_entropy")["round"] == 2
+    assert choose_round(rounds, "last")["round"] == 3
+    assert choose_round([{"round": 1}, {"round": 2, "network_entropy": 0.9}], "network_entropy")["round"] == 2  # unrecorded = worst
+
+    config = AppConfig.from_conf({**FAST, "rounds": "3", "publish": "network_entropy"})
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    state = two.run(find_templates(datastore), {"hippocampus_003": datastore.get_image_uri("hippocampus_003")})
+    done = state["rounds"]
+    assert all(set(SIGNALS) <= set(r) for r in done)
+    best = min(done, key=lambda r: (r["network_entropy"], r["round"]))["round"]
+    assert state["published"]["round"] == best and state["published"]["by"] == "network_entropy"
+    assert two.published_round() == two.work / f"round_{best}"  # the served network is that round's
+    assert (two.work / f"round_{best}" / "model.pt").read_bytes() == two.model_path.read_bytes()
+    # rounds go on only while each is the best so far
+    assert bool(state.get("stopped_early")) == (len(done) < 3)
+    assert all(choose_round(done[:r], "network_entropy")["round"] == r for r in range(1, len(done)))

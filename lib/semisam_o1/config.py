@@ -149,6 +149,10 @@ class AppConfig:
     iterations: int = _option(1000, parse_int(1, 100000), "training iterations per round (batch of 4 patches)")
     patch: int = _option(32, parse_int(16, 256), "training/inference patch edge in voxels (cube)")
     refinement: str = _option("voxel", parse_choice("voxel", "volume", "none"), "stage-two pseudo-label correction")
+    publish: str = _option(
+        "last", parse_choice("last", "agreement_with_stage_one", "network_entropy", "template_dice"),
+        "stage two: the round whose network is served: the last, or the best by a label-free signal (then rounds stop early once one is not the best)",
+    )
     uncertain_quantile: float = _option(0.98, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")
     knn: int = _option(10, parse_int(1, 100), "neighbours voting in the refinement")
     position_weight: float = _option(
@@ -170,6 +174,7 @@ class AppConfig:
             train=TrainParams(patch=(self.patch,) * 3, iterations=self.iterations),
             refine=RefineParams(uncertain_quantile=self.uncertain_quantile, k=self.knn, position_weight=self.position_weight),
             refinement=self.refinement,
+            publish=self.publish,
         )
 
     def encoder_spec(self, planned_image_size: int = 64):

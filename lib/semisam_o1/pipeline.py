@@ -110,13 +110,13 @@ def run_stage_two(studies: Path, config: AppConfig, truth: Path | None = None, r
     two = StageTwo(studies, stage_one, config.stage_two_params())
     pool = {i: Path(datastore.get_image_uri(i)) for i in sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))}
     state = two.run(templates, pool, progress=progress)
-    rounds = len(state["rounds"])
-    for image_id in pool:
-        datastore.save_label(image_id, str(two.labels_dir(rounds) / f"{image_id}.nii.gz"), PSEUDO_TAG, {"model": "semisam_o1", "round": rounds})
+    rounds, published = len(state["rounds"]), two.published(state)
+    for image_id in pool:  # the published round's pseudo-labels
+        datastore.save_label(image_id, str(two.labels_dir(published) / f"{image_id}.nii.gz"), PSEUDO_TAG, {"model": "semisam_o1", "round": published})
 
     report_dir = Path(report_dir or studies / ".semisam" / "report")
     report_dir.mkdir(parents=True, exist_ok=True)
-    report = {"rounds": state["rounds"]}
+    report = {"rounds": state["rounds"], "published": state.get("published"), "stopped_early": state.get("stopped_early")}
     names = label_map(templates, config.labels)
     if truth is not None:
         per_round = []
@@ -133,9 +133,9 @@ def run_stage_two(studies: Path, config: AppConfig, truth: Path | None = None, r
             dice_per_round_plot(per_round, report_dir / "dice_per_round.png")
     for image_id, path in list(pool.items())[:3]:
         image = load_image(path)
-        label = load_label(two.labels_dir(rounds) / f"{image_id}.nii.gz", image, require_foreground=False)
-        entropy = load_map(two.work / f"round_{rounds}" / "uncertainty" / f"{image_id}.nii.gz")
-        overlay(image.array, label, entropy, report_dir / f"overlay_{image_id}.png", title=f"{image_id}: round {rounds} pseudo-label and uncertainty")
+        label = load_label(two.labels_dir(published) / f"{image_id}.nii.gz", image, require_foreground=False)
+        entropy = load_map(two.work / f"round_{published}" / "uncertainty" / f"{image_id}.nii.gz")
+        overlay(image.array, label, entropy, report_dir / f"overlay_{image_id}.png", title=f"{image_id}: round {published} pseudo-label and uncertainty")
     (report_dir / "rounds.json").write_text(json.dumps(report, indent=2))
     return report
 

@@ -68,6 +68,32 @@ logger = logging.getLogger(__name__)
 #: "voxel" (the paper), "volume" (the published code, ablation) or "none" (plain self-training).
 REFINEMENTS = ("voxel", "volume", "none")
 
+#: Label-free signals of a round network's quality, recorded in every round's stats, with their sign
+#: (+1: higher is better): its mean Dice against stage one's labels on the pool, the mean entropy of its
+#: own flip/MC-dropout prediction, and its Dice on the real templates (its training data).
+SIGNALS = {"agreement_with_stage_one": +1, "network_entropy": -1, "template_dice": +1}
+#: How the published network is chosen (``--conf publish``): the last round, or the round best by a signal.
+PUBLISH = ("last", *SIGNALS)
+
+
+def choose_round(rounds: list[dict], publish: str) -> dict:
+    """The round whose network is published, and why: ``{"round", "by", "value", "reason"}``.
+
+    ``publish="last"``: the last finished round. Else the round best by that signal (ties: the earlier
+    round); rounds recorded without the signal (older runs) count as worst. Ground truth is never used.
+
+    >>> choose_round([{"round": 1, "network_entropy": 0.2}, {"round": 2, "network_entropy": 0.3}], "network_entropy")["round"]
+    1
+    """
+    if publish == "last" or not rounds:
+        return {"round": len(rounds), "by": "last", "value": None, "reason": "the last finished round"}
+    sign = SIGNALS[publish]
+    score = lambda r: sign * r[publish] if r.get(publish) is not None else -np.inf  # noqa: E731
+    best = max(rounds, key=lambda r: (score(r), -r["round"]))
+    word = "highest" if sign > 0 else "lowest"
+    return {"round": best["round"], "by": publish, "value": best.get(publish),
+            "reason": f"{word} {publish} of rounds 1-{len(rounds)}"}
+
 
 @dataclass(frozen=True)
 class StageTwoParams:
@@ -76,6 +102,8 @@ class StageTwoParams:
     refine: RefineParams = RefineParams()
     refinement: str = "voxel"
     mc_samples: int = 2
+    #: see :data:`PUBLISH`; with a signal, rounds also stop early once a round is not the best so far.
+    publish: str = "last"
 
 
 @dataclass
@@ -96,6 +124,8 @@ class StageTwo:
         """``work`` defaults to ``<studies>/.semisam/stage2`` (benchmarks keep variants apart with it)."""
         if params.refinement not in REFINEMENTS:
             raise ValueError(f"refinement must be one of {REFINEMENTS}, got '{params.refinement}'")
+        if params.publish not in PUBLISH:
+            raise ValueError(f"publish must be one of {PUBLISH}, got '{params.publish}'")
         self.studies = Path(studies)
         self.stage_one = stage_one
         self.params = params
@@ -149,7 +179,7 @@ class StageTwo:
             logger.info("stage 2: templates, pool or params changed since the last run; starting again from round 0")
             self._reset()
             state = self.state()
-        if len(state["rounds"]) >= self.params.rounds:
+        if len(state["rounds"]) >= self.params.rounds or state.get("stopped_early"):
             return state
         grids = {i: read_geometry(p) for i, p in pool.items()}  # each image's grid; voxels are read when needed
         finals = [(load_image(t.image_path), t) for t in templates]
@@ -192,7 +222,6 @@ class StageTwo:
             refine_stats = self._refine(finals, final_labels, pool, round_dir, positions, grids)
             for scratch in (round_dir / "predicted", *(round_dir / "uncertainty").glob("*.npy")):  # inputs of the refinement only
                 shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink()
-            atomic_write(self.model_path, lambda tmp: shutil.copyfile(round_dir / "model.pt", tmp))
             stats = {
                 "round": round_,
                 "seconds": round(time.perf_counter() - start, 1),
@@ -204,11 +233,19 @@ class StageTwo:
                                                 for (img, _), lab in zip(finals, final_labels)])),
                 **refine_stats,
             }
-            state = {"inputs": inputs, "n_classes": n_classes, "rounds": [*state["rounds"], stats]}
+            rounds = [*state["rounds"], stats]
+            published = choose_round(rounds, self.params.publish)
+            atomic_write(self.model_path, lambda tmp: shutil.copyfile(self.work / f"round_{published['round']}" / "model.pt", tmp))
+            state = {"inputs": inputs, "n_classes": n_classes, "rounds": rounds, "published": published}
+            if published["round"] < round_ < self.params.rounds:  # this round did not improve on the best: stop
+                state["stopped_early"] = f"round {round_} was not better than round {published['round']} by {published['by']}"
             self._commit(state)
             self.progress.history.append(stats)
             notify(self.progress)
-            logger.info(f"stage 2 round {round_}/{self.params.rounds}: {json.dumps(stats)}")
+            logger.info(f"stage 2 round {round_}/{self.params.rounds}: {json.dumps(stats)}; published: round {published['round']} ({published['reason']})")
+            if state.get("stopped_early"):
+                logger.info(f"stage 2 stops early: {state['stopped_early']}")
+                break
         return state
 
     # ----------------------------------------------------------------- steps
@@ -350,12 +387,17 @@ class StageTwo:
         return with_cpu_fallback(lambda device: predict_with_uncertainty(net, x, self.params.train.patch, mc_samples, device=device),
                                  self.device, f"predicting {image.path.name}")
 
+    @staticmethod
+    def published(state: dict) -> int:
+        """The published round of a committed ``state`` (0 before any round)."""
+        return int(state.get("published", {}).get("round", len(state["rounds"])))
+
     def published_round(self) -> Path | None:
         """Folder of the round whose network is the published one; ``None`` when the published model
-        is not the last committed round's (e.g. a new run was started) or nothing is published."""
-        rounds = len(self.state()["rounds"])
-        round_dir = self.work / f"round_{rounds}"
-        if not rounds or not self.model_path.exists() or sha256(round_dir / "model.pt") != sha256(self.model_path):
+        is not that committed round's (e.g. a new run was started) or nothing is published."""
+        state = self.state()
+        round_dir = self.work / f"round_{self.published(state)}"
+        if not state["rounds"] or not self.model_path.exists() or sha256(round_dir / "model.pt") != sha256(self.model_path):
             return None
         return round_dir
 

@@ -3,7 +3,8 @@
 ``POST /train/semisam_o1`` runs :class:`~semisam_o1.stage_two.StageTwo` in MONAI Label's job
 subprocess; progress lines (round, phase, iteration, loss, voxels refined) go to the job's
 ``details`` (``GET /train/``) and :meth:`stats` reports the finished rounds (``/info/``).
-Request keys override ``--conf``: ``rounds``, ``iterations``, ``refinement``.
+Request keys override ``--conf``: ``rounds``, ``iterations``, ``refinement``, ``publish``. The
+stats and the job's result name the published round and why it was chosen.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from semisam_o1.templates import find_templates
 logger = logging.getLogger(__name__)
 
 #: Request keys that override ``--conf`` for one training run.
-OPTIONS = ("rounds", "iterations", "refinement")
+OPTIONS = ("rounds", "iterations", "refinement", "publish")
 
 
 class SelfTraining(TrainTask):
@@ -34,11 +35,12 @@ class SelfTraining(TrainTask):
 
     def config(self):
         p = self.stage_two.params
-        return {"rounds": p.rounds, "iterations": p.train.iterations, "refinement": p.refinement}
+        return {"rounds": p.rounds, "iterations": p.train.iterations, "refinement": p.refinement, "publish": p.publish}
 
     def stats(self):
         state = self.stage_two.state()
-        return {"rounds_done": len(state["rounds"]), "rounds": state["rounds"], "model": str(self.stage_two.model_path) if state["rounds"] else None}
+        return {"rounds_done": len(state["rounds"]), "rounds": state["rounds"], "model": str(self.stage_two.model_path) if state["rounds"] else None,
+                "published": state.get("published"), "stopped_early": state.get("stopped_early")}
 
     def options(self, request) -> dict:
         """The request's overrides (:data:`OPTIONS` keys present), parsed as their ``--conf`` options.
@@ -55,7 +57,8 @@ class SelfTraining(TrainTask):
         p = self.stage_two.params
         o = self.options(request)
         train = dataclasses.replace(p.train, iterations=o.get("iterations", p.train.iterations))
-        params = dataclasses.replace(p, rounds=o.get("rounds", p.rounds), train=train, refinement=o.get("refinement", p.refinement))
+        params = dataclasses.replace(p, rounds=o.get("rounds", p.rounds), train=train, refinement=o.get("refinement", p.refinement),
+                                     publish=o.get("publish", p.publish))
         return StageTwo(self.stage_two.studies, self.stage_two.stage_one, params)
 
     def __call__(self, request, datastore: Datastore):
@@ -70,7 +73,7 @@ class SelfTraining(TrainTask):
                     logger.info(f"stage2 round stats {json.dumps(p.history[-1])}")
 
             state = stage_two.run(templates, pool, on_progress=report)
-        last = stage_two.labels_dir(len(state["rounds"]))
-        for image_id in pool:
-            datastore.save_label(image_id, str(last / f"{image_id}.nii.gz"), PSEUDO_TAG, {"model": "semisam_o1", "round": len(state["rounds"])})
-        return {"rounds": state["rounds"]}
+        published = stage_two.published(state)
+        for image_id in pool:  # the published round's pseudo-labels
+            datastore.save_label(image_id, str(stage_two.labels_dir(published) / f"{image_id}.nii.gz"), PSEUDO_TAG, {"model": "semisam_o1", "round": published})
+        return {"rounds": state["rounds"], "published": state.get("published"), "stopped_early": state.get("stopped_early")}
