@@ -79,15 +79,15 @@ def main(argv=None) -> int:
     result["seconds_per_training"] = (time.perf_counter() - start) / 2
 
     # SemiSAM-O1 (voxel-level) and the volume-level ablation, from scratch in their own folders
-    variants = {}
+    variants, states = {}, {}
     for refinement in ("voxel", "volume"):
         work = args.work / ".semisam" / f"bench-stage2-{refinement}"
         if work.exists():
             shutil.rmtree(work)
         two = StageTwo(studies, stage_one, dataclasses.replace(params, refinement=refinement), work=work)
-        state = two.run(templates, {i: img.path for i, (img, _) in pool.items()}, progress=True)
+        state = states[refinement] = two.run(templates, {i: img.path for i, (img, _) in pool.items()}, progress=True)
         per_round = []
-        for r in range(0, args.rounds + 1):
+        for r in range(0, len(state["rounds"]) + 1):  # fewer than --rounds when rounds stopped early
             pool_d = mean_dice([scores(load_label(two.labels_dir(r) / f"{i}.nii.gz", img, require_foreground=False), truth, CLASSES) for i, (img, truth) in pool.items()])
             entry = {"round": r, "pool_pseudo_label_dice": pool_d}
             if r:
@@ -110,7 +110,9 @@ def main(argv=None) -> int:
             "peak_rss_bytes": peak_rss_bytes(),
         }
     )
-    result["dice_final"] = result["dice_per_round"][-1]  # the published model: the last round's
+    result["published"] = states["voxel"].get("published")
+    published = StageTwo.published(states["voxel"])
+    result["dice_final"] = rounds[published]["test_dice"]  # the published model's test Dice
     result["ratio_to_full_supervision"] = result["dice_final"] / result["dice_full_supervision"]
     # which round each label-free criterion would publish, and that round's test Dice (never used to choose)
     result["round_chosen_by"] = {

@@ -150,7 +150,7 @@ class AppConfig:
     patch: int = _option(32, parse_int(16, 256), "training/inference patch edge in voxels (cube)")
     refinement: str = _option("voxel", parse_choice("voxel", "volume", "none"), "stage-two pseudo-label correction")
     publish: str = _option(
-        "last", parse_choice("last", "agreement_with_stage_one", "network_entropy", "template_dice"),
+        "agreement_with_stage_one", parse_choice("last", "agreement_with_stage_one", "network_entropy", "template_dice"),
         "stage two: the round whose network is served: the last, or the best by a label-free signal (then rounds stop early once one is not the best)",
     )
     uncertain_quantile: float = _option(0.98, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")

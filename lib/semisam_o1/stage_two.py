@@ -103,7 +103,10 @@ class StageTwoParams:
     refinement: str = "voxel"
     mc_samples: int = 2
     #: see :data:`PUBLISH`; with a signal, rounds also stop early once a round is not the best so far.
-    publish: str = "last"
+    #: Default: agreement with stage one, the one signal that ranked the rounds as their test Dice did on
+    #: hippocampus (``benchmarks/results/stage2.json``, ``round_chosen_by``); it favours staying near the
+    #: teacher, so a round that really improves on stage one away from it would not be chosen.
+    publish: str = "agreement_with_stage_one"
 
 
 @dataclass
