@@ -2,7 +2,7 @@
 
 One template (its label the datastore's only ``final`` label), the other volumes the pool. On the
 same cases, in one run: stage one (:class:`~semisam_o1.stage_one.StageOne`, each registration
-method of :data:`~semisam_o1.registration.REGISTRATIONS`; Dice before and after the safety floor),
+method of :data:`~semisam_o1.registration.REGISTRATIONS` and all of them voting together; Dice before and after the safety floor),
 the registration-only warp of the template label (our affine + demons), and ANTs SyN single-atlas
 (``ants.registration(type_of_transform="SyN")`` at full resolution, template label warped nearest
 neighbour); seconds per volume of each, feature extraction cost. The JSON is rewritten after every
@@ -25,6 +25,9 @@ from common import RESULTS, write_result
 from semisam_o1.config import AppConfig
 from semisam_o1.pipeline import build_stage_one
 from semisam_o1.registration import REGISTRATIONS, read_image, warp_label
+
+#: stage one's spatial priors compared (``--conf registration``): each method alone, and both voting
+PRIORS = (*REGISTRATIONS, "+".join(REGISTRATIONS))
 from semisam_o1.stage_one import StageOne
 from semisam_o1.templates import find_templates
 from semisam_o1.pipeline import open_datastore
@@ -84,7 +87,7 @@ def run(name: str, images: Path, labels: Path, template: str, classes: dict[str,
     conf = {"labels": ",".join(f"{n}={v}" for n, v in classes.items()), **dict(args.conf)}
     config = AppConfig.from_conf(conf)
     base = build_stage_one(studies, config)
-    stage_ones = {m: StageOne(studies, base.cache, label_names=config.labels, registration=m) for m in REGISTRATIONS}
+    stage_ones = {m: StageOne(studies, base.cache, label_names=config.labels, registration=m) for m in PRIORS}
     default = config.registration
     templates = find_templates(open_datastore(studies))
     template_path, template_label = templates[0].image_path, templates[0].label_path
@@ -125,8 +128,12 @@ def run(name: str, images: Path, labels: Path, template: str, classes: dict[str,
     pool_size = len(pool)
     pool = pool[: args.stop_after] if args.stop_after else pool
     label_itk = read_image(template_label)
+    previous = json.loads(out_path.read_text()).get("per_case", {}) if args.resume and out_path.exists() else {}
     for n, case in enumerate(pool):
         path = studies / f"{case}.nii.gz"
+        if all(f"stage1_{m}" in previous.get(case, {}) for m in PRIORS) and "ants_syn" in previous[case]:
+            cases[case] = previous[case]  # --resume: a case the same code already measured completely
+            continue
         features(case)
         truth = load_label(labels / f"{case}.nii.gz", load_image(path))
         row: dict = {}
@@ -137,8 +144,10 @@ def run(name: str, images: Path, labels: Path, template: str, classes: dict[str,
         row["registration_seconds"] = round(time.perf_counter() - start, 2)
         if cached and case in reuse:  # the registration's own cost, from the run that computed it
             row["registration_seconds"] = reuse[case]["registration_seconds"]
-            for method in REGISTRATIONS:  # stage one's seconds when it registered (not from cache)
-                row[f"stage1_{method}_seconds_first_run"] = reuse[case].get(f"stage1_{method}_seconds_first_run", reuse[case].get(f"stage1_{method}_seconds"))
+            for method in PRIORS:  # stage one's seconds when it registered (not from cache)
+                first = reuse[case].get(f"stage1_{method}_seconds_first_run", reuse[case].get(f"stage1_{method}_seconds"))
+                if first is not None:
+                    row[f"stage1_{method}_seconds_first_run"] = first
         row["registration_only"] = per_class(warp_label(label_itk, read_image(path), transform), truth, classes)
         if case in reuse:  # ANTs SyN does not depend on this project's code: its numbers from the previous run
             row["ants_syn"], row["ants_syn_seconds"] = reuse[case]["ants_syn"], reuse[case]["ants_syn_seconds"]
@@ -159,6 +168,8 @@ def run(name: str, images: Path, labels: Path, template: str, classes: dict[str,
         cases[case] = row
         print(f"[{n + 1}/{len(pool)}] {case}: " + json.dumps({k: v for k, v in row.items() if not k.endswith("_floor")}), flush=True)
         write(name, cases, classes, default, timing, bytes_per_voxel([template, *cases]), args, template, pool_size)
+    if cases:  # (a resumed run may have measured nothing new)
+        write(name, cases, classes, default, timing, bytes_per_voxel([template, *cases]), args, template, pool_size)
     return 0
 
 
@@ -166,7 +177,7 @@ def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, te
     rows = list(cases.values())
     result: dict = {"complete": len(rows) == pool_size, "cases_done": len(rows), "pool_size": pool_size, "template": template,
                     "default_registration": default, "conf": dict(args.conf)}
-    for method in REGISTRATIONS:
+    for method in PRIORS:
         for suffix in ("", "_voted"):
             m, pc = mean_over(rows, f"stage1_{method}{suffix}", classes)
             result[f"stage1_{method}{suffix}_dice"], result[f"stage1_{method}{suffix}_dice_per_class"] = m, pc
@@ -189,7 +200,7 @@ def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, te
     result["stage_two_round_peak_rss_bytes"] = None
     result["per_case"] = cases
     lines = [f"{name}: {len(rows)}/{pool_size} cases"]
-    for key in ["stage1", *[f"stage1_{m}" for m in REGISTRATIONS], *[f"stage1_{m}_voted" for m in REGISTRATIONS], "ants_syn", "registration_only"]:
+    for key in ["stage1", *[f"stage1_{m}" for m in PRIORS], *[f"stage1_{m}_voted" for m in PRIORS], "ants_syn", "registration_only"]:
         lines.append(f"  {key:22s} {result[key + '_dice']}  {json.dumps(result[key + '_dice_per_class'])}")
     write_result(result, args.out or RESULTS / f"{name}.json", lines)
 
@@ -203,6 +214,7 @@ def parser(doc: str, name: str, limit: int | None = None):
     p.add_argument("--limit", type=int, default=limit, help="only the first N pool volumes (sorted ids)")
     p.add_argument("--skip-ants", action="store_true")
     p.add_argument("--reuse-ants", action="store_true", help="take ANTs SyN numbers of cases already in the output JSON (same cases, same data)")
+    p.add_argument("--resume", action="store_true", help="keep the cases of the output JSON that have every column (same data, same code)")
     p.add_argument("--stop-after", type=int, default=None, help="evaluate only the first N cases of the pool (the pool size reported stays --limit)")
     p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), default=[])
     return p

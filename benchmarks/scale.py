@@ -112,9 +112,18 @@ def step(name: str, studies: Path, image: str, device: str, extra: str) -> dict:
         pool_ids = extra.split(",")
         templates = find_templates(open_datastore(studies))
         work = studies / ".semisam" / f"stage2-pool{len(pool_ids)}"
-        shutil.rmtree(work, ignore_errors=True)
+        keep = ("round_0", "images", "positions")  # made once per pool (stage one's labels, normalised images, positions): not the round
+        for path in work.glob("*") if work.exists() else []:
+            if path.name not in keep:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for warm in studies.glob(".semisam/stage2-pool*"):  # the unmeasured warm-up of the largest pool made them
+            for sub in (Path("images"), Path("positions"), Path("round_0") / "labels", Path("round_0") / "probs"):
+                for f in (warm / sub).glob("*"):
+                    if f.name.split(".")[0] in [*pool_ids, TEMPLATE] and not (work / sub / f.name).exists():
+                        (work / sub).mkdir(parents=True, exist_ok=True)
+                        shutil.copy(f, work / sub / f.name)
         stage_two = StageTwo(studies, stage_one, StageTwoParams(rounds=1, train=TrainParams(iterations=int(image))), work=work)
-        # stage one's labels of the pool are cached by an earlier unmeasured call; this one measures the round
+        # stage one's labels and the images of the pool come from the warm-up call: this one measures the round
         stage_two.run(templates, {i: studies / f"{i}.nii.gz" for i in pool_ids})
     import resource
 
@@ -135,6 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--pool-work", type=Path, default=WORK / "pool",
                    help="datastore of the LA pool (e.g. benchmarks/la.py's work folder, to reuse its cached features)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--skip-warm-up", action="store_true", help="the largest pool's stage-one labels and images are already there")
     args = p.parse_args(argv)
     if args.step:
         name, studies, image, device, extra = args.step
@@ -164,7 +174,8 @@ def main(argv=None) -> int:
     pool_all = [i for i in la_ids() if i != TEMPLATE]
     studies = datastore(args.pool_work, [LA / "images" / f"{i}.nii.gz" for i in pool_all])
     # unmeasured: features, registrations and stage-one labels of the largest pool (the others are subsets)
-    run_step("round", str(studies), "1", args.device, ",".join(pool_all[:max(args.pools)]))
+    if not args.skip_warm_up:
+        run_step("round", str(studies), "1", args.device, ",".join(pool_all[:max(args.pools)]))
     rounds = {}
     for n in args.pools:
         r = run_step("round", str(studies), str(args.iterations), args.device, ",".join(pool_all[:n]))

@@ -74,7 +74,8 @@ def main(argv=None) -> int:
 
     # 2. registrations (cached too; timed again on the same volumes), then 3. infer from cache, timed per volume
     for case in tqdm(pool, desc="register", unit="image"):
-        stage_one.transform(studies / f"{case}.nii.gz", templates[0].image_path)
+        for method in stage_one.methods:
+            stage_one.transform(studies / f"{case}.nii.gz", templates[0].image_path, method)
     register_seconds = []
     for case in timed:
         start = time.perf_counter()
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         register_seconds.append(time.perf_counter() - start)
 
     # the single-atlas baselines always use affine + demons (stage one's own prior may be another method)
-    demons = stage_one if stage_one.registration == "demons" else StageOne(studies, stage_one.cache, label_names=config.labels)
+    demons = stage_one if stage_one.registration == "demons" else StageOne(studies, stage_one.cache, label_names=config.labels, registration="demons")
     latencies, ours, atlas, atlas_demons, prototype = [], [], [], [], []
     paper = StageOne(studies, stage_one.cache, stage_one.label_values, propagation="prototype")  # the paper's stage one, same features
     template_label = read_image(templates[0].label_path)
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
         "encoder_seconds_per_slice": encode_seconds / encoded_slices if encoded_slices else None,
         "encoder_seconds_per_volume": encode_seconds / len(timed) if timed else None,
         "encoder_timed_volumes": len(timed),
-        "registration_seconds_p50": float(np.percentile(register_seconds, 50)),
+        "registration_seconds_p50": float(np.percentile(register_seconds, 50)) if register_seconds else None,
         "infer_p50_seconds": float(np.percentile(latencies, 50)),
         "infer_p95_seconds": float(np.percentile(latencies, 95)),
         "uncertainty_scoring_seconds_pool": scoring_seconds,

@@ -11,7 +11,9 @@ import SimpleITK as sitk
 from semisam_o1.config import AppConfig
 from semisam_o1.pipeline import build_stage_one, open_datastore
 from semisam_o1.plan import Plan
-from semisam_o1.propagation import PropagationParams, build_bank, class_quota, keep_largest_per_class, propagate, window_radius
+from semisam_o1.propagation import (
+    PropagationParams, build_bank, class_quota, consistent_mappings, keep_largest_per_class, mapping_consistency, propagate, window_radius,
+)
 from semisam_o1.stage_one import FloorParams, Prediction, RegistrationError, StageOne, registration_floor
 from semisam_o1.templates import Template, find_templates
 from semisam_o1.volumes import InputError, load_image
@@ -120,6 +122,37 @@ def test_safety_floor_falls_back_to_the_warp_where_features_are_useless():
     assert summary["classes"]["kidney"]["source"] == "registration" and summary["classes"]["liver"]["source"] == "features"
 
 
+def test_safety_floor_with_two_registrations_keeps_a_vote_either_warp_confirms():
+    """``--conf registration demons+syn``: a class's vote stands if it passes against any of the warps;
+    one that fails against all falls back to the warp that agrees with it best."""
+    _, truth = phantom(shift=(1, 1, 0))
+    wrong = phantom(shift=(4, 4, 0))[1]  # one registration far off, the other right
+    voted = truth.copy()
+    voted[(truth == 2) & (np.arange(SHAPE[0])[:, None, None] >= 39)] = 0  # the vote lost half of class 2: no warp confirms it
+    out, stats = registration_floor(voted, {"demons": wrong, "syn": truth}, [1, 2, 3])
+    assert not stats[3]["fallback"] and stats[3]["registration"] == "syn"
+    assert stats[2]["fallback"] and dice(out, truth, 2) == 1.0  # fell back to the warp it agrees with best
+    np.testing.assert_array_equal(out[truth != 2], voted[truth != 2])  # kept votes are untouched
+    alone, alone_stats = registration_floor(truth, wrong, [1, 2, 3])  # against the wrong warp alone it would fall back
+    assert alone_stats[3]["fallback"]
+
+
+def test_a_failed_registration_is_left_out_by_feature_consistency():
+    """Two mappings of one template: the right one and one 8 voxels off (a failed registration). The
+    features score the wrong one clearly lower, it is left out, and the vote equals the right mapping's."""
+    image, label = phantom()
+    bank = build_bank(image, label, onehot_features(label), spacing=SPACING)
+    target_image, target_label = phantom(shift=(1, 1, 0), seed=3)
+    feats = onehot_features(target_label, seed=3)
+    right, wrong = shifted_coords((1, 1, 0)), shifted_coords((9, 9, 0))
+    scores = [mapping_consistency(bank, feats, c, SHAPE) for c in (right, wrong)]
+    assert scores[0] > scores[1] + 0.05
+    assert consistent_mappings(scores, PropagationParams().mapping_tolerance) == [True, False]
+    assert consistent_mappings([scores[0], scores[0] - 0.01], 0.05) == [True, True]  # two working registrations both vote
+    alone, _ = propagate([bank], target_image, feats, [right], spacing=SPACING)
+    assert all(dice(alone, target_label, c) > 0.9 for c in (1, 2, 3))
+
+
 def write_phantom(root, name, image, label=None):
     affine = np.diag([*SPACING, 1.0])
     nib.save(nib.Nifti1Image(image, affine), str(root / f"{name}.nii.gz"))
@@ -128,7 +161,7 @@ def write_phantom(root, name, image, label=None):
         nib.save(nib.Nifti1Image(label, affine), str(root / "labels" / "final" / f"{name}.nii.gz"))
 
 
-FAST = {"labels": "a=1,b=2,c=3", "encoder_image_size": "32", "encoder_axes": "2", "feature_dims": "8"}
+FAST = {"labels": "a=1,b=2,c=3", "encoder_image_size": "32", "encoder_axes": "2", "feature_dims": "8", "registration": "demons"}
 
 
 def test_stage_one_end_to_end_finds_every_object_of_a_multi_object_template(tmp_path):

@@ -14,7 +14,7 @@ from test_server import QUIET, wait_job
 
 pytestmark = pytest.mark.server
 
-CONF = {"labels": "anterior=1,posterior=2", "encoder_image_size": "32", "encoder_axes": "0", "feature_dims": "8",
+CONF = {"labels": "anterior=1,posterior=2", "encoder_image_size": "32", "encoder_axes": "0", "feature_dims": "8", "registration": "demons",
         "iterations": "60", "patch": "16", "rounds": "2"}
 ARGS = [a for key, value in CONF.items() for a in ("--conf", key, value)]
 

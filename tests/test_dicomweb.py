@@ -35,7 +35,7 @@ pytestmark = [
 ]
 
 #: Small encoder settings: the app's paths, not its accuracy, are under test here.
-FAST = ["--conf", "encoder_image_size", "32", "--conf", "encoder_axes", "0", "--conf", "feature_dims", "8",
+FAST = ["--conf", "encoder_image_size", "32", "--conf", "encoder_axes", "0", "--conf", "feature_dims", "8", "--conf", "registration", "demons",
         "--conf", "labels", "anterior=1,posterior=2"]
 #: Any attempt to reach the internet fails at once; loopback goes direct.
 NO_INTERNET = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",

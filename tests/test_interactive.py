@@ -20,7 +20,7 @@ from semisam_o1.priority import InteractivePriority
 
 pytestmark = pytest.mark.server
 
-FAST = {"encoder_image_size": "32", "encoder_axes": "0", "feature_dims": "8"}
+FAST = {"encoder_image_size": "32", "encoder_axes": "0", "feature_dims": "8", "registration": "demons"}
 FAST_ARGS = [a for key, value in FAST.items() for a in ("--conf", key, value)]
 #: One torch thread per process (as benchmarks/load.py): on 2 shared cores, default threads make every
 #: timing several times slower and noisier.

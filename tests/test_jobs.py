@@ -14,7 +14,7 @@ from semisam_o1.jobs import JOB_MODULE
 
 pytestmark = pytest.mark.server
 
-FAST = ["--conf", "encoder_image_size", "32", "--conf", "encoder_axes", "0", "--conf", "feature_dims", "8"]
+FAST = ["--conf", "encoder_image_size", "32", "--conf", "encoder_axes", "0", "--conf", "feature_dims", "8", "--conf", "registration", "demons"]
 
 
 def big_pool(datastore, sample_source):

@@ -77,7 +77,7 @@ def served(tmp_path_factory, sample_source):
     for case in (TEMPLATE, POOL):
         shutil.copy(sample_source.images / f"{case}.nii.gz", studies)
     shutil.copy(sample_source.labels / f"{TEMPLATE}.nii.gz", studies / "labels" / "final")
-    fast = ["--conf", "encoder_image_size", "32", "--conf", "encoder_axes", "0", "--conf", "feature_dims", "8"]
+    fast = ["--conf", "encoder_image_size", "32", "--conf", "encoder_axes", "0", "--conf", "feature_dims", "8", "--conf", "registration", "demons"]
     with Server(studies, *fast, env=QUIET, log_dir=tmp_path_factory.mktemp("traversal-log")) as server:
         yield server, root, studies, sample_source
 

@@ -16,7 +16,7 @@ from semisam_o1.plan import PLAN_FILE, Plan, make_plan, resolve_device
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_label, save_label
 
-FAST = {"labels": "anterior=1,posterior=2", "encoder_image_size": "32", "encoder_axes": "0,2", "feature_dims": "8"}
+FAST = {"labels": "anterior=1,posterior=2", "encoder_image_size": "32", "encoder_axes": "0,2", "feature_dims": "8", "registration": "demons"}
 
 
 def dice(a, b, value):

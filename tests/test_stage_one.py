@@ -19,7 +19,9 @@ def dice(a, b, value):
 
 
 def test_propagation_on_real_volumes_is_far_above_chance(tiny_studies, sample_source):
-    config = AppConfig.from_conf(FAST)
+    """The default prior (demons and ANTs SyN, both mappings checked against the features) on real volumes."""
+    config = AppConfig.from_conf({k: v for k, v in FAST.items() if k != "registration"})
+    assert config.registration == "demons+syn"
     stage_one = build_stage_one(tiny_studies, config)
     templates = find_templates(open_datastore(tiny_studies))
     for case in ["hippocampus_003", "hippocampus_008"]:
@@ -29,6 +31,9 @@ def test_propagation_on_real_volumes_is_far_above_chance(tiny_studies, sample_so
         assert min(scores) > 0.5, scores  # chance (random voxels at the classes' frequency) is < 0.05
         assert prediction.confidence.shape == truth.shape
         assert 0.0 <= prediction.confidence.min() and prediction.confidence.max() <= 1.0
+        assert set(prediction.mappings) == {"hippocampus_001:demons", "hippocampus_001:syn"}
+        assert any(m["used"] for m in prediction.mappings.values())
+        assert all(0.0 < m["consistency"] <= 1.0 for m in prediction.mappings.values())
 
 
 def test_infer_from_cache_never_builds_the_encoder(tiny_studies):

@@ -20,6 +20,7 @@ from semisam_o1.volumes import load_image
 FAST = {
     "labels": "anterior=1,posterior=2",
     "encoder_image_size": "32",
+    "registration": "demons",
     "encoder_axes": "0",
     "feature_dims": "8",
     "iterations": "4",
@@ -247,3 +248,34 @@ def test_published_round_is_chosen_by_a_label_free_signal_and_rounds_stop_early(
     # rounds go on only while each is the best so far
     assert bool(state.get("stopped_early")) == (len(done) < 3)
     assert all(choose_round(done[:r], "network_entropy")["round"] == r for r in range(1, len(done)))
+
+
+def test_pseudo_templates_join_round_zero_but_are_never_final_labels(tiny_studies):
+    """``--conf pseudo_templates 1``: the pool image stage one trusts most becomes a template for the
+    others' round-0 labels (never for itself), is listed in the state, and no ``final`` label is written."""
+    from semisam_o1.stage_two import stage_one_trust
+    from semisam_o1.templates import Template
+
+    config = AppConfig.from_conf({**FAST, "pseudo_templates": "1"})
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    templates = find_templates(datastore)
+    finals_before = sorted(p.name for p in (tiny_studies / "labels" / "final").iterdir())
+    pool = {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]}
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    state = two.run(templates, pool)
+
+    trust = {i: stage_one_trust(stage_one.predict(p, templates)) for i, p in pool.items()}
+    chosen = max(sorted(pool), key=lambda i: trust[i])  # ties: the first id
+    other = next(i for i in pool if i != chosen)
+    assert [p["image"] for p in state["pseudo_templates"]] == [chosen]
+    assert state["pseudo_templates"][0]["trust"] == round(trust[chosen], 4)
+    pseudo = Template(chosen, pool[chosen], two.work / "stage1" / "labels" / f"{chosen}.nii.gz")
+    image = load_image(pool[other])
+    round0 = nib.load(str(two.labels_dir(0) / f"{other}.nii.gz")).get_fdata().astype(np.uint8)
+    np.testing.assert_array_equal(round0, stage_one.predict(image.path, [*templates, pseudo]).label)
+    # the chosen image itself is labelled from the real templates only
+    own = nib.load(str(two.labels_dir(0) / f"{chosen}.nii.gz")).get_fdata().astype(np.uint8)
+    np.testing.assert_array_equal(own, stage_one.predict(pool[chosen], templates).label)
+    assert sorted(p.name for p in (tiny_studies / "labels" / "final").iterdir()) == finals_before
+    assert find_templates(open_datastore(tiny_studies)) == templates

@@ -136,7 +136,8 @@ class AppConfig:
         None, parse_auto_int(1, 8), "features stored every N voxels per axis (thick-slice axes: 1), interpolated on lookup; auto = plan (2)"
     )
     registration: str = _option(
-        "demons", parse_choice("demons", "syn"), "stage one's spatial prior: demons (affine + diffeomorphic demons, SimpleITK) or syn (ANTs SyN, antspyx)"
+        "demons+syn", parse_choice("demons", "syn", "demons+syn"),
+        "stage one's spatial prior: demons (affine + diffeomorphic demons, SimpleITK), syn (ANTs SyN, antspyx), or demons+syn (both vote)"
     )
     device: str = _option("auto", parse_device, "where the encoder and the network run: auto (CUDA if available), cpu, cuda, cuda:N")
 
@@ -152,6 +153,9 @@ class AppConfig:
     publish: str = _option(
         "agreement_with_stage_one", parse_choice("last", "agreement_with_stage_one", "network_entropy", "template_dice"),
         "stage two: the round whose network is served: the last, or the best by a label-free signal (then rounds stop early once one is not the best)",
+    )
+    pseudo_templates: int = _option(
+        0, parse_int(0, 20), "stage two: pool images whose stage-one labels are most trusted (label-free) join the templates for round 0"
     )
     uncertain_quantile: float = _option(0.98, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")
     knn: int = _option(10, parse_int(1, 100), "neighbours voting in the refinement")
@@ -175,6 +179,7 @@ class AppConfig:
             refine=RefineParams(uncertain_quantile=self.uncertain_quantile, k=self.knn, position_weight=self.position_weight),
             refinement=self.refinement,
             publish=self.publish,
+            pseudo_templates=self.pseudo_templates,
         )
 
     def encoder_spec(self, planned_image_size: int = 64):

@@ -4,8 +4,11 @@ Pipeline per target image (every step cached on disk under ``<studies>/.semisam/
 
 1. features: :class:`~semisam_o1.feature_cache.FeatureCache` (the encoder runs once per image);
 2. alignment: registration of each template to the target (``registration/*.npz``, the method in the
-   file name: affine + demons, or ANTs SyN with ``--conf registration syn``), used as a spatial prior:
-   each target voxel knows where it falls in each template;
+   file name: affine + demons, ANTs SyN with ``--conf registration syn``, or both with
+   ``demons+syn``), used as a spatial prior: each target voxel knows where it falls in each template
+   (with ``demons+syn``, twice). With several mappings (templates x registrations), those whose
+   feature consistency (:func:`~semisam_o1.propagation.mapping_consistency`) is clearly below the
+   best one's are left out (:attr:`Prediction.mappings`);
 3. propagation: voxel k-nearest-neighbour label transfer from every template
    (:mod:`semisam_o1.propagation`), votes fused over templates;
 4. safety floor (:func:`registration_floor`): per class, where the feature votes disagree with the
@@ -26,7 +29,9 @@ from filelock import FileLock
 
 from semisam_o1.feature_cache import FeatureCache, FeatureGrid, stored_grid
 from semisam_o1.plan import check_memory
-from semisam_o1.propagation import PropagationParams, TemplateBank, build_bank, class_prototypes, propagate, propagate_prototypes
+from semisam_o1.propagation import (
+    PropagationParams, TemplateBank, build_bank, class_prototypes, consistent_mappings, mapping_consistency, propagate, propagate_prototypes,
+)
 from semisam_o1.registration import (
     REGISTRATIONS, affine_register, load_transform, map_voxels, read_image, refine_register, save_transform, shrink, syn_register, warp_label,
 )
@@ -70,33 +75,42 @@ class FloorParams:
     enabled: bool = True
 
 
-def registration_floor(label: np.ndarray, warped: np.ndarray, classes, params: FloorParams = FloorParams()) -> tuple[np.ndarray, dict[int, dict]]:
+def registration_floor(label: np.ndarray, warped, classes, params: FloorParams = FloorParams()) -> tuple[np.ndarray, dict[int, dict]]:
     """Per class, keep the feature vote or fall back to the registration-only warp (no ground truth used).
 
     Args:
         label: ``(D, H, W)`` uint8 stage-one vote.
-        warped: ``(D, H, W)`` uint8 the template labels warped by registration alone, same grid.
+        warped: ``(D, H, W)`` uint8 the template labels warped by registration alone, same grid; or
+            ``{method: warp}`` when several registrations voted: per class the vote stands if it passes
+            the check against any warp; otherwise it falls back to the warp that agrees best with it.
         classes: class values to check.
 
     Returns:
         the label with every fallen-back class replaced by its warp (those voxels only; the warp
         never overwrites a class that kept its vote), and per class ``{"agreement": Dice(vote, warp),
-        "volume_ratio": |vote| / |warp|, "fallback": bool}``.
+        "volume_ratio": |vote| / |warp|, "fallback": bool}`` (plus ``"registration"``: the method
+        of the warp used, when ``warped`` is a dict).
     """
-    out, stats, fallen = label.copy(), {}, []
+    warps = warped if isinstance(warped, dict) else {"": warped}
+    out, stats, fallen = label.copy(), {}, {}
     for c in classes:
-        a, w = label == c, warped == c
-        na, nw = int(a.sum()), int(w.sum())
-        agreement = 2 * int((a & w).sum()) / (na + nw) if na + nw else 1.0
-        ratio = na / nw if nw else (1.0 if na == 0 else float("inf"))
-        fallback = params.enabled and nw > 0 and (agreement < params.min_agreement or not (1 / params.max_volume_ratio <= ratio <= params.max_volume_ratio))
-        stats[int(c)] = {"agreement": round(agreement, 4), "volume_ratio": round(ratio, 4), "fallback": bool(fallback)}
-        if fallback:
-            fallen.append(int(c))
+        a = label == c
+        checks = {}
+        for method, warp in warps.items():
+            w = warp == c
+            na, nw = int(a.sum()), int(w.sum())
+            agreement = 2 * int((a & w).sum()) / (na + nw) if na + nw else 1.0
+            ratio = na / nw if nw else (1.0 if na == 0 else float("inf"))
+            fallback = params.enabled and nw > 0 and (agreement < params.min_agreement or not (1 / params.max_volume_ratio <= ratio <= params.max_volume_ratio))
+            checks[method] = {"agreement": round(agreement, 4), "volume_ratio": round(ratio, 4), "fallback": bool(fallback)}
+        method = max(checks, key=lambda m: (not checks[m]["fallback"], checks[m]["agreement"]))  # a passing check wins
+        stats[int(c)] = {**checks[method], **({"registration": method} if method else {})}
+        if checks[method]["fallback"]:
+            fallen[int(c)] = warps[method]
     for c in fallen:
         out[out == c] = 0
-    for c in fallen:
-        out[(warped == c) & ((out == 0) | np.isin(label, fallen))] = c
+    for c, warp in fallen.items():
+        out[(warp == c) & ((out == 0) | np.isin(label, list(fallen)))] = c
     return out, stats
 
 
@@ -112,6 +126,9 @@ class Prediction:
     confidence: np.ndarray
     floor: dict = field(default_factory=dict)
     voted: np.ndarray | None = None
+    #: with several mappings: ``{"<template id>:<registration>": {"consistency": float, "used": bool}}``
+    #: (:func:`~semisam_o1.propagation.mapping_consistency`)
+    mappings: dict = field(default_factory=dict)
 
     @property
     def fallback_values(self) -> list[int]:
@@ -126,7 +143,9 @@ class Prediction:
             entry["mean_confidence"] = round(float(self.confidence[mask].mean()), 4) if entry["voxels"] else None
             entry["source"] = "registration" if entry["value"] in self.fallback_values else "features"
         fallen = [name for name, value in label_names.items() if value in self.fallback_values]
-        return {"classes": classes, "mean_confidence": round(float(self.confidence.mean()), 4), "registration_fallback": fallen}
+        left_out = [name for name, m in self.mappings.items() if not m["used"]]
+        return {"classes": classes, "mean_confidence": round(float(self.confidence.mean()), 4), "registration_fallback": fallen,
+                **({"mappings_left_out": left_out} if left_out else {})}
 
 
 class StageOne:
@@ -137,15 +156,18 @@ class StageOne:
         cache: feature cache of the datastore.
         label_values: allowed label values (from the label map); template labels are checked against it.
         label_names: the label map ``{name: value}``: every class must have voxels in every template.
-        registration: the spatial prior, one of :data:`~semisam_o1.registration.REGISTRATIONS`.
+        registration: the spatial prior: one of :data:`~semisam_o1.registration.REGISTRATIONS`, or
+            several joined by ``+`` (e.g. ``demons+syn``: every template is registered by each, and each
+            mapping votes as if it were another template).
         params: propagation parameters; ``floor``: the safety floor's.
     """
 
     def __init__(self, studies: Path, cache: FeatureCache, label_values: set[int] | None = None, label_names: dict[str, int] | None = None,
-                 registration: str = "demons", params: PropagationParams | None = None, floor: FloorParams | None = None,
+                 registration: str = "demons+syn", params: PropagationParams | None = None, floor: FloorParams | None = None,
                  propagation: str = "fusion"):
-        if registration not in REGISTRATIONS:
-            raise ValueError(f"registration '{registration}' is not one of {', '.join(REGISTRATIONS)}")
+        self.methods = tuple(registration.split("+"))
+        if not self.methods or any(m not in REGISTRATIONS for m in self.methods):
+            raise ValueError(f"registration '{registration}' is not one of {', '.join(REGISTRATIONS)} (or several joined by '+')")
         if propagation not in PROPAGATIONS:
             raise ValueError(f"propagation must be one of {PROPAGATIONS}, got '{propagation}'")
         self.studies = Path(studies)
@@ -158,21 +180,23 @@ class StageOne:
         self.floor = floor or FloorParams()
         self._banks: dict[tuple, TemplateBank] = {}
 
-    def registration_path(self, target: Path, template: Path) -> Path:
+    def registration_path(self, target: Path, template: Path, method: str | None = None) -> Path:
+        """The cache file of ``method``'s registration (default: the first of :attr:`methods`)."""
         factors = ["".join(map(str, self.cache.plan.registration_shrink(*nib_geometry(p)))) for p in (target, template)]
         grid = "" if factors == ["111", "111"] else f"-shrink{factors[0]}-{factors[1]}"
-        return self.studies / ".semisam" / "registration" / f"{sha256(target)[:20]}-{sha256(template)[:20]}-affine-{self.registration}{grid}.npz"
+        return self.studies / ".semisam" / "registration" / f"{sha256(target)[:20]}-{sha256(template)[:20]}-affine-{method or self.methods[0]}{grid}.npz"
 
-    def transform(self, target: Path, template: Path) -> sitk.Transform:
-        """Target -> template registration (physical mm) with :attr:`registration` (affine + demons, or
-        ANTs SyN), registered once and kept on disk (``.npz``, see :func:`~semisam_o1.registration.save_transform`; the method in the file name).
+    def transform(self, target: Path, template: Path, method: str | None = None) -> sitk.Transform:
+        """Target -> template registration (physical mm) with ``method`` (default: the first of
+        :attr:`methods`; affine + demons, or ANTs SyN), registered once and kept on disk (``.npz``, see :func:`~semisam_o1.registration.save_transform`; the method in the file name).
 
         Volumes above the plan's ``registration_voxels`` are registered on a shrunk copy (bin average).
 
         Raises:
             RegistrationError: naming both images, when the registration fails (e.g. no overlap).
         """
-        path = self.registration_path(target, template)
+        method = method or self.methods[0]
+        path = self.registration_path(target, template, method)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(f"{path}.lock"):  # one registration per pair: a job or another request may be at it
@@ -181,14 +205,14 @@ class StageOne:
                     fixed = shrink(fixed, self.cache.plan.registration_shrink(fixed.GetSize(), fixed.GetSpacing()))
                     moving = shrink(moving, self.cache.plan.registration_shrink(moving.GetSize(), moving.GetSpacing()))
                     try:
-                        if self.registration == "syn":
+                        if method == "syn":
                             transform = syn_register(fixed, moving)
                         else:
                             transform = refine_register(fixed, moving, affine_register(fixed, moving), "demons")
                     except Exception as e:
                         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
                         raise RegistrationError(
-                            f"{Path(target).name}: registration ({self.registration}) to template {Path(template).name} failed: {reason}"
+                            f"{Path(target).name}: registration ({method}) to template {Path(template).name} failed: {reason}"
                         ) from None
                     save_transform(transform, path)
                     return transform
@@ -235,11 +259,13 @@ class StageOne:
             self._banks[key] = build_bank(self._normalized(image), label, feats, params=self.params, spacing=image.spacing)
         return self._banks[key]
 
-    def warped_labels(self, image_path: Path, templates: list[Template]) -> np.ndarray:
-        """The registration-only prediction: each template label warped (nearest neighbour) by its cached
-        registration, majority vote over templates: ``(D, H, W)`` uint8 on the image's grid."""
+    def warped_labels(self, image_path: Path, templates: list[Template], method: str | None = None) -> np.ndarray:
+        """The registration-only prediction of ``method`` (default: the first of :attr:`methods`): each
+        template label warped (nearest neighbour) by its cached registration, majority vote over
+        templates: ``(D, H, W)`` uint8 on the image's grid."""
         target = read_image(str(image_path))
-        warps = [warp_label(read_sitk(t.label_path, sitk.sitkUInt8), target, self.transform(Path(image_path), t.image_path)) for t in templates]
+        warps = [warp_label(read_sitk(t.label_path, sitk.sitkUInt8), target, self.transform(Path(image_path), t.image_path, method))
+                 for t in templates]
         if len(warps) == 1:
             return warps[0]
         counts = np.stack([sum((w == c).astype(np.uint8) for w in warps) for c in range(int(max(w.max() for w in warps)) + 1)])
@@ -268,14 +294,25 @@ class StageOne:
         check_memory(f"{image.path}: stage one", image.array.shape, 4 + 1 + 4 + 4)
         if self.propagation == "prototype":
             return self._predict_prototypes(image, templates, progress)
-        banks = [self.bank(t, progress) for t in templates]
+        pairs = [(t, m) for t in templates for m in self.methods]  # one mapping per template and registration
+        banks = [self.bank(t, progress) for t, _ in pairs]
         feats = self.cache.get_or_compute(image, progress=progress)
         target_itk = read_image(image.path)
-        coords = [partial(map_voxels, target_itk, self.transform(image.path, t.image_path), read_image(t.image_path)) for t in templates]
+        coords = [partial(map_voxels, target_itk, self.transform(image.path, t.image_path, m), read_image(t.image_path)) for t, m in pairs]
+        mappings = {}
+        if len(pairs) > 1:  # leave out the mappings the features contradict (failed registrations)
+            scores = [mapping_consistency(b, feats, c, image.array.shape, self.params) for b, c in zip(banks, coords)]
+            keep = consistent_mappings(scores, self.params.mapping_tolerance)
+            mappings = {f"{t.image_id}:{m}": {"consistency": round(s, 4), "used": k} for (t, m), s, k in zip(pairs, scores, keep)}
+            if not all(keep):
+                logger.info(f"stage 1: {image.path.name}: mappings left out (feature consistency): {mappings}")
+            pairs, banks, coords = ([x for x, k in zip(xs, keep) if k] for xs in (pairs, banks, coords))
         voted, confidence = propagate(banks, self._normalized(image), feats, coords, self.params, spacing=image.spacing)
         classes = sorted(set().union(*[set(np.unique(b.labels).tolist()) for b in banks]) - {0})
-        label, floor = registration_floor(voted, self.warped_labels(image.path, templates), classes, self.floor)
+        methods = [m for m in self.methods if any(pm == m for _, pm in pairs)]
+        warps = {m: self.warped_labels(image.path, [t for t, pm in pairs if pm == m], m) for m in methods}
+        label, floor = registration_floor(voted, warps if len(warps) > 1 else warps[methods[0]], classes, self.floor)
         fell = any(f["fallback"] for f in floor.values())
         if fell:
             logger.info(f"stage 1: {image.path.name}: classes {[c for c, f in floor.items() if f['fallback']]} fall back to the registration ({floor})")
-        return Prediction(image=image, label=label, confidence=confidence, floor=floor, voted=voted if fell else None)
+        return Prediction(image=image, label=label, confidence=confidence, floor=floor, voted=voted if fell else None, mappings=mappings)

@@ -3,7 +3,9 @@
 Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net style)::
 
     state.json                  params, finished rounds and their stats (resume point)
-    round_0/labels/<id>.nii.gz  stage-one pseudo-labels (the starting point)
+    round_0/labels/<id>.nii.gz  stage-one pseudo-labels (the starting point; ``trust/<id>.json``: :func:`stage_one_trust`)
+    stage1/labels/<id>.nii.gz   with pseudo-templates only: stage one from the real templates alone, from
+                                which the pseudo-templates are chosen (their template labels)
     round_0/probs/<id>.npy      stage-one soft pseudo-labels (C, D, H, W) float16 from its confidence
     round_<r>/model.pt          the network trained in round r
     round_<r>/probs/<id>.npy    soft pseudo-labels after round r (see below)
@@ -107,6 +109,8 @@ class StageTwoParams:
     #: hippocampus (``benchmarks/results/stage2.json``, ``round_chosen_by``); it favours staying near the
     #: teacher, so a round that really improves on stage one away from it would not be chosen.
     publish: str = "agreement_with_stage_one"
+    #: pool images promoted to pseudo-templates for round 0 (0 = off): see :meth:`StageTwo._starting_labels`
+    pseudo_templates: int = 0
 
 
 @dataclass
@@ -189,7 +193,7 @@ class StageTwo:
         final_labels = [load_label(t.label_path, img, allowed=self.stage_one.label_values).astype(np.uint8) for img, t in finals]
         n_classes = 1 + max(int(lab.max()) for lab in final_labels)
 
-        self._stage_one_labels(templates, pool, n_classes, progress)
+        pseudo = self._starting_labels(templates, pool, n_classes, progress)
         self._write_images(pool, progress)
         positions = self._positions(templates, pool)
         for round_ in range(len(state["rounds"]) + 1, self.params.rounds + 1):
@@ -239,7 +243,7 @@ class StageTwo:
             rounds = [*state["rounds"], stats]
             published = choose_round(rounds, self.params.publish)
             atomic_write(self.model_path, lambda tmp: shutil.copyfile(self.work / f"round_{published['round']}" / "model.pt", tmp))
-            state = {"inputs": inputs, "n_classes": n_classes, "rounds": rounds, "published": published}
+            state = {"inputs": inputs, "n_classes": n_classes, "rounds": rounds, "published": published, "pseudo_templates": pseudo}
             if published["round"] < round_ < self.params.rounds:  # this round did not improve on the best: stop
                 state["stopped_early"] = f"round {round_} was not better than round {published['round']} by {published['by']}"
             self._commit(state)
@@ -267,23 +271,53 @@ class StageTwo:
 
     def _reset(self) -> None:
         """Forget every round (the published model stays until a new round replaces it)."""
-        for path in [*self.work.glob("round_*"), self.work / "images", self.work / "positions"]:
+        for path in [*self.work.glob("round_*"), self.work / "stage1", self.work / "images", self.work / "positions"]:
             if path.exists():
                 shutil.rmtree(path)
         (self.work / "state.json").unlink(missing_ok=True)
 
-    def _stage_one_labels(self, templates, pool: dict[str, Path], n_classes: int, progress: bool) -> None:
-        """Round 0: stage one's label and soft label (its confidence on the label, the rest shared evenly)."""
+    def _starting_labels(self, templates, pool: dict[str, Path], n_classes: int, progress: bool) -> list[dict]:
+        """Round 0, the labels round 1 trains on; returns the pseudo-templates used (``[]`` when off).
+
+        Without pseudo-templates: stage one from the real templates. With ``k`` of them: stage one from the
+        real templates first (``stage1/``), then the ``k`` pool images whose labels it is surest of
+        (:func:`stage_one_trust`, no ground truth) join the templates with those labels, and stage one
+        runs again from real + pseudo templates for every pool image (an image is never its own
+        template). Pseudo-templates live in the work folder only: never written as ``final``.
+        """
+        k = min(self.params.pseudo_templates, len(pool) - 1)
+        if k <= 0:
+            self._stage_one_labels(templates, pool, 0, n_classes, progress)
+            return []
+        trust = self._stage_one_labels(templates, pool, "stage1", n_classes, progress, soft=False)
+        chosen = sorted(pool, key=lambda i: (-trust[i], i))[:k]
+        pseudo = [Template(i, pool[i], self.work / "stage1" / "labels" / f"{i}.nii.gz") for i in chosen]
+        for i, path in pool.items():
+            self._stage_one_labels([*templates, *(t for t in pseudo if t.image_id != i)], {i: path}, 0, n_classes, progress=False)
+        logger.info(f"stage 2: pseudo-templates {chosen} (stage-one trust {[round(trust[i], 4) for i in chosen]})")
+        return [{"image": i, "trust": round(trust[i], 4)} for i in chosen]
+
+    def _stage_one_labels(self, templates, pool: dict[str, Path], where, n_classes: int, progress: bool, soft: bool = True) -> dict[str, float]:
+        """Stage one's label of every pool image into ``where`` (a round number or a folder name under the
+        work folder): ``labels/<id>.nii.gz``, its :func:`stage_one_trust` in ``trust/<id>.json`` and, with
+        ``soft``, the soft label (its confidence on the label, the rest shared evenly) in ``probs/<id>.npy``.
+        Images already done are skipped. Returns ``{image id: trust}`` (``None`` where not recorded)."""
+        folder = self.work / (f"round_{where}" if isinstance(where, int) else where)
+        trust = {}
         for i, image_path in tqdm(pool.items(), desc="stage 1: propagate", disable=not progress, leave=False):
-            path = self.labels_dir(0) / f"{i}.nii.gz"
-            if path.exists() and self.probs_path(0, i).exists():
-                continue
-            prediction = self.stage_one.predict(image_path, templates)
-            onehot = np.eye(n_classes, dtype=np.float32)[prediction.label].transpose(3, 0, 1, 2)
-            conf = prediction.confidence[None]
-            self._save_probs(onehot * conf + (1 - onehot) * (1 - conf) / (n_classes - 1), 0, i)
-            del onehot, conf
-            save_label(prediction.label, read_geometry(image_path), path)
+            path, probs, score = folder / "labels" / f"{i}.nii.gz", folder / "probs" / f"{i}.npy", folder / "trust" / f"{i}.json"
+            if not (path.exists() and (probs.exists() if soft else score.exists())):
+                prediction = self.stage_one.predict(image_path, templates)
+                if soft:
+                    onehot = np.eye(n_classes, dtype=np.float32)[prediction.label].transpose(3, 0, 1, 2)
+                    conf = prediction.confidence[None]
+                    prob = onehot * conf + (1 - onehot) * (1 - conf) / (n_classes - 1)
+                    atomic_write(probs, lambda tmp: np.save(tmp, prob.astype(np.float16)))
+                    del onehot, conf, prob
+                save_label(prediction.label, read_geometry(image_path), path)
+                atomic_write(score, lambda tmp: tmp.write_text(json.dumps(stage_one_trust(prediction))))
+            trust[i] = json.loads(score.read_text()) if score.exists() else None  # (runs of earlier versions wrote none)
+        return trust
 
     def image_array_path(self, image_id: str) -> Path:
         return self.work / "images" / f"{image_id}.npy"
@@ -415,6 +449,14 @@ class StageTwo:
     def model_version(self) -> str | None:
         """Content hash of the published network (changes with every finished round), ``None`` before any."""
         return f"stage2-{sha256(self.model_path)[:12]}" if self.model_path.exists() else None
+
+
+def stage_one_trust(prediction) -> float:
+    """How far stage one's label of an image can be trusted, without ground truth: the mean, over its
+    classes, of the Dice agreement between the feature vote and the registration-only warp (the safety
+    floor's check, :func:`~semisam_o1.stage_one.registration_floor`), 0 for a class that fell back."""
+    checks = list(prediction.floor.values())
+    return float(np.mean([0.0 if f["fallback"] else f["agreement"] for f in checks])) if checks else 0.0
 
 
 def _save_array(path: Path, array: np.ndarray) -> Path:

@@ -45,7 +45,8 @@ class FeatureExtraction(ScoringMethod):
             try:
                 self.stage_one.cache.get_or_compute(load_image(path))
                 for template in templates:
-                    self.stage_one.transform(path, template.image_path)
+                    for method in self.stage_one.methods:
+                        self.stage_one.transform(path, template.image_path, method)
                 done.append(image_id)
             except InputError as e:  # one bad file must not stop the pool
                 failed[image_id] = str(e)

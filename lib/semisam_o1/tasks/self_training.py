@@ -25,7 +25,7 @@ from semisam_o1.templates import find_templates
 logger = logging.getLogger(__name__)
 
 #: Request keys that override ``--conf`` for one training run.
-OPTIONS = ("rounds", "iterations", "refinement", "publish")
+OPTIONS = ("rounds", "iterations", "refinement", "publish", "pseudo_templates")
 
 
 class SelfTraining(TrainTask):
@@ -35,12 +35,14 @@ class SelfTraining(TrainTask):
 
     def config(self):
         p = self.stage_two.params
-        return {"rounds": p.rounds, "iterations": p.train.iterations, "refinement": p.refinement, "publish": p.publish}
+        return {"rounds": p.rounds, "iterations": p.train.iterations, "refinement": p.refinement, "publish": p.publish,
+                "pseudo_templates": p.pseudo_templates}
 
     def stats(self):
         state = self.stage_two.state()
         return {"rounds_done": len(state["rounds"]), "rounds": state["rounds"], "model": str(self.stage_two.model_path) if state["rounds"] else None,
-                "published": state.get("published"), "stopped_early": state.get("stopped_early")}
+                "published": state.get("published"), "stopped_early": state.get("stopped_early"),
+                "pseudo_templates": state.get("pseudo_templates", [])}
 
     def options(self, request) -> dict:
         """The request's overrides (:data:`OPTIONS` keys present), parsed as their ``--conf`` options.
@@ -58,7 +60,7 @@ class SelfTraining(TrainTask):
         o = self.options(request)
         train = dataclasses.replace(p.train, iterations=o.get("iterations", p.train.iterations))
         params = dataclasses.replace(p, rounds=o.get("rounds", p.rounds), train=train, refinement=o.get("refinement", p.refinement),
-                                     publish=o.get("publish", p.publish))
+                                     publish=o.get("publish", p.publish), pseudo_templates=o.get("pseudo_templates", p.pseudo_templates))
         return StageTwo(self.stage_two.studies, self.stage_two.stage_one, params)
 
     def __call__(self, request, datastore: Datastore):
@@ -76,4 +78,5 @@ class SelfTraining(TrainTask):
         published = stage_two.published(state)
         for image_id in pool:  # the published round's pseudo-labels
             datastore.save_label(image_id, str(stage_two.labels_dir(published) / f"{image_id}.nii.gz"), PSEUDO_TAG, {"model": "semisam_o1", "round": published})
-        return {"rounds": state["rounds"], "published": state.get("published"), "stopped_early": state.get("stopped_early")}
+        return {"rounds": state["rounds"], "published": state.get("published"), "stopped_early": state.get("stopped_early"),
+                "pseudo_templates": state.get("pseudo_templates", [])}
