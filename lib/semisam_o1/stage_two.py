@@ -292,7 +292,7 @@ class StageTwo:
         trust = self._stage_one_labels(templates, pool, "stage1", n_classes, progress, soft=False)
         chosen = sorted(pool, key=lambda i: (-trust[i], i))[:k]
         pseudo = [Template(i, pool[i], self.work / "stage1" / "labels" / f"{i}.nii.gz") for i in chosen]
-        for i, path in pool.items():
+        for i, path in tqdm(pool.items(), desc=f"stage 1 + {k} pseudo-templates", disable=not progress, leave=False):
             self._stage_one_labels([*templates, *(t for t in pseudo if t.image_id != i)], {i: path}, 0, n_classes, progress=False)
         logger.info(f"stage 2: pseudo-templates {chosen} (stage-one trust {[round(trust[i], 4) for i in chosen]})")
         return [{"image": i, "trust": round(trust[i], 4)} for i in chosen]
