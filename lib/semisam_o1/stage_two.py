@@ -312,7 +312,7 @@ class StageTwo:
                     onehot = np.eye(n_classes, dtype=np.float32)[prediction.label].transpose(3, 0, 1, 2)
                     conf = prediction.confidence[None]
                     prob = onehot * conf + (1 - onehot) * (1 - conf) / (n_classes - 1)
-                    atomic_write(probs, lambda tmp: np.save(tmp, prob.astype(np.float16)))
+                    _save_array(probs, prob.astype(np.float16))
                     del onehot, conf, prob
                 save_label(prediction.label, read_geometry(image_path), path)
                 atomic_write(score, lambda tmp: tmp.write_text(json.dumps(stage_one_trust(prediction))))
