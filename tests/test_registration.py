@@ -51,3 +51,14 @@ def test_shrunk_registration_grid_is_stored_too(sample_source, tmp_path):
     back = load_transform(save_transform(transform, tmp_path / "s.npz"))
     field = sitk.DisplacementFieldTransform(sitk.CompositeTransform(back).GetNthTransform(1)).GetDisplacementField()
     assert field.GetSize() == small.GetSize() and np.allclose(field.GetSpacing(), small.GetSpacing())
+
+
+def test_ants_syn_gives_the_same_field_every_time(sample_source):
+    """The same pair twice in one process (and so in any worker): identical displacement fields. ANTs on
+    several threads differs run to run by up to ~1 mm here, which made Ray runs and reruns disagree."""
+    from semisam_o1.registration import syn_register
+
+    fixed, moving = (read_image(str(sample_source.images / f"{c}.nii.gz")) for c in ("hippocampus_003", "hippocampus_001"))
+    fields = [sitk.GetArrayFromImage(syn_register(fixed, moving).GetDisplacementField()) for _ in range(2)]
+    assert np.abs(fields[0]).max() > 0.5  # a real deformation, not an identity
+    assert np.array_equal(fields[0], fields[1])

@@ -14,15 +14,16 @@ from monailabel.tasks.scoring.dice import Dice
 import semisam_o1
 from semisam_o1.config import AppConfig
 from semisam_o1.dicom import dicomweb_datastore, work_dir
+from semisam_o1.distributed import check_reachable
 from semisam_o1.jobs import exit_with_parent, in_job_process
-from semisam_o1.pipeline import build_stage_one
+from semisam_o1.pipeline import build_stage_one, pool_runner, refresh_pseudo_labels
 from semisam_o1.priority import InteractivePriority
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.tasks import request_guard
 from semisam_o1.tasks.feature_extraction import FeatureExtraction
 from semisam_o1.tasks.network_infer import NetworkInfer
 from semisam_o1.tasks.prototype_infer import PrototypeInfer
-from semisam_o1.tasks.pseudo_labels import PseudoLabelBatchInfer, refuse_final
+from semisam_o1.tasks.pseudo_labels import STAGE_ONE_MODEL, PseudoLabelBatchInfer, refuse_final
 from semisam_o1.tasks.safe_datastore import SafeSessions
 from semisam_o1.tasks.self_training import SelfTraining
 from semisam_o1.tasks.strategies import Diverse, Uncertain, UncertainDiverse
@@ -39,11 +40,12 @@ class SemiSAMO1App(MONAILabelApp):
         if in_job_process():
             exit_with_parent()  # a background job ends with its server, even after kill -9
         self.config = AppConfig.from_conf(conf)
+        check_reachable(self.config.ray_address)  # a Ray cluster that is not there: a start-up error naming it
         self._infer_lock = threading.Lock()
         self.stage_one = build_stage_one(work_dir(studies), self.config)
         self.stage_two = StageTwo(work_dir(studies), self.stage_one, self.config.stage_two_params())
         self.priority = InteractivePriority(self.stage_one.studies)
-        self.refresher = PseudoLabelRefresher(self.stage_one, self.datastore, self.current_labels)
+        self.refresher = PseudoLabelRefresher(self.stage_one, self.datastore, self.current_labels, self.config)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -69,7 +71,7 @@ class SemiSAMO1App(MONAILabelApp):
 
     def init_infers(self):
         return {
-            "semisam_prototype": PrototypeInfer(self.stage_one, self.datastore, self.current_labels),
+            STAGE_ONE_MODEL: PrototypeInfer(self.stage_one, self.datastore, self.current_labels),
             "semisam_o1": NetworkInfer(self.stage_two, self.current_labels, self.datastore),
         }
 
@@ -77,7 +79,15 @@ class SemiSAMO1App(MONAILabelApp):
         return {"semisam_o1": SelfTraining(self.stage_two)}
 
     def init_batch_infer(self):
-        return PseudoLabelBatchInfer()
+        return PseudoLabelBatchInfer(self._batch_on_ray if self.config.ray_address else None)
+
+    def _batch_on_ray(self, image_ids: list[str], tag: str) -> dict:
+        """The stage-one model's batch infer as Ray tasks: ``{image_id: summary}`` (failed images: ``{}``)."""
+        failed: dict[str, str] = {}
+        with pool_runner(self.stage_one.studies, self.config) as runner:
+            done = refresh_pseudo_labels(self.stage_one, self.datastore(), self.current_labels(), errors=failed, runner=runner,
+                                         config=self.config, image_ids=image_ids, tag=tag)
+        return {i: done.get(i, {}) for i in image_ids}
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
@@ -101,7 +111,7 @@ class SemiSAMO1App(MONAILabelApp):
         }
 
     def init_scoring_methods(self):
-        return {"features": FeatureExtraction(self.stage_one), "uncertainty": UncertaintyScoring(self.stage_two), "dice": Dice()}
+        return {"features": FeatureExtraction(self.stage_one, self.config), "uncertainty": UncertaintyScoring(self.stage_two, self.config), "dice": Dice()}
 
     def on_save_label(self, image_id, label_id):
         """A new ``final`` label is a template: refresh the pool's stage-one pseudo-labels in the background."""

@@ -11,8 +11,9 @@ from semisam_o1.config import OPTIONS, AppConfig, ConfError
 from semisam_o1.sample_data import SAMPLE_DATASTORE, SampleDataError, load_manifest, populate, verify
 
 
-def _conf_pairs(pairs: list[list[str]] | None) -> dict[str, str]:
-    return {k: v for k, v in (pairs or [])}
+def _conf_pairs(pairs: list[list[str]] | None, ray_address: str | None = None) -> dict[str, str]:
+    conf = {k: v for k, v in (pairs or [])}
+    return conf if ray_address is None else {**conf, "ray_address": ray_address}
 
 
 def sample_conf(studies: Path) -> dict[str, str]:
@@ -26,7 +27,7 @@ def sample_conf(studies: Path) -> dict[str, str]:
 
 def cmd_serve(args) -> int:
     studies = args.studies
-    conf = _conf_pairs(args.conf)
+    conf = _conf_pairs(args.conf, args.ray_address)
     is_url = str(studies).startswith(("http://", "https://"))
     if not is_url:
         studies = Path(studies)
@@ -41,9 +42,11 @@ def cmd_serve(args) -> int:
             print(f"error: studies folder {studies} does not exist", file=sys.stderr)
             return 2
         conf = {**sample_conf(studies), **conf}
+    from semisam_o1.distributed import ClusterError, check_reachable
+
     try:
-        AppConfig.from_conf(conf)
-    except ConfError as e:
+        check_reachable(AppConfig.from_conf(conf).ray_address)
+    except (ConfError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from semisam_o1.server import ServeRefused, serve
@@ -70,6 +73,7 @@ def cmd_sample_data(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
+    from semisam_o1.distributed import ClusterError
     from semisam_o1.pipeline import run_stage_one, run_stage_two
     from semisam_o1.volumes import InputError
 
@@ -77,7 +81,7 @@ def cmd_pipeline(args) -> int:
     if not studies.is_dir():
         print(f"error: studies folder {studies} does not exist", file=sys.stderr)
         return 2
-    conf = {**sample_conf(studies), **_conf_pairs(args.conf)}
+    conf = {**sample_conf(studies), **_conf_pairs(args.conf, args.ray_address)}
     if args.rounds is not None:
         conf["rounds"] = str(args.rounds)
     truth = args.truth or (studies / "truth" if (studies / "truth").is_dir() else None)
@@ -88,7 +92,7 @@ def cmd_pipeline(args) -> int:
         if args.stage != 1:
             report = run_stage_two(studies, config, truth=truth, report_dir=args.report)
             print(f"stage 2: {len(report['rounds'])} rounds; " + (f"pool Dice per round {[round(d, 3) for d in report['pool_dice_per_round']]}; " if "pool_dice_per_round" in report else "") + f"report in {args.report or studies / '.semisam' / 'report'}")
-    except (ConfError, InputError) as e:
+    except (ConfError, InputError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -123,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without authentication (trusted networks only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help=conf_help)
+    serve.add_argument("--ray-address", default=None, help="pool-wide jobs on Ray: local, auto, host:port or ray://host:port (= --conf ray_address)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 
@@ -133,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--truth", type=Path, default=None, help="ground-truth folder for Dice per round (default: <studies>/truth if present)")
     pipeline.add_argument("--report", type=Path, default=None, help="report folder (default: <studies>/.semisam/report)")
     pipeline.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help=conf_help)
+    pipeline.add_argument("--ray-address", default=None, help="run stage one's per-image work on Ray: local, auto, host:port or ray://host:port (= --conf ray_address)")
     pipeline.set_defaults(func=cmd_pipeline)
 
     evaluate = sub.add_parser("evaluate", help="Dice and HD95 per class of predictions vs ground truth")

@@ -8,6 +8,7 @@ from :data:`OPTIONS`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 
 
@@ -98,6 +99,14 @@ def parse_device(text: str) -> str:
     return str(text).strip().lower()
 
 
+def parse_ray_address(text: str) -> str:
+    """``""`` (in process), ``local``, ``auto``, ``ray://host:port`` or ``host:port`` (a cluster's GCS address)."""
+    text = str(text).strip()
+    if text in ("", "local", "auto") or text.startswith("ray://") or re.fullmatch(r"[\w.\-]+:\d{1,5}", text):
+        return text
+    raise ConfError(f"{text!r} is not a Ray address (empty, local, auto, ray://host:port or host:port)")
+
+
 def parse_choice(*choices: str):
     """Parser of one of ``choices``."""
 
@@ -140,6 +149,16 @@ class AppConfig:
         "stage one's spatial prior: demons (affine + diffeomorphic demons, SimpleITK), syn (ANTs SyN, antspyx), or demons+syn (both vote)"
     )
     device: str = _option("auto", parse_device, "where the encoder and the network run: auto (CUDA if available), cpu, cuda, cuda:N")
+    ray_address: str = _option(
+        "", parse_ray_address,
+        "pool-wide work (features, registrations, stage-one labels) on Ray: empty = in this process; local = a Ray instance on this machine "
+        "with --conf workers; auto or ray://host:port or host:port = an existing cluster (the datastore must be on storage every worker sees)",
+    )
+    workers: int = _option(2, parse_int(1, 1024), "with ray_address local: Ray worker processes (CPUs) started on this machine")
+    train_processes: int | None = _option(
+        None, parse_auto_int(1, 64),
+        "stage-two training processes (torch DistributedDataParallel, one per GPU; gloo on CPU); auto = one per visible GPU, else 1",
+    )
 
     propagation: str = _option(
         "fusion", parse_choice("fusion", "prototype"),
@@ -175,7 +194,7 @@ class AppConfig:
 
         return StageTwoParams(
             rounds=self.rounds,
-            train=TrainParams(patch=(self.patch,) * 3, iterations=self.iterations),
+            train=TrainParams(patch=(self.patch,) * 3, iterations=self.iterations, processes=self.train_processes),
             refine=RefineParams(uncertain_quantile=self.uncertain_quantile, k=self.knn, position_weight=self.position_weight),
             refinement=self.refinement,
             publish=self.publish,

@@ -43,7 +43,7 @@ from semisam_o1.encoders import EncoderSpec, SliceEncoder
 from semisam_o1.normalize import normalization_id, normalize
 from semisam_o1.plan import Plan, check_memory, with_cpu_fallback
 from semisam_o1.sample_data import sha256
-from semisam_o1.volumes import Volume, atomic_write
+from semisam_o1.volumes import Volume, atomic_write, remove_interrupted_writes
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ class FeatureCache:
             check_memory(f"{image.path}: encoding", image.array.shape, 8 + (self.dims + 1) * 4 * stored / image.array.size, ENCODER_BYTES)
             values = with_cpu_fallback(lambda device: self.compute(image, progress, device), self.device, f"encoding {image.path.name}")
             values = values.astype(np.float16)
+            remove_interrupted_writes(path)  # a writer killed before us (e.g. a Ray worker that died) left its temporary file
             atomic_write(path, lambda tmp: np.save(tmp, values))
         return self.get(image)
 
@@ -231,6 +232,7 @@ class FeatureCache:
             with FileLock(str(basis_path) + ".lock"):
                 if not basis_path.exists():
                     mean, components = self._fit_basis(volume, grid, progress)
+                    remove_interrupted_writes(basis_path)
                     atomic_write(basis_path, lambda tmp: np.savez(tmp, mean=mean, components=components))
             with np.load(basis_path) as z:
                 self._basis = (z["mean"].astype(np.float32), z["components"].astype(np.float32))

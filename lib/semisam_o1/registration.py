@@ -43,6 +43,24 @@ def _single_thread():
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old)
 
 
+@contextmanager
+def _ants_single_thread():
+    """ANTs' ITK splits the metric's random samples across threads non-deterministically (SyN fields of
+    the same pair differ by up to ~1 mm run to run on 2 threads; on 1 thread they are identical). That
+    ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when first used: set it to 1 around the
+    calls, after SimpleITK (which reads the same variable once) has read the user's value."""
+    sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()  # SimpleITK settles its own thread count first
+    old = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", None)
+        else:
+            os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = old
+
+
 def read_image(path: str) -> sitk.Image:
     """A volume as a float32 ``SimpleITK.Image`` (the pixel type registration expects)."""
     return read_sitk(path, sitk.sitkFloat32)
@@ -219,15 +237,17 @@ def syn_register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> sitk.T
     """ANTs SyN (``antspyx``: ``ants.registration(type_of_transform="SyN")``, its own affine first) of
     ``moving`` (template) to ``fixed`` (target), composed into one displacement field on the fixed grid.
 
-    ``seed`` goes to ``ANTS_RANDOM_SEED`` (affine metric sampling).
+    ``seed`` goes to ``ANTS_RANDOM_SEED`` (affine metric sampling); ANTs runs on one thread
+    (:func:`_ants_single_thread`), so the same pair gives the same field in every process (server, jobs,
+    Ray workers) as long as ANTs was first used here.
 
     Returns:
         ``sitk.DisplacementFieldTransform`` mapping fixed physical points (mm) to moving physical points (mm).
     """
-    import ants
-
     os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
-    with tempfile.TemporaryDirectory(prefix="semisam-syn-") as tmp:
+    with _ants_single_thread(), tempfile.TemporaryDirectory(prefix="semisam-syn-") as tmp:
+        import ants
+
         tmp = Path(tmp)
         sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), str(tmp / "fixed.nii.gz"))
         sitk.WriteImage(sitk.Cast(moving, sitk.sitkFloat32), str(tmp / "moving.nii.gz"))

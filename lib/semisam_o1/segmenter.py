@@ -5,6 +5,8 @@
   (2 of 3 centred on foreground), MONAI dictionary transforms on each patch (flips, intensity jitter),
   Dice + cross-entropy loss, Adam; a fixed number of iterations, sized for CPU. Only the patches are
   ever in memory, so the pool may be ``np.load(..., mmap_mode="r")`` arrays of any size.
+  With ``TrainParams.processes`` > 1 it trains as torch ``DistributedDataParallel`` processes (one per GPU,
+  gloo on CPU), each on its shard of the single-process run's batches: the same updates up to rounding.
 - :func:`predict_with_uncertainty`: MONAI sliding-window inference averaged over flips (TTA) and
   MC-dropout passes; returns the mean softmax and its entropy.
 
@@ -15,7 +17,11 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+import os
+import queue as queue_module
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,6 +47,9 @@ class TrainParams:
     channels: tuple[int, ...] = (8, 16, 32, 64)
     dropout: float = 0.1
     seed: int = 0
+    #: Training processes (torch DistributedDataParallel, see :func:`train_network`); None = auto: on CUDA the
+    #: most visible GPUs that divide ``batch_size`` (one process each), else 1. ``batch_size`` must be a multiple of it.
+    processes: int | None = None
 
 
 def build_network(n_classes: int, params: TrainParams = TrainParams()) -> UNet:
@@ -135,10 +144,125 @@ def train_network(
 ) -> UNet:
     """Train a fresh network on ``images`` (each (D, H, W) in [0, 1]) and ``labels`` (each (D, H, W) int).
 
+    With :func:`train_processes` = 1 it trains in this process (reproducible bit for bit for a given
+    ``params.seed`` on the CPU). With N > 1 it trains as N DistributedDataParallel processes
+    (:func:`train_network_replicas`), checks that every replica ended with the same weights (else
+    ``RuntimeError("DDP replicas diverged ...")``) and returns rank 0's: the same network as one process
+    would train, up to float rounding.
+
     Args:
-        on_iteration: called as ``on_iteration(iteration, loss)`` after every step (progress, stats).
-        device: where the network trains (patches are cropped on the CPU); it is returned on the CPU.
+        on_iteration: called as ``on_iteration(iteration, loss)`` after every step (progress, stats), in
+            this process; ``loss`` is the loss of the whole batch (averaged over the processes).
+        device: where the network trains (patches are cropped on the CPU); it is returned on the CPU, in eval mode.
     """
+    processes = train_processes(params, device)
+    if processes == 1:
+        loader, net = _prepare(images, labels, n_classes, params)
+        _train_loop(net.to(device), loader, params, device, on_iteration)
+        net.eval()
+        return net.cpu()
+    replicas = train_network_replicas(images, labels, n_classes, params, on_iteration, device, processes)
+    for rank, replica in enumerate(replicas[1:], 1):
+        if replica.keys() != replicas[0].keys() or not all(torch.equal(replica[k], replicas[0][k]) for k in replica):
+            raise RuntimeError(f"DDP replicas diverged: rank {rank}'s weights differ from rank 0's")
+    net = build_network(n_classes, params)
+    net.load_state_dict(replicas[0])
+    return net.eval()
+
+
+def train_processes(params: TrainParams, device: str = "cpu") -> int:
+    """How many processes :func:`train_network` trains with: ``params.processes``, or when None on CUDA the most
+    visible GPUs that divide ``params.batch_size``, else 1.
+
+    Raises ValueError when ``params.batch_size`` is not a multiple of it, when it is below 1, when it asks for
+    more CUDA processes than visible GPUs, or for more than one process on a device other than CPU or CUDA.
+    """
+    kind = torch.device(device).type
+    processes = params.processes
+    if processes is None:  # the most GPUs that split the batch evenly
+        gpus = torch.cuda.device_count() if kind == "cuda" else 1
+        processes = max(n for n in range(1, max(1, gpus) + 1) if params.batch_size % n == 0)
+    if processes < 1:
+        raise ValueError(f"train_processes must be at least 1, got {processes}")
+    if params.batch_size % processes:
+        raise ValueError(f"batch_size {params.batch_size} is not a multiple of train_processes {processes}: "
+                         "each process trains on an equal share of every batch")
+    if processes > 1 and kind not in ("cpu", "cuda"):
+        raise ValueError(f"train_processes {processes} > 1 needs device cpu or cuda, not {device}")
+    if processes > 1 and kind == "cuda" and processes > torch.cuda.device_count():
+        raise ValueError(f"train_processes {processes} > the {torch.cuda.device_count()} visible CUDA GPUs (one process per GPU)")
+    return processes
+
+
+def train_network_replicas(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    n_classes: int,
+    params: TrainParams = TrainParams(),
+    on_iteration: Callable[[int, float], None] | None = None,
+    device: str = "cpu",
+    processes: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Train as ``processes`` (default :func:`train_processes`) DistributedDataParallel processes; every
+    replica's final ``state_dict`` (CPU tensors), rank 0's first. Identical replicas are what DDP guarantees;
+    this does not check it (:func:`train_network` does).
+
+    Every rank builds the data pipeline and network exactly as one process does (same seeds, same order), so
+    each step every rank draws the same batch of n <= ``batch_size`` patches (n < ``batch_size`` at the end
+    of an epoch) and rank r trains on rows ``r::processes``. Its loss is weighted by
+    ``processes * rows / n``, so DDP's gradient average is the gradient of the whole batch's loss (Dice + CE
+    are means over equal-sized patches); a rank left without rows trains on row 0 with weight 0. Dropout
+    masks are drawn for the whole batch on every rank and sliced, so on the CPU each row gets the mask it
+    gets in one process. The network has instance norm only (no batch statistics; BatchNorm would be
+    synchronised). Processes are spawned: gloo on the CPU, nccl on CUDA with rank r on ``cuda:r``; each uses
+    ``cpu_count // processes`` threads. Memory-mapped arrays (``np.memmap``, ``np.load(..., mmap_mode="r")``
+    and contiguous views of them) are reopened from their file in each process, other arrays are pickled.
+
+    Args:
+        on_iteration: called in this process as ``on_iteration(iteration, loss)`` for every step while the
+            processes run, ``loss`` the whole batch's (averaged over the processes).
+    Raises:
+        RuntimeError: a process failed (its error in the message); the others are stopped.
+    """
+    processes = train_processes(params if processes is None else replace(params, processes=processes), device)
+    kind = torch.device(device).type
+    from torch.multiprocessing.spawn import ProcessException
+
+    from semisam_o1.orthanc import free_port
+
+    context = torch.multiprocessing.get_context("spawn")
+    progress = context.Queue()
+    out_dir = Path(tempfile.mkdtemp(prefix="semisam-ddp-"))
+    data = ([_shareable(a) for a in images], [_shareable(a) for a in labels])
+    args = (processes, f"tcp://127.0.0.1:{free_port()}", data, n_classes, params, kind, progress, str(out_dir))
+    ranks = None
+    try:
+        ranks = torch.multiprocessing.start_processes(_train_rank, args=args, nprocs=processes, join=False, start_method="spawn")
+        done = False
+        while not done:
+            try:
+                done = ranks.join(timeout=0.1)
+            except ProcessException as e:
+                raise RuntimeError(f"DDP training process {e.error_index} failed: {e}") from e
+            while True:  # after join: everything the ranks put is in the pipe
+                try:
+                    iteration, loss = progress.get_nowait()
+                except queue_module.Empty:
+                    break
+                if on_iteration is not None:
+                    on_iteration(iteration, loss)
+        return [torch.load(out_dir / f"rank{r}.pt", map_location="cpu", weights_only=True) for r in range(processes)]
+    finally:
+        for process in ranks.processes if ranks is not None else []:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+        progress.close()
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _prepare(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_classes: int, params: TrainParams) -> tuple[DataLoader, UNet]:
+    """The seeded batches and fresh network of one training run (identical wherever it runs)."""
     torch.manual_seed(params.seed)
     keys = ["image", "label"]
     transform = Compose(
@@ -154,7 +278,25 @@ def train_network(
     patches = PatchSampler(images, labels, params.patch, seed=params.seed)
     loader = DataLoader(Dataset(patches, transform), batch_size=params.batch_size, shuffle=True, num_workers=0,
                         generator=torch.Generator().manual_seed(params.seed))
-    net = build_network(n_classes, params).to(device)
+    return loader, build_network(n_classes, params)
+
+
+class _Rows:
+    """This process's share of the current batch: ``n`` rows in all, ``index`` (a slice or list) its own."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world, self.n, self.index = rank, world, 0, slice(None)
+
+
+def _train_loop(net: torch.nn.Module, loader: DataLoader, params: TrainParams, device: str,
+                on_iteration: Callable[[int, float], None] | None, rows: _Rows | None = None) -> None:
+    """``params.iterations`` Adam steps (cosine-decayed learning rate) of Dice + CE on ``loader``'s batches.
+
+    ``rows`` None: ``net`` trains on whole batches. Else ``net`` is a DistributedDataParallel replica (its
+    dropout layers :class:`_RowsDropout` reading ``rows``) training on rows ``rows.rank::rows.world`` of each
+    batch, loss weighted so the averaged gradient is the whole batch's; ``on_iteration`` then gets the whole
+    batch's loss (all-reduced).
+    """
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(net.parameters(), lr=params.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / params.iterations)))
@@ -163,17 +305,94 @@ def train_network(
     while iteration < params.iterations:
         for batch in loader:
             optimizer.zero_grad()
-            loss = loss_fn(net(batch["image"].to(device)), batch["label"].to(device).long())
-            loss.backward()
+            image, label = batch["image"], batch["label"]
+            if rows is None:
+                loss = loss_fn(net(image.to(device)), label.to(device).long())
+                loss.backward()
+                reported = loss.detach().item()
+            else:
+                rows.n = len(image)
+                own = list(range(rows.rank, rows.n, rows.world))
+                rows.index = own or [0]
+                share = len(own) / rows.n  # this rank's share of the whole batch's loss
+                loss = loss_fn(net(image[rows.index].to(device)), label[rows.index].to(device).long())
+                (loss * (share * rows.world)).backward()  # DDP averages over the world
+                total = (loss.detach() * share).reshape(1)
+                torch.distributed.all_reduce(total)
+                reported = total.item()
             optimizer.step()
             scheduler.step()
             iteration += 1
             if on_iteration is not None:
-                on_iteration(iteration, loss.detach().item())
+                on_iteration(iteration, reported)
             if iteration >= params.iterations:
                 break
-    net.eval()
-    return net.cpu()
+
+
+class _RowsDropout(torch.nn.Module):
+    """``nn.Dropout(p)`` for this process's rows of a batch: the mask is drawn for the whole batch (``rows.n``
+    rows, from torch's global generator, as ``nn.Dropout`` does on the CPU) and this process's rows taken."""
+
+    def __init__(self, p: float, rows: _Rows):
+        super().__init__()
+        self.p, self.rows = p, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        noise = torch.empty((self.rows.n, *x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * noise.div_(1 - self.p)[self.rows.index]
+
+
+def _train_rank(rank: int, world: int, init_method: str, data, n_classes: int, params: TrainParams, kind: str,
+                progress, out_dir: str) -> None:
+    """One DDP process (started by :func:`train_network_replicas`): trains, writes ``out_dir/rank{rank}.pt``."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    device = f"cuda:{rank}" if kind == "cuda" else "cpu"
+    if kind == "cuda":
+        torch.cuda.set_device(rank)
+    torch.distributed.init_process_group("nccl" if kind == "cuda" else "gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        images, labels = ([_reopen(a) for a in arrays] for arrays in data)
+        loader, net = _prepare(images, labels, n_classes, params)
+        rows = _Rows(rank, world)
+        for name, module in list(net.named_modules()):
+            if type(module) is torch.nn.Dropout:
+                parent, _, attr = name.rpartition(".")
+                setattr(net.get_submodule(parent), attr, _RowsDropout(module.p, rows))
+            elif isinstance(module, torch.nn.modules.dropout._DropoutNd):
+                raise TypeError(f"DDP training: {type(module).__name__} is not supported (use nn.Dropout)")
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net.to(device))  # no-op: the UNet has instance norm
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[rank] if kind == "cuda" else None)
+        report = (lambda iteration, loss: progress.put((iteration, loss))) if rank == 0 else None
+        _train_loop(ddp, loader, params, device, report, rows)
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        torch.save(state, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _shareable(array: np.ndarray):
+    """``array`` as sent to a training process: ``("memmap", filename, dtype, shape, offset, order)`` when it is a
+    C- or F-contiguous view of a file-backed ``np.memmap`` (nothing copied), else the array itself (pickled)."""
+    root = array
+    while isinstance(root, np.ndarray) and not (isinstance(root, np.memmap) and not isinstance(root.base, np.ndarray)):
+        root = root.base
+    if not isinstance(root, np.memmap) or getattr(root, "filename", None) is None or root.size == 0:
+        return np.asarray(array)
+    order = "C" if array.flags.c_contiguous else "F" if array.flags.f_contiguous else None
+    if order is None:
+        return np.ascontiguousarray(array)
+    offset = root.offset + (array.__array_interface__["data"][0] - root.__array_interface__["data"][0])
+    return ("memmap", os.fspath(root.filename), array.dtype, array.shape, offset, order)
+
+
+def _reopen(shared) -> np.ndarray:
+    """What :func:`_shareable` sent, as an array (a read-only ``np.memmap`` for a memory-mapped one)."""
+    if isinstance(shared, tuple):
+        _, filename, dtype, shape, offset, order = shared
+        return np.memmap(filename, dtype=dtype, mode="r", shape=tuple(shape), offset=offset, order=order)
+    return shared
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from semisam_o1.registration import (
 )
 from semisam_o1.sample_data import sha256
 from semisam_o1.templates import Template
-from semisam_o1.volumes import InputError, Volume, class_volumes, load_image, load_label, read_sitk
+from semisam_o1.volumes import InputError, Volume, class_volumes, load_image, load_label, read_sitk, remove_interrupted_writes
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,7 @@ class StageOne:
                         raise RegistrationError(
                             f"{Path(target).name}: registration ({method}) to template {Path(template).name} failed: {reason}"
                         ) from None
+                    remove_interrupted_writes(path)  # a writer killed before us left its temporary file
                     save_transform(transform, path)
                     return transform
         return load_transform(path)

@@ -6,6 +6,7 @@ reoriented, so a label written with :func:`save_label` has exactly the image's a
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from dataclasses import dataclass
@@ -186,6 +187,16 @@ def atomic_write(path: Path, write) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def remove_interrupted_writes(path: Path) -> list[Path]:
+    """Delete the temporary files an :func:`atomic_write` of ``path`` left when its process was killed
+    (``.<name>.*`` beside it). Call it only while holding the lock that makes the caller ``path``'s one writer."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{glob.escape(path.name)}.*")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def save_label(label: np.ndarray, image: Volume, path: Path | str, dtype=np.uint8) -> Path:

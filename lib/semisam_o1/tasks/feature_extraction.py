@@ -18,40 +18,41 @@ import time
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
+from semisam_o1.config import AppConfig
+from semisam_o1.pipeline import pool_runner, prepare_pool
 from semisam_o1.priority import InteractivePriority, lower_job_priority
 from semisam_o1.stage_one import StageOne
-from semisam_o1.templates import find_templates
-from semisam_o1.volumes import InputError, load_image
 
 logger = logging.getLogger(__name__)
 
 
 class FeatureExtraction(ScoringMethod):
-    def __init__(self, stage_one: StageOne):
+    """With ``--conf ray_address``, every image is a Ray task (:mod:`semisam_o1.distributed`); the
+    job's progress lines are the same."""
+
+    def __init__(self, stage_one: StageOne, config: AppConfig = AppConfig()):
         super().__init__("Encode every image once with the foundation model and align the templates (stage-one caches)")
         self.stage_one = stage_one
+        self.config = config
         self.priority = InteractivePriority(stage_one.studies)
 
     def __call__(self, request, datastore: Datastore):
         lower_job_priority()
-        image_ids = sorted(datastore.list_images())
-        templates = find_templates(datastore)
-        done, failed = [], {}
-        waited = 0.0
-        for n, image_id in enumerate(image_ids, 1):
-            waited += self.priority.wait_turn()
-            start = time.perf_counter()
-            path = datastore.get_image_uri(image_id)
-            try:
-                self.stage_one.cache.get_or_compute(load_image(path))
-                for template in templates:
-                    for method in self.stage_one.methods:
-                        self.stage_one.transform(path, template.image_path, method)
-                done.append(image_id)
-            except InputError as e:  # one bad file must not stop the pool
-                failed[image_id] = str(e)
-                logger.warning(f"features {n}/{len(image_ids)} {image_id}: skipped: {e}")
-                continue
-            logger.info(f"features {n}/{len(image_ids)} {image_id} ({time.perf_counter() - start:.1f} s)")
+        waited = [0.0]
+        start = [time.perf_counter()]
+
+        def wait_turn() -> None:
+            waited[0] += self.priority.wait_turn()
+            start[0] = time.perf_counter()
+
+        def on_image(n: int, total: int, image_id: str, error) -> None:
+            if error is not None:
+                logger.warning(f"features {n}/{total} {image_id}: skipped: {error}")
+            else:  # seconds since the previous image finished (or, in process, since its turn came)
+                logger.info(f"features {n}/{total} {image_id} ({time.perf_counter() - start[0]:.1f} s)")
+            start[0] = time.perf_counter()
+
+        with pool_runner(self.stage_one.studies, self.config) as runner:
+            done, failed = prepare_pool(self.stage_one, datastore, runner, self.config, before_image=wait_turn, on_image=on_image)
         return {"encoded": len(done), "failed": failed, "settings": self.stage_one.cache.settings_id,
-                "waited_for_interactive_seconds": round(waited, 1)}
+                "waited_for_interactive_seconds": round(waited[0], 1), "ray_address": self.config.ray_address}

@@ -16,7 +16,8 @@ from typing import Callable
 
 from monailabel.interfaces.datastore import Datastore
 
-from semisam_o1.pipeline import refresh_pseudo_labels
+from semisam_o1.config import AppConfig
+from semisam_o1.pipeline import pool_runner, refresh_pseudo_labels
 from semisam_o1.priority import InteractivePriority
 from semisam_o1.stage_one import StageOne
 
@@ -26,8 +27,10 @@ logger = logging.getLogger(__name__)
 class PseudoLabelRefresher:
     """``request()`` schedules a refresh; ``status()`` tells what ran last (for /info/ and tests)."""
 
-    def __init__(self, stage_one: StageOne, datastore: Callable[[], Datastore], labels: Callable[[], dict[str, int]]):
+    def __init__(self, stage_one: StageOne, datastore: Callable[[], Datastore], labels: Callable[[], dict[str, int]],
+                 config: AppConfig = AppConfig()):
         self.stage_one = stage_one
+        self.config = config
         self._datastore = datastore
         self._labels = labels
         self.priority = InteractivePriority(stage_one.studies)
@@ -61,8 +64,9 @@ class PseudoLabelRefresher:
             start = time.perf_counter()
             try:
                 failed: dict[str, str] = {}
-                cases = refresh_pseudo_labels(self.stage_one, self._datastore(), self._labels(), errors=failed,
-                                              before_image=self.priority.wait_turn)
+                with pool_runner(self.stage_one.studies, self.config) as runner:  # in process unless --conf ray_address
+                    cases = refresh_pseudo_labels(self.stage_one, self._datastore(), self._labels(), errors=failed,
+                                                  before_image=self.priority.wait_turn, runner=runner, config=self.config)
                 self.last = {"images": len(cases), "seconds": round(time.perf_counter() - start, 1), "error": None, "failed": failed}
             except Exception as e:  # a background thread has no caller to raise to: log and report
                 logger.exception("stage-one refresh failed")

@@ -10,7 +10,8 @@ image's info, under :data:`~semisam_o1.active_learning.SCORE_KEY`::
 own round wrote when the image was in that round's pool, else predicted). ``stage1`` (no network
 yet): 1 - vote share of stage one's propagation from the current templates. ``version`` names the
 model (network hash, or template labels + feature settings); an image whose score already has the
-current version is skipped. Progress lines ``uncertainty n/N`` go to the job's details.
+current version is skipped. Progress lines ``uncertainty n/N`` go to the job's details. With
+``--conf ray_address`` each image is scored by a Ray task (:func:`score_image`); this process writes the scores.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from semisam_o1.active_learning import SCORE_KEY, UNCERTAIN_ENTROPY, UNCERTAIN_VOTE, uncertainty_score
+from semisam_o1.config import AppConfig
+from semisam_o1.pipeline import pool_runner, stage_two_of
 from semisam_o1.priority import InteractivePriority, lower_job_priority
 from semisam_o1.sample_data import sha256
 from semisam_o1.stage_two import StageTwo
@@ -40,10 +43,29 @@ def stage_one_version(templates: list[Template], settings_id: str) -> str:
     return f"stage1-{digest.hexdigest()[:12]}"
 
 
+def score_image(item: tuple[str, str], source, templates: list[Template], with_network: bool) -> dict:
+    """One image's uncertainty summary (see the module docstring), ``item`` = ``(image_id, image path)``;
+    ``source`` a :class:`StageTwo`, or ``(studies, config)`` in a Ray worker (:func:`~semisam_o1.pipeline.stage_two_of`)."""
+    image_id, path = item
+    two = stage_two_of(source)
+    image = load_image(path)
+    if with_network:
+        net = two.load_model()
+        saved = two.published_round()  # its own maps: no prediction needed
+        maps = two.saved_uncertainty(saved, image, image_id) if saved else None
+        label, uncertainty = maps or two.predict(net, image)
+        return uncertainty_score(uncertainty, label, UNCERTAIN_ENTROPY)
+    prediction = two.stage_one.predict(image.path, templates)
+    return uncertainty_score(1.0 - prediction.confidence, prediction.label, UNCERTAIN_VOTE)
+
+
 class UncertaintyScoring(ScoringMethod):
-    def __init__(self, stage_two: StageTwo):
+    """With ``--conf ray_address``, every image is a Ray task; scores are written here."""
+
+    def __init__(self, stage_two: StageTwo, config: AppConfig = AppConfig()):
         super().__init__("Uncertainty of every unlabelled image under the latest model (active learning: strategy 'uncertain')")
         self.stage_two = stage_two
+        self.config = config
         self.priority = InteractivePriority(stage_two.studies)
 
     def __call__(self, request, datastore: Datastore):
@@ -54,30 +76,21 @@ class UncertaintyScoring(ScoringMethod):
         version = self.stage_two.model_version() if net is not None else stage_one_version(templates, stage_one.cache.settings_id)
         if net is None and not templates:
             return {"scored": 0, "current": 0, "version": None, "reason": "no template and no trained model yet"}
-        saved = self.stage_two.published_round() if net is not None else None  # its own maps: no prediction needed
         image_ids = sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))
-        scored, current, failed = 0, 0, {}
-        for n, image_id in enumerate(image_ids, 1):
-            if datastore.get_image_info(image_id).get(SCORE_KEY, {}).get("version") == version:
-                current += 1
-                continue
-            self.priority.wait_turn()
-            start = time.perf_counter()
-            try:
-                image = load_image(datastore.get_image_uri(image_id))
-                if net is not None:
-                    maps = self.stage_two.saved_uncertainty(saved, image, image_id) if saved else None
-                    label, uncertainty = maps or self.stage_two.predict(net, image)
-                    summary = uncertainty_score(uncertainty, label, UNCERTAIN_ENTROPY)
-                else:
-                    prediction = stage_one.predict(image.path, templates)
-                    summary = uncertainty_score(1.0 - prediction.confidence, prediction.label, UNCERTAIN_VOTE)
-            except InputError as e:  # one bad file must not stop the pool
-                failed[image_id] = str(e)
-                logger.warning(f"uncertainty {n}/{len(image_ids)} {image_id}: skipped: {e}")
-                continue
-            entry = {**summary, "source": "stage2" if net is not None else "stage1", "version": version, "ts": int(time.time())}
-            datastore.update_image_info(image_id, {SCORE_KEY: entry})
-            scored += 1
-            logger.info(f"uncertainty {n}/{len(image_ids)} {image_id} score {entry['score']} ({time.perf_counter() - start:.1f} s)")
+        todo = [(i, datastore.get_image_uri(i)) for i in image_ids if datastore.get_image_info(i).get(SCORE_KEY, {}).get("version") != version]
+        current, scored, failed = len(image_ids) - len(todo), 0, {}
+        with pool_runner(self.stage_two.studies, self.config) as runner:
+            source = (self.stage_two.studies.resolve(), self.config) if runner.distributed else self.stage_two
+            results = runner.map(score_image, todo, source, templates, net is not None, before_each=self.priority.wait_turn)
+            for n, ((image_id, _), summary, error) in enumerate(results, current + 1):
+                if error is not None and not isinstance(error, InputError):
+                    raise error
+                if error is not None:  # one bad file must not stop the pool
+                    failed[image_id] = str(error)
+                    logger.warning(f"uncertainty {n}/{len(image_ids)} {image_id}: skipped: {error}")
+                    continue
+                entry = {**summary, "source": "stage2" if net is not None else "stage1", "version": version, "ts": int(time.time())}
+                datastore.update_image_info(image_id, {SCORE_KEY: entry})
+                scored += 1
+                logger.info(f"uncertainty {n}/{len(image_ids)} {image_id} score {entry['score']}")
         return {"scored": scored, "current": current, "failed": failed, "version": version}
