@@ -7,8 +7,9 @@ built under ``benchmarks/out/scale_out/<mode>`` and the app's own pool steps run
 and ``pipeline`` run them: :func:`~semisam_o1.pipeline.prepare_pool` (features + registrations of
 every image, the ``features`` job) then :func:`~semisam_o1.pipeline.refresh_pseudo_labels` (stage-one
 pseudo-labels). Reports wall seconds of each step, Ray's start-up, the speedup of 2 workers over the
-in-process run, the per-task overhead (1 worker vs in process, per task) and whether every mode's
-labels are identical (features: largest difference, float16 rounding expected).
+in-process run, the per-task overhead (2 single-thread workers vs one process using the same cores,
+per task, start-up excluded), the slowdown of 1 worker (1 CPU) and whether every mode's labels are
+identical (features: largest difference, float16 rounding expected).
 """
 
 from __future__ import annotations
@@ -94,8 +95,10 @@ def main(argv=None) -> int:
     }
     if base and "ray_2" in runs:
         result["speedup_2_workers"] = round(base["seconds"] / runs["ray_2"]["seconds"], 3)
-    if base and "ray_1" in runs:
-        result["overhead_seconds_per_task_1_worker"] = round((runs["ray_1"]["seconds"] - base["seconds"]) / tasks, 3)
+    if base and "ray_2" in runs:  # the same cores as in process (2 single-thread workers vs one 2-thread process)
+        result["overhead_seconds_per_task_2_workers"] = round((runs["ray_2"]["seconds"] - runs["ray_2"]["ray_start_seconds"] - base["seconds"]) / tasks, 3)
+    if base and "ray_1" in runs:  # 1 worker = 1 CPU: slower by the threads it does not use, not by Ray
+        result["slowdown_1_worker"] = round(runs["ray_1"]["seconds"] / base["seconds"], 3)
     write_result(result, args.out, [
         f"pool {args.limit}: in process {result['seconds_in_process']} s, Ray 1 worker {result['seconds_ray_1_worker']} s, "
         f"2 workers {result['seconds_ray_2_workers']} s (speedup {result.get('speedup_2_workers')}); labels identical: {result['outputs_identical']}",
