@@ -1,6 +1,7 @@
 """Stage-two benchmark: one-label self-training vs its lower and upper bounds, in one run.
 
-    python benchmarks/stage2.py [--rounds 3] [--iterations N] [--test 15] [--pool 30] [--out benchmarks/results/stage2.json]
+    python benchmarks/stage2.py [--rounds 3] [--iterations N] [--test 15] [--pool 30] [--variants voxel,volume]
+                                [--conf KEY VALUE ...] [--out benchmarks/results/stage2.json]
 
 MSD Task04 hippocampus, template hippocampus_001; the last ``--test`` volumes (sorted ids) are a
 fixed test set never used for training labels; the rest is the unlabelled pool. With the same
@@ -49,12 +50,14 @@ def main(argv=None) -> int:
     p = parser(__doc__, "stage2")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iterations", type=int, default=AppConfig.iterations, help="training iterations (default: the app's)")
+    p.add_argument("--variants", default="voxel,volume", help="refinements run: voxel (the app's), volume (the published code's, ablation)")
+    p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), default=[], help="app option, e.g. pseudo_templates 3")
     args = p.parse_args(argv)
 
     source = source_or_exit()
     studies, everything = build_datastore(args.work, source, args.template, None)
     test_ids, pool_ids = split(args, everything)
-    config = AppConfig.from_conf({"labels": "anterior=1,posterior=2", "rounds": str(args.rounds), "iterations": str(args.iterations)})
+    config = AppConfig.from_conf({"labels": "anterior=1,posterior=2", "rounds": str(args.rounds), "iterations": str(args.iterations), **dict(args.conf)})
     stage_one = build_stage_one(studies, config)
     templates = find_templates(open_datastore(studies))
     load = lambda i: (lambda img: (img, load_label(source.labels / f"{i}.nii.gz", img)))(load_image(studies / f"{i}.nii.gz"))
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
 
     # SemiSAM-O1 (voxel-level) and the volume-level ablation, from scratch in their own folders
     variants, states = {}, {}
-    for refinement in ("voxel", "volume"):
+    for refinement in args.variants.split(","):
         work = args.work / ".semisam" / f"bench-stage2-{refinement}"
         if work.exists():
             shutil.rmtree(work)
@@ -103,14 +106,16 @@ def main(argv=None) -> int:
         {
             "dice_per_round": [r["test_dice"] for r in rounds[1:]],
             "pool_dice_per_round": [r["pool_pseudo_label_dice"] for r in rounds],
-            "dice_volume_level_ablation": variants["volume"][-1]["test_dice"],
-            "volume_level_per_round": variants["volume"],
+            "dice_volume_level_ablation": variants["volume"][-1]["test_dice"] if "volume" in variants else None,
+            "volume_level_per_round": variants.get("volume"),
             "voxel_level_per_round": rounds,
             "seconds_per_round": [r["seconds"] for r in rounds[1:]],
             "peak_rss_bytes": peak_rss_bytes(),
         }
     )
     result["published"] = states["voxel"].get("published")
+    result["pseudo_templates"] = states["voxel"].get("pseudo_templates", [])
+    result["conf"] = dict(args.conf)
     published = StageTwo.published(states["voxel"])
     result["dice_final"] = rounds[published]["test_dice"]  # the published model's test Dice
     result["ratio_to_full_supervision"] = result["dice_final"] / result["dice_full_supervision"]
@@ -122,7 +127,7 @@ def main(argv=None) -> int:
     }
     write_result(result, args.out, [
         f"template only {result['dice_template_only']:.3f} | stage 1 {result['dice_stage1']:.3f} | rounds {[round(d, 3) for d in result['dice_per_round']]}",
-        f"volume-level ablation {result['dice_volume_level_ablation']:.3f} | full supervision {result['dice_full_supervision']:.3f}",
+        f"volume-level ablation {result['dice_volume_level_ablation']} | full supervision {result['dice_full_supervision']:.3f}",
         f"ratio final/full {result['ratio_to_full_supervision']:.3f}; pool pseudo-label Dice per round {[round(d, 3) for d in result['pool_dice_per_round']]}",
     ])
     return 0

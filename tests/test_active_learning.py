@@ -159,3 +159,16 @@ def test_quirk_label_of_another_anatomy_is_refused(tiny_studies, sample_source, 
         res = put_label(client, "hippocampus_003", wrong)
     assert res.status_code == 422 and "shape" in res.json()["detail"]
     assert not (tiny_studies / "labels" / "final" / "hippocampus_003.nii.gz").exists()
+
+
+def test_stage_one_scores_are_redone_when_the_prior_changes(tiny_studies):
+    """A score's version names the spatial prior and the propagation: a server restarted with another
+    ``--conf registration`` or ``propagation`` scores the pool again instead of keeping stale scores."""
+    from semisam_o1.pipeline import open_datastore
+    from semisam_o1.tasks.uncertainty_scoring import stage_one_version
+    from semisam_o1.templates import find_templates
+
+    templates = find_templates(open_datastore(tiny_studies))
+    versions = {stage_one_version(templates, "settings", m) for m in ("demons/fusion", "demons+syn/fusion", "demons+syn/prototype")}
+    assert len(versions) == 3
+    assert stage_one_version(templates, "settings", "demons/fusion") == stage_one_version(templates, "settings", "demons/fusion")
