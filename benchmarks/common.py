@@ -34,6 +34,56 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class PeakWhere:
+    """Where the peak RSS happens: a thread samples this process's RSS every ``interval`` s and, each
+    time it reaches a new high, records the main thread's innermost project frames.
+
+    ``with PeakWhere() as w: ...`` then ``w.rss`` (bytes, sampled; ``ru_maxrss`` stays the exact peak),
+    ``w.stack``: ``["file.py:line function", ...]``, innermost last, and ``w.timeline``: one
+    ``[seconds, GiB, innermost frame]`` each time the RSS first passes another ``step`` bytes.
+    """
+
+    def __init__(self, interval: float = 0.02, frames: int = 6, step: int = 1 << 28):
+        import threading
+        import time
+
+        self.interval, self.frames, self.step = interval, frames, step
+        self.rss, self.stack, self.timeline = 0, [], []
+        self._start = time.perf_counter()
+        self._stop = threading.Event()
+        self._main = threading.main_thread().ident
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm") as statm:
+            while not self._stop.wait(self.interval):
+                statm.seek(0)
+                rss = int(statm.read().split()[1]) * page
+                if rss > self.rss:
+                    self.rss = rss
+                    frame = sys._current_frames().get(self._main)
+                    stack = []
+                    while frame is not None:
+                        code = frame.f_code
+                        if "semisam_o1" in code.co_filename or "benchmarks" in code.co_filename:
+                            stack.append(f"{Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}")
+                        frame = frame.f_back
+                    self.stack = stack[: self.frames][::-1]
+                    if rss // self.step > (self.timeline[-1][1] * 2**30) // self.step if self.timeline else True:
+                        import time
+
+                        self.timeline.append([round(time.perf_counter() - self._start, 1), round(rss / 2**30, 2), stack[0] if stack else ""])
+
+    def __enter__(self) -> "PeakWhere":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def parser(doc: str, name: str, test_split: bool = True) -> argparse.ArgumentParser:
     """Options every benchmark has: ``--template``, ``--work``, ``--out`` (and the fixed test split)."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])

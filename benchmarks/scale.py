@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, machine, peak_rss_bytes
+from common import RESULTS, PeakWhere, machine, peak_rss_bytes
 
 from semisam_o1 import PROJECT_ROOT
 
@@ -75,13 +75,26 @@ def run_step(*args: str) -> dict:
 def step(name: str, studies: Path, image: str, device: str, extra: str) -> dict:
     from semisam_o1.config import AppConfig
     from semisam_o1.pipeline import build_stage_one
-    from semisam_o1.templates import Template
-    from semisam_o1.volumes import load_image
 
     config = AppConfig.from_conf({"labels": "atrium=1", "device": device})
     stage_one = build_stage_one(studies, config)
     start = time.perf_counter()
     result: dict = {}
+    with PeakWhere() as where:
+        start = _run_step(name, studies, image, extra, stage_one, result) or start
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds: less sensitive than wall time to a shared machine
+    result.update(seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1), peak_rss_bytes=peak_rss_bytes(),
+                  peak_at=where.stack, rss_timeline=where.timeline)
+    return result
+
+
+def _run_step(name: str, studies: Path, image: str, extra: str, stage_one, result: dict) -> float | None:
+    """Run step ``name``, adding its numbers to ``result``; returns when its timed part started (None: at the call)."""
+    from semisam_o1.templates import Template
+    from semisam_o1.volumes import load_image
+
     if name == "extract":
         img = load_image(studies / image)
         stage_one.cache.get_or_compute(img)
@@ -103,6 +116,7 @@ def step(name: str, studies: Path, image: str, device: str, extra: str) -> dict:
         start = time.perf_counter()
         # one pass (no flip TTA: the served infer runs 4 flipped passes, ~4x these seconds)
         predict_with_uncertainty(net, normalize(img.array), params.patch, mc_samples=0, flips=False, device=stage_one.cache.device)
+        return start
     elif name == "round":
         from semisam_o1.stage_two import StageTwo, StageTwoParams
         from semisam_o1.segmenter import TrainParams
@@ -125,11 +139,7 @@ def step(name: str, studies: Path, image: str, device: str, extra: str) -> dict:
         stage_two = StageTwo(studies, stage_one, StageTwoParams(rounds=1, train=TrainParams(iterations=int(image))), work=work)
         # stage one's labels and the images of the pool come from the warm-up call: this one measures the round
         stage_two.run(templates, {i: studies / f"{i}.nii.gz" for i in pool_ids})
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds: less sensitive than wall time to a shared machine
-    result.update(seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1), peak_rss_bytes=peak_rss_bytes())
-    return result
+    return None
 
 
 def main(argv=None) -> int:
@@ -138,6 +148,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--step", nargs=5, metavar=("NAME", "STUDIES", "IMAGE", "DEVICE", "EXTRA"))
     p.add_argument("--sizes", nargs="*", default=["512x512x300", "512x512x600"])
+    p.add_argument("--steps", nargs="*", default=["extract", "stage1", "predict"], help="which steps to run for each size (others keep their last result)")
     p.add_argument("--pools", nargs="*", type=int, default=[10, 19])
     p.add_argument("--iterations", type=int, default=100, help="training steps of the measured stage-two round")
     p.add_argument("--device", default="cpu")
@@ -161,12 +172,15 @@ def main(argv=None) -> int:
         size = tuple(int(v) for v in text.split("x"))
         studies = datastore(WORK / f"ct{text}", [resampled(size, WORK / "volumes" / f"la_{text}.nii.gz")])
         image = f"la_{text}.nii.gz"
-        for name in ("extract", "stage1", "predict"):
+        for name in args.steps:
             r = run_step(name, str(studies), image, args.device, "-")
             result[f"{name}_{text}"] = r
-            print(f"{text} {name}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
-        result[f"peak_rss_bytes_{text}"] = max(result[f"{n}_{text}"]["peak_rss_bytes"] for n in ("extract", "stage1", "predict"))
-        result[f"seconds_{text}"] = round(sum(result[f"{n}_{text}"]["seconds"] for n in ("extract", "stage1", "predict")), 1)
+            print(f"{text} {name}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB at {' > '.join(r['peak_at'][-3:])}", flush=True)
+            write(result, out)
+        steps = [result.get(f"{n}_{text}") for n in ("extract", "stage1", "predict")]
+        if all(steps):
+            result[f"peak_rss_bytes_{text}"] = max(r["peak_rss_bytes"] for r in steps)
+            result[f"seconds_{text}"] = round(sum(r["seconds"] for r in steps), 1)
 
     write(result, out)
     if not args.pools:

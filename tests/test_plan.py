@@ -48,6 +48,9 @@ def test_planned_slice_size_fits_the_slices_on_gpu_and_stays_small_on_cpu():
 def test_thick_slice_axes_keep_every_slice():
     assert Plan(feature_stride=2).stride((1.0, 1.0, 1.0)) == (2, 2, 2)
     assert Plan(feature_stride=2).stride((1.25, 1.25, 7.7)) == (2, 2, 1)
+    assert Plan(feature_stride=2).stride((0.7, 0.7, 2.5)) == (2, 2, 1)
+    # a thin-slice scan is not "thick" in-plane because its slices are thinner still (512 x 512 x 600 LA: 16 -> 8 B/voxel)
+    assert Plan(feature_stride=2).stride((0.243, 0.175, 0.092)) == (2, 2, 2)
     assert Plan(registration_voxels=1000).registration_shrink((50, 40, 30), (1, 1, 1)) == (5, 5, 5)  # 60 k -> 10 x 8 x 6
     assert Plan(registration_voxels=10_000).registration_shrink((34, 52, 11), (1, 1, 3)) == (2, 2, 1)  # thick axis kept
     assert Plan().registration_shrink((35, 51, 35), (1, 1, 1)) == (1, 1, 1)
@@ -130,3 +133,24 @@ def test_a_scan_too_large_for_memory_is_refused_naming_it():
     with pytest.raises(InputError, match=r"big\.nii\.gz: encoding: 4096x4096x4096 voxels .* GiB available"):
         check_memory("big.nii.gz: encoding", (4096, 4096, 4096), 8)
     check_memory("small.nii.gz: encoding", (35, 51, 35), 8)
+
+
+def test_a_network_prediction_too_large_for_memory_is_refused_naming_the_image(tiny_studies, monkeypatch):
+    """The served ``semisam_o1`` infer (stage two's predict) checks its memory like encoding and stage one:
+    with less memory free than the image needs, an ``InputError`` (HTTP 422) naming it, before any work."""
+    import psutil
+
+    from semisam_o1.segmenter import TrainParams, build_network
+    from semisam_o1.stage_two import StageTwo
+    from semisam_o1.volumes import InputError, load_image
+
+    stage_one = build_stage_one(tiny_studies, AppConfig.from_conf(FAST))
+    two = StageTwo(tiny_studies, stage_one)
+    net = build_network(3, TrainParams(channels=(4, 8)))
+    image = load_image(tiny_studies / "hippocampus_003.nii.gz")
+    label, _ = two.predict(net, image)  # fits: a label on the image's grid
+    assert label.shape == image.array.shape
+    need = image.array.size * (4 * 3 + 8 * 3 + 8)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": need // 2})())
+    with pytest.raises(InputError, match=r"hippocampus_003\.nii\.gz: network prediction: \d+x\d+x\d+ voxels .* GiB available"):
+        two.predict(net, image)

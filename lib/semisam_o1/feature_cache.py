@@ -132,6 +132,18 @@ def stored_grid(shape: tuple[int, ...], stride: tuple[int, ...]) -> list[np.ndar
     return [np.arange(0, n, s) for n, s in zip(shape, stride)]
 
 
+def save_float16(path: Path, values: np.ndarray, slab_bytes: int = 1 << 26) -> Path:
+    """``np.save(path, values.astype(np.float16))`` without the float16 copy in memory: the ``.npy``
+    header, then ``values`` converted and written a slab (axis 0) of about ``slab_bytes`` at a time."""
+    step = max(1, slab_bytes // max(1, values[:1].nbytes))
+    with open(path, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": values.shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        for start in range(0, len(values), step):
+            f.write(np.ascontiguousarray(values[start : start + step], dtype=np.float16).tobytes())
+    return Path(path)
+
+
 class FeatureCache:
     """Encoded, PCA-compressed features of images, keyed by content hash and settings.
 
@@ -196,9 +208,9 @@ class FeatureCache:
             # the image (+ its normalised copy) and (dims + 1) float32 accumulators per stored voxel
             check_memory(f"{image.path}: encoding", image.array.shape, 8 + (self.dims + 1) * 4 * stored / image.array.size, ENCODER_BYTES)
             values = with_cpu_fallback(lambda device: self.compute(image, progress, device), self.device, f"encoding {image.path.name}")
-            values = values.astype(np.float16)
             remove_interrupted_writes(path)  # a writer killed before us (e.g. a Ray worker that died) left its temporary file
-            atomic_write(path, lambda tmp: np.save(tmp, values))
+            atomic_write(path, lambda tmp: save_float16(tmp, values))
+            del values
         return self.get(image)
 
     # ----------------------------------------------------------------- encoding

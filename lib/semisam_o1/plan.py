@@ -12,8 +12,8 @@ the command line) encodes every image the same way::
   [64, 256] (256 = LiteMedSAM's native input) on a GPU; on CPU 64 (LiteMedSAM: ~0.1 s per 64 px
   slice on 2 cores, ~2.6 s at 256 px).
 - ``feature_stride`` (voxels): features are stored for every ``stride``-th voxel along each axis
-  and interpolated (trilinear) on lookup; an axis whose spacing is more than twice the finest
-  (thick slices) keeps stride 1 (:meth:`Plan.stride`). Planned as 2 for scans (median volume above
+  and interpolated (trilinear) on lookup; a thick-slice axis (spacing more than twice the finest
+  and above ``THICK_SLICE_MM``) keeps stride 1 (:meth:`Plan.stride`). Planned as 2 for scans (median volume above
   ``SMALL_VOLUME_VOXELS``: 32 float16 dims = 8 bytes per image voxel) and 1 for small crops (a
   hippocampus crop's cache is ~4 MB, and every voxel keeps its own feature).
 - ``registration_voxels``: template-to-target registration runs on both images bin-shrunk to at most
@@ -45,6 +45,9 @@ PLAN_FILE = Path(".semisam") / "plan.json"
 NATIVE_IMAGE_SIZE = 256
 #: Volumes up to this many voxels (crops) keep a feature per voxel (feature stride 1).
 SMALL_VOLUME_VOXELS = 1_000_000
+#: An axis counts as thick slices (never strided) only above this spacing (mm), besides being more
+#: than twice the finest axis (MRI/CT thick slices: 2.5-10 mm).
+THICK_SLICE_MM = 2.0
 #: Slice size on CPU: the encoder's cost grows ~quadratically with it (0.1 s per slice at 64 px).
 CPU_IMAGE_SIZE = 64
 
@@ -125,12 +128,18 @@ class Plan:
     def stride(self, spacing: Iterable[float]) -> tuple[int, int, int]:
         """Feature stride per axis for an image of voxel ``spacing`` (mm): thick-slice axes keep 1.
 
+        An axis is thick when its spacing is more than twice the finest *and* above
+        :data:`THICK_SLICE_MM`: a sub-millimetre axis is never thick, whatever the ratio (a thin-slice
+        CT of 0.8 x 0.8 x 0.3 mm is strided on every axis).
+
         >>> Plan(feature_stride=2).stride((1.25, 1.25, 7.7))
         (2, 2, 1)
+        >>> Plan(feature_stride=2).stride((0.8, 0.8, 0.3))
+        (2, 2, 2)
         """
         spacing = [float(s) for s in spacing]
         finest = min(spacing)
-        return tuple(self.feature_stride if s <= 2 * finest else 1 for s in spacing)
+        return tuple(1 if s > 2 * finest and s > THICK_SLICE_MM else self.feature_stride for s in spacing)
 
     def registration_shrink(self, shape: Iterable[int], spacing: Iterable[float]) -> tuple[int, int, int]:
         """Integer bin-shrink factors per axis that bring a volume under ``registration_voxels``.

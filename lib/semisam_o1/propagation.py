@@ -104,11 +104,26 @@ def single_component_classes(label: np.ndarray) -> frozenset:
 def keep_largest_per_class(label: np.ndarray, classes) -> np.ndarray:
     """``(D, H, W)`` uint8 ``label`` with each of ``classes`` cut to its largest connected component
     (26-connectivity, MONAI ``KeepLargestConnectedComponent``; the rest set to 0); other classes untouched."""
-    classes = sorted(int(c) for c in classes)
-    if not classes:
-        return label
-    out = KeepLargestConnectedComponent(applied_labels=classes, independent=True)(torch.from_numpy(np.ascontiguousarray(label))[None])
-    return np.asarray(out)[0].astype(np.uint8)
+    out = np.array(label, np.uint8)
+    for c in sorted(int(c) for c in classes):
+        box = _class_box(out == c)
+        if box is None:
+            continue
+        # every component of c lies in its bounding box: the transform runs there only (its labelling is int64 per voxel)
+        part = torch.from_numpy(np.ascontiguousarray(out[box]))[None]
+        out[box] = np.asarray(KeepLargestConnectedComponent(applied_labels=[c], independent=True)(part))[0]
+    return out
+
+
+def _class_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of a boolean ``mask`` (``None`` when it is empty)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(tuple(a for a in range(mask.ndim) if a != axis)))
+        if len(hit) == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
 
 
 def class_quota(counts: dict[int, int], budget: int) -> dict[int, int]:
@@ -150,7 +165,7 @@ def build_bank(
     """Template bank from one labelled template.
 
     Args:
-        image: ``(D, H, W)`` float32 in [0, 1] (kept for API symmetry; not used by the method).
+        image: not read (``None`` serves; kept for API symmetry).
         label: ``(D, H, W)`` int class map (0 background).
         features: :class:`FeatureGrid` (or dense ``(C, D, H, W)``) in the stored feature space.
         max_voxels: cap on bank size; above it, voxels are subsampled per class by
@@ -301,7 +316,7 @@ def propagate(
 
     Args:
         banks: one :class:`TemplateBank` per template.
-        image: ``(D, H, W)`` float32 target in [0, 1] (shape reference).
+        image: ``(D, H, W)`` array on the target's grid: only its shape is read (the raw image serves).
         features: target features (:class:`FeatureGrid` or dense ``(C, D, H, W)``) in the banks' space.
         coords_in_template: per bank, the continuous template voxel index of every target voxel:
             ``(D, H, W, 3)``, or a function ``(z0, z1) -> (z1 - z0, H, W, 3)`` for target slabs
@@ -352,19 +367,43 @@ def propagate(
             votes[:, at] = votes[:, at] * scale + bank_votes
             best[at] = new_best
 
-    votes = votes.numpy()
-    total = votes.sum(0)
-    votes = np.where(total > 0, votes / np.maximum(total, 1e-12), 0.0)
-    votes[0][~searched.numpy() | (total <= 0)] = 1.0
-    votes = votes.reshape(n_classes, *box_shape)
-    if p.sigma_mm > 0:
-        votes = np.stack([ndimage.gaussian_filter(v, sigma) for v in votes])
-    pred = votes.argmax(0).astype(np.uint8)
+    del best
+    pred, share = _vote_shares(votes.numpy(), searched.numpy(), box_shape, sigma if p.sigma_mm > 0 else None)
     if p.largest_cc:
         pred = keep_largest_per_class(pred, set.intersection(*[set(bank.single_component) for bank in banks]))
     label[box] = pred
-    confidence[box] = (votes.max(0) / np.maximum(votes.sum(0), 1e-6)).astype(np.float32)
+    confidence[box] = share
     return label, confidence
+
+
+def _vote_shares(votes: np.ndarray, searched: np.ndarray, box_shape: tuple[int, ...], sigma) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class vote sums ``(C, N)`` float32 of the ``N`` box voxels -> arg-max class ``box_shape``
+    uint8 and its share of the (smoothed) votes ``box_shape`` float32.
+
+    Votes are normalised to shares per voxel (unsearched or vote-less voxels: all background), each
+    class map Gaussian-smoothed with ``sigma`` voxels per axis (``None``: not smoothed), then arg-maxed
+    (ties to the lower class, as ``argmax``). Works in place on ``votes``: besides it, two
+    ``box_shape`` arrays and the uint8 output.
+    """
+    total = votes.sum(0)
+    np.maximum(total, 1e-12, out=total)
+    votes /= total  # a voxel without votes has all-zero votes: stays zero
+    votes[0][~searched | (total <= 1e-12)] = 1.0
+    votes = votes.reshape(len(votes), *box_shape)
+    if sigma is not None:
+        for v in votes:
+            ndimage.gaussian_filter(v, sigma, output=v)
+    pred = np.zeros(box_shape, np.uint8)
+    top = votes[0].copy()
+    for c in range(1, len(votes)):
+        better = votes[c] > top
+        pred[better] = c
+        np.maximum(top, votes[c], out=top)
+    total = total.reshape(box_shape)
+    np.sum(votes, 0, out=total)
+    np.maximum(total, 1e-6, out=total)
+    top /= total
+    return pred, top
 
 
 def class_prototypes(features, label: np.ndarray, n_classes: int) -> np.ndarray:

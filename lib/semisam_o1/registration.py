@@ -268,9 +268,10 @@ def map_voxels(fixed: sitk.Image, transform: sitk.Transform, moving: sitk.Image,
     is converted to moving voxel indices with the moving image's origin, spacing and direction.
 
     Args:
-        fixed: target image, size ``(D, H, W)`` in nibabel order.
+        fixed: target image, size ``(D, H, W)`` in nibabel order; only its grid is read, so the grid
+            alone (:func:`~semisam_o1.volumes.read_sitk_grid`) serves as well.
         transform: fixed physical point -> moving physical point (as from :func:`affine_register`).
-        moving: template image.
+        moving: template image (or its grid).
         start, stop: the fixed slabs (nibabel axis 0 indices) to map; default all. Memory is
             proportional to the slabs mapped, so large volumes are mapped a slab range at a time.
 
@@ -282,15 +283,16 @@ def map_voxels(fixed: sitk.Image, transform: sitk.Transform, moving: sitk.Image,
     size = list(fixed.GetSize())
     stop = size[0] if stop is None else min(stop, size[0])
     size[0] = stop - start
-    origin = fixed.TransformIndexToPhysicalPoint((int(start), 0, 0))
+    fdir = np.asarray(fixed.GetDirection(), np.float64).reshape(3, 3)
+    fspacing = np.asarray(fixed.GetSpacing(), np.float64)
+    origin = tuple(float(v) for v in np.asarray(fixed.GetOrigin()) + fdir @ (fspacing * [start, 0, 0]))  # physical point of voxel (start, 0, 0)
     field = sitk.TransformToDisplacementField(
         transform, sitk.sitkVectorFloat64, size, origin, fixed.GetSpacing(), fixed.GetDirection()
     )
     disp = sitk.GetArrayViewFromImage(field).transpose(2, 1, 0, 3)  # (z,y,x,3) -> (D,H,W,3) = (x,y,z,3)
     idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in size], indexing="ij"), -1)
     idx[..., 0] += start
-    fdir = np.asarray(fixed.GetDirection(), np.float64).reshape(3, 3)
-    phys = np.asarray(fixed.GetOrigin()) + (idx * np.asarray(fixed.GetSpacing())) @ fdir.T
+    phys = np.asarray(fixed.GetOrigin()) + (idx * fspacing) @ fdir.T
     phys += disp
     mdir = np.asarray(moving.GetDirection(), np.float64).reshape(3, 3)
     # physical = origin + dir @ (spacing * index)  =>  index = (dir^-1 @ (physical - origin)) / spacing
@@ -304,6 +306,8 @@ def shrink(image: sitk.Image, factors: tuple[int, int, int]) -> sitk.Image:
 
 
 def warp_label(label: sitk.Image, fixed: sitk.Image, transform: sitk.Transform) -> np.ndarray:
-    """The template ``label`` resampled (nearest neighbour) onto the ``fixed`` grid: ``(D, H, W)`` uint8, nibabel order."""
-    out = sitk.Resample(label, fixed, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    """The template ``label`` resampled (nearest neighbour) onto the ``fixed`` grid (an image, or its
+    grid alone: :func:`~semisam_o1.volumes.read_sitk_grid`): ``(D, H, W)`` uint8, nibabel order."""
+    out = sitk.Resample(label, fixed.GetSize(), transform, sitk.sitkNearestNeighbor, fixed.GetOrigin(), fixed.GetSpacing(),
+                        fixed.GetDirection(), 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(out).transpose(2, 1, 0).copy()

@@ -398,13 +398,17 @@ def _reopen(shared) -> np.ndarray:
 @torch.no_grad()
 def predict_with_uncertainty(net: UNet, image: np.ndarray, patch: Sequence[int], mc_samples: int = 2, flips: bool = True,
                              device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Mean softmax (C, D, H, W) and its entropy (D, H, W) in nats, over flips x MC-dropout passes.
+    """Mean softmax (C, D, H, W) float32 and its entropy (D, H, W) float32 in nats, over flips x MC-dropout passes.
 
     With ``mc_samples`` = 0 dropout stays off (deterministic, one pass per flip). MC-dropout pass
     ``s`` draws its masks from a local generator seeded with ``s`` (reproducible). Nothing outside
     the call changes: not ``net`` (dropout is switched on a copy when needed, so concurrent requests
     sharing one model never see each other's mode), not torch's global random state. Patches run on
     ``device``; the volume and the stitched output stay on the CPU (any volume size fits the GPU).
+
+    Memory (CPU, ``V`` voxels, ``C`` classes, float32): besides ``image``, the running sum (``C V``),
+    one pass's stitched logits (``C V``, turned into probabilities in place) and the flipped input
+    (``V``); the entropy is summed class by class.
     """
     net = net.to(device)
     x = torch.as_tensor(image, dtype=torch.float32)[None, None]
@@ -417,18 +421,39 @@ def predict_with_uncertainty(net: UNet, image: np.ndarray, patch: Sequence[int],
         for sample in range(passes):
             generator.manual_seed(sample)
             xi = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(xi, roi_size=tuple(patch), sw_batch_size=4, predictor=model, overlap=0.25, mode="gaussian",
-                                              sw_device=device, device="cpu")
-            prob = torch.softmax(logits, 1)
-            prob = torch.flip(prob, dims) if dims else prob
-            total = prob if total is None else total + prob
-    mean = (total / (len(flip_sets) * passes))[0].numpy()
-    return mean, entropy(mean)
+            prob = sliding_window_inference(xi, roi_size=tuple(patch), sw_batch_size=4, predictor=model, overlap=0.25, mode="gaussian",
+                                            sw_device=device, device="cpu")[0].numpy()
+            del xi
+            _softmax_(prob)
+            prob = np.flip(prob, [d - 1 for d in dims]) if dims else prob  # a view: added below without a copy
+            if total is None:
+                total = np.ascontiguousarray(prob)
+            else:
+                total += prob
+            del prob
+    total /= len(flip_sets) * passes
+    return total, entropy(total)
+
+
+def _softmax_(logits: np.ndarray) -> None:
+    """Softmax over axis 0 of ``(C, ...)`` float32 ``logits``, in place (one ``(...)`` temporary at a time)."""
+    top = logits.max(0)
+    logits -= top
+    np.exp(logits, out=logits)
+    np.sum(logits, 0, out=top)
+    logits /= top
 
 
 def entropy(prob: np.ndarray) -> np.ndarray:
-    """Entropy (D, H, W) in nats of class probabilities ``prob`` (C, D, H, W)."""
-    return -(prob * np.log(np.clip(prob, 1e-8, None))).sum(0).astype(np.float32)
+    """Entropy (D, H, W) float32 in nats of class probabilities ``prob`` (C, D, H, W), summed class by class."""
+    out = np.zeros(prob.shape[1:], np.float32)
+    term = np.empty_like(out)
+    for p in prob:
+        np.clip(p, 1e-8, None, out=term)
+        np.log(term, out=term)
+        term *= p
+        out -= term
+    return out
 
 
 class _SeededDropout(torch.nn.Module):

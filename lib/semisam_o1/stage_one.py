@@ -37,7 +37,7 @@ from semisam_o1.registration import (
 )
 from semisam_o1.sample_data import sha256
 from semisam_o1.templates import Template
-from semisam_o1.volumes import InputError, Volume, class_volumes, load_image, load_label, read_sitk, remove_interrupted_writes
+from semisam_o1.volumes import InputError, Volume, class_volumes, load_image, load_label, read_sitk, read_sitk_grid, remove_interrupted_writes
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class StageOne:
         """
         same = Path(image_path).resolve() == Path(frame).resolve()
         transform = sitk.Transform(3, sitk.sitkIdentity) if same else self.transform(Path(image_path), Path(frame))
-        fixed, moving = read_image(str(image_path)), read_image(str(frame))
+        fixed, moving = read_sitk_grid(image_path), read_sitk_grid(frame)
         shape = tuple(fixed.GetSize())
         stride = self.cache.plan.stride(fixed.GetSpacing())
         kept = stored_grid(shape, stride)
@@ -257,25 +257,20 @@ class StageOne:
                 raise InputError(f"{template.label_path}: template label has no voxels of class {', '.join(missing)} "
                                  f"declared in the label map; label every class or remove it from --conf labels")
             feats = self.cache.get_or_compute(image, progress=progress)
-            self._banks[key] = build_bank(self._normalized(image), label, feats, params=self.params, spacing=image.spacing)
+            self._banks[key] = build_bank(None, label, feats, params=self.params, spacing=image.spacing)
         return self._banks[key]
 
     def warped_labels(self, image_path: Path, templates: list[Template], method: str | None = None) -> np.ndarray:
         """The registration-only prediction of ``method`` (default: the first of :attr:`methods`): each
         template label warped (nearest neighbour) by its cached registration, majority vote over
         templates: ``(D, H, W)`` uint8 on the image's grid."""
-        target = read_image(str(image_path))
+        target = read_sitk_grid(image_path)
         warps = [warp_label(read_sitk(t.label_path, sitk.sitkUInt8), target, self.transform(Path(image_path), t.image_path, method))
                  for t in templates]
         if len(warps) == 1:
             return warps[0]
         counts = np.stack([sum((w == c).astype(np.uint8) for w in warps) for c in range(int(max(w.max() for w in warps)) + 1)])
         return counts.argmax(0).astype(np.uint8)
-
-    def _normalized(self, image: Volume) -> np.ndarray:
-        from semisam_o1.normalize import normalize
-
-        return normalize(image.array, self.cache.modality)
 
     def predict(self, image_path: Path | str, templates: list[Template], progress: bool = False) -> Prediction:
         """Pseudo-label and confidence of one image.
@@ -291,15 +286,15 @@ class StageOne:
                 "(PUT /datastore/label?tag=final) and try again"
             )
         image = load_image(image_path)
-        # label + confidence outputs, the normalised copy, one registration slab at a time
-        check_memory(f"{image.path}: stage one", image.array.shape, 4 + 1 + 4 + 4)
+        # the image, label + confidence outputs, the vote state of the searched box (best, 2 class votes, smoothing)
+        check_memory(f"{image.path}: stage one", image.array.shape, 4 + 1 + 4 + 4 * 4)
         if self.propagation == "prototype":
             return self._predict_prototypes(image, templates, progress)
         pairs = [(t, m) for t in templates for m in self.methods]  # one mapping per template and registration
         banks = [self.bank(t, progress) for t, _ in pairs]
         feats = self.cache.get_or_compute(image, progress=progress)
-        target_itk = read_image(image.path)
-        coords = [partial(map_voxels, target_itk, self.transform(image.path, t.image_path, m), read_image(t.image_path)) for t, m in pairs]
+        target_grid = read_sitk_grid(image.path)  # mapped a slab at a time: the grid is all map_voxels reads
+        coords = [partial(map_voxels, target_grid, self.transform(image.path, t.image_path, m), read_sitk_grid(t.image_path)) for t, m in pairs]
         mappings = {}
         if len(pairs) > 1:  # leave out the mappings the features contradict (failed registrations)
             scores = [mapping_consistency(b, feats, c, image.array.shape, self.params) for b, c in zip(banks, coords)]
@@ -308,7 +303,7 @@ class StageOne:
             if not all(keep):
                 logger.info(f"stage 1: {image.path.name}: mappings left out (feature consistency): {mappings}")
             pairs, banks, coords = ([x for x, k in zip(xs, keep) if k] for xs in (pairs, banks, coords))
-        voted, confidence = propagate(banks, self._normalized(image), feats, coords, self.params, spacing=image.spacing)
+        voted, confidence = propagate(banks, image.array, feats, coords, self.params, spacing=image.spacing)
         classes = sorted(set().union(*[set(np.unique(b.labels).tolist()) for b in banks]) - {0})
         methods = [m for m in self.methods if any(pm == m for _, pm in pairs)]
         warps = {m: self.warped_labels(image.path, [t for t, pm in pairs if pm == m], m) for m in methods}

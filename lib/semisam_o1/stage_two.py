@@ -57,7 +57,7 @@ from tqdm import tqdm
 from semisam_o1.evaluation import class_dice
 from semisam_o1.feature_cache import FeatureGrid
 from semisam_o1.normalize import normalize
-from semisam_o1.plan import with_cpu_fallback
+from semisam_o1.plan import check_memory, with_cpu_fallback
 from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
 from semisam_o1.sample_data import sha256
 from semisam_o1.segmenter import TrainParams, entropy, load_network, predict_with_uncertainty, save_network, train_network
@@ -215,7 +215,11 @@ class StageTwo:
                 criteria["agreement_with_stage_one"].append(
                     float(class_dice(prob.argmax(0), self._label_array(0, i, grids[i]), n_classes).mean()))
                 del network_entropy
-                prob = w * prob + (1 - w) * np.load(self.probs_path(round_ - 1, i)).astype(np.float32)
+                previous = np.load(self.probs_path(round_ - 1, i), mmap_mode="r")
+                prob *= w
+                for c in range(len(prob)):  # class by class: one float32 (D, H, W) temporary
+                    prob[c] += (1 - w) * previous[c].astype(np.float32)
+                del previous
                 self._save_probs(prob, round_, i)
                 uncertainty = entropy(prob)
                 mean_entropy.append(float(uncertainty.mean()))
@@ -309,11 +313,7 @@ class StageTwo:
             if not (path.exists() and (probs.exists() if soft else score.exists())):
                 prediction = self.stage_one.predict(image_path, templates)
                 if soft:
-                    onehot = np.eye(n_classes, dtype=np.float32)[prediction.label].transpose(3, 0, 1, 2)
-                    conf = prediction.confidence[None]
-                    prob = onehot * conf + (1 - onehot) * (1 - conf) / (n_classes - 1)
-                    _save_array(probs, prob.astype(np.float16))
-                    del onehot, conf, prob
+                    _save_array(probs, soft_label(prediction.label, prediction.confidence, n_classes))
                 save_label(prediction.label, read_geometry(image_path), path)
                 atomic_write(score, lambda tmp: tmp.write_text(json.dumps(stage_one_trust(prediction))))
             trust[i] = json.loads(score.read_text()) if score.exists() else None  # (runs of earlier versions wrote none)
@@ -419,7 +419,15 @@ class StageTwo:
         return prob.argmax(0).astype(np.uint8), ent
 
     def _predict(self, net: torch.nn.Module, image: Volume, mc_samples: int) -> tuple[np.ndarray, np.ndarray]:
-        """:func:`predict_with_uncertainty` on the stage's device (the CPU if the GPU runs out of memory)."""
+        """:func:`predict_with_uncertainty` on the stage's device (the CPU if the GPU runs out of memory).
+
+        Raises:
+            InputError: naming the image and its size, when its prediction would not fit in the memory
+                available (HTTP 422 on the server), instead of an out-of-memory kill.
+        """
+        n_classes = max(self.stage_one.label_names.values(), default=1) + 1
+        # the image and its normalised copy, the flipped input, the running sum and one pass (C each), the entropy
+        check_memory(f"{image.path}: network prediction", image.array.shape, 4 * 3 + 8 * n_classes + 8)
         x = normalize(image.array, self.stage_one.cache.modality)
         return with_cpu_fallback(lambda device: predict_with_uncertainty(net, x, self.params.train.patch, mc_samples, device=device),
                                  self.device, f"predicting {image.path.name}")
@@ -449,6 +457,20 @@ class StageTwo:
     def model_version(self) -> str | None:
         """Content hash of the published network (changes with every finished round), ``None`` before any."""
         return f"stage2-{sha256(self.model_path)[:12]}" if self.model_path.exists() else None
+
+
+def soft_label(label: np.ndarray, confidence: np.ndarray, n_classes: int) -> np.ndarray:
+    """Stage one's soft label ``(C, D, H, W)`` float16: ``confidence`` on the voxel's ``label``, the rest
+    shared evenly by the other classes (built class by class: no float32 ``(C, D, H, W)`` copy).
+
+    >>> soft_label(np.array([[[0, 1]]], np.uint8), np.array([[[0.8, 0.6]]], np.float32), 3)[:, 0, 0].tolist()
+    [[0.7998046875, 0.199951171875], [0.0999755859375, 0.60009765625], [0.0999755859375, 0.199951171875]]
+    """
+    out = np.empty((n_classes, *label.shape), np.float16)
+    rest = (1 - confidence) / max(n_classes - 1, 1)
+    for c in range(n_classes):
+        out[c] = np.where(label == c, confidence, rest)
+    return out
 
 
 def stage_one_trust(prediction) -> float:

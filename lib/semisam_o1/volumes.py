@@ -169,9 +169,25 @@ def read_sitk(path: Path | str, pixel_type=None):
     reader chosen by the file suffix (NIfTI, NRRD, MetaImage); other suffixes fall back to ITK's probing."""
     import SimpleITK as sitk
 
+    return sitk.ReadImage(str(path), sitk.sitkUnknown if pixel_type is None else pixel_type, imageIO=_itk_reader(path))
+
+
+def _itk_reader(path: Path | str) -> str:
     name = Path(path).name.lower()
-    io = next((v for k, v in sorted(_ITK_READERS.items(), key=lambda kv: -len(kv[0])) if name.endswith(k)), "")
-    return sitk.ReadImage(str(path), sitk.sitkUnknown if pixel_type is None else pixel_type, imageIO=io)
+    return next((v for k, v in sorted(_ITK_READERS.items(), key=lambda kv: -len(kv[0])) if name.endswith(k)), "")
+
+
+def read_sitk_grid(path: Path | str):
+    """The grid of an image file without its voxels: a ``SimpleITK.ImageFileReader`` after
+    ``ReadImageInformation()``, which answers ``GetSize()``, ``GetOrigin()``, ``GetSpacing()`` and
+    ``GetDirection()`` like the image would (reader chosen by suffix as in :func:`read_sitk`)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.SetImageIO(_itk_reader(path))
+    reader.ReadImageInformation()
+    return reader
 
 
 def atomic_write(path: Path, write) -> Path:
