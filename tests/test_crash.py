@@ -68,7 +68,10 @@ def test_kill_9_during_label_saves_leaves_the_old_or_the_new_label(tiny_studies,
 
             saver = threading.Thread(target=save_loop)
             saver.start()
-            time.sleep(delay)
+            deadline = time.monotonic() + 120  # a busy machine (CI) can take seconds for the first save after a restart
+            while not acknowledged and saver.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(delay)  # then kill somewhere in the stream of saves
             server.process.kill()  # SIGKILL: no cleanup of any kind
             server.process.wait()
             stop.set()
