@@ -13,6 +13,7 @@ import platform
 import resource
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,10 +46,9 @@ class PeakWhere:
 
     def __init__(self, interval: float = 0.02, frames: int = 6, step: int = 1 << 28):
         import threading
-        import time
 
         self.interval, self.frames, self.step = interval, frames, step
-        self.rss, self.stack, self.timeline = 0, [], []
+        self.rss, self.stack, self.timeline, self._bucket = 0, [], [], -1
         self._start = time.perf_counter()
         self._stop = threading.Event()
         self._main = threading.main_thread().ident
@@ -70,9 +70,8 @@ class PeakWhere:
                             stack.append(f"{Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}")
                         frame = frame.f_back
                     self.stack = stack[: self.frames][::-1]
-                    if rss // self.step > (self.timeline[-1][1] * 2**30) // self.step if self.timeline else True:
-                        import time
-
+                    if rss // self.step > self._bucket:
+                        self._bucket = rss // self.step
                         self.timeline.append([round(time.perf_counter() - self._start, 1), round(rss / 2**30, 2), stack[0] if stack else ""])
 
     def __enter__(self) -> "PeakWhere":

@@ -386,9 +386,11 @@ def _vote_shares(votes: np.ndarray, searched: np.ndarray, box_shape: tuple[int, 
     ``box_shape`` arrays and the uint8 output.
     """
     total = votes.sum(0)
+    background = ~searched | (total <= 0)
     np.maximum(total, 1e-12, out=total)
     votes /= total  # a voxel without votes has all-zero votes: stays zero
-    votes[0][~searched | (total <= 1e-12)] = 1.0
+    votes[0][background] = 1.0
+    del background
     votes = votes.reshape(len(votes), *box_shape)
     if sigma is not None:
         for v in votes:

@@ -425,9 +425,8 @@ class StageTwo:
             InputError: naming the image and its size, when its prediction would not fit in the memory
                 available (HTTP 422 on the server), instead of an out-of-memory kill.
         """
-        n_classes = max(self.stage_one.label_names.values(), default=1) + 1
         # the image and its normalised copy, the flipped input, the running sum and one pass (C each), the entropy
-        check_memory(f"{image.path}: network prediction", image.array.shape, 4 * 3 + 8 * n_classes + 8)
+        check_memory(f"{image.path}: network prediction", image.array.shape, 4 * 3 + 8 * net.out_channels + 8)
         x = normalize(image.array, self.stage_one.cache.modality)
         return with_cpu_fallback(lambda device: predict_with_uncertainty(net, x, self.params.train.patch, mc_samples, device=device),
                                  self.device, f"predicting {image.path.name}")
