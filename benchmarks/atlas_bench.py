@@ -7,6 +7,12 @@ the registration-only warp of the template label (our affine + demons), and ANTs
 (``ants.registration(type_of_transform="SyN")`` at full resolution, template label warped nearest
 neighbour); seconds per volume of each, feature extraction cost. The JSON is rewritten after every
 case (``"complete": false`` until the pool is done), so an interrupted run leaves its partial numbers.
+
+With ``--stage2`` (after the stage-one cases; ``--resume`` keeps those already measured) stage two runs
+on the whole pool with the app's settings (``--conf rounds R`` etc.): the pool Dice of every round's
+pseudo-labels and ``final_dice``, the Dice of the pseudo-labels ``pipeline`` publishes (the round chosen
+without ground truth), plus each round's label-free signals and seconds. The pool is its own test set
+(stage two is transductive here: it labels the pool, as the app does).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from common import RESULTS, write_result
 from semisam_o1.config import AppConfig
 from semisam_o1.pipeline import build_stage_one
 from semisam_o1.registration import REGISTRATIONS, read_image, warp_label
+from semisam_o1.stage_two import StageTwo
 
 #: stage one's spatial priors compared (``--conf registration``): each method alone, and both voting
 PRIORS = (*REGISTRATIONS, "+".join(REGISTRATIONS))
@@ -168,12 +175,45 @@ def run(name: str, images: Path, labels: Path, template: str, classes: dict[str,
         cases[case] = row
         print(f"[{n + 1}/{len(pool)}] {case}: " + json.dumps({k: v for k, v in row.items() if not k.endswith("_floor")}), flush=True)
         write(name, cases, classes, default, timing, bytes_per_voxel([template, *cases]), args, template, pool_size)
+    stage_two = stage_two_result(studies, base, config, templates, {c: studies / f"{c}.nii.gz" for c in pool}, labels, classes) if args.stage2 else None
     if cases:  # (a resumed run may have measured nothing new)
-        write(name, cases, classes, default, timing, bytes_per_voxel([template, *cases]), args, template, pool_size)
+        write(name, cases, classes, default, timing, bytes_per_voxel([template, *cases]), args, template, pool_size, stage_two)
     return 0
 
 
-def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, template, pool_size) -> None:
+def stage_two_result(studies: Path, stage_one: StageOne, config: AppConfig, templates, pool: dict[str, Path], labels: Path,
+                     classes: dict[str, int]) -> dict:
+    """Stage two from scratch on ``pool``; per round the mean pool Dice of its pseudo-labels (per class)."""
+    work = studies / ".semisam" / "bench-stage2"
+    if work.exists():
+        shutil.rmtree(work)
+    two = StageTwo(studies, stage_one, config.stage_two_params(), work=work)
+    start = time.perf_counter()
+    state = two.run(templates, pool, progress=True)
+    seconds = time.perf_counter() - start
+    per_round = []
+    for r in range(len(state["rounds"]) + 1):
+        rows = []
+        for case, path in pool.items():
+            image = load_image(path)
+            label = load_label(two.labels_dir(r) / f"{case}.nii.gz", image, require_foreground=False)
+            rows.append({"pool": per_class(label, load_label(labels / f"{case}.nii.gz", image), classes)})
+        mean, by_class = mean_over(rows, "pool", classes)
+        entry = {"round": r, "pool_dice": mean, "pool_dice_per_class": by_class}
+        if r:
+            entry.update({k: state["rounds"][r - 1].get(k) for k in ("seconds", "agreement_with_stage_one", "network_entropy",
+                                                                    "template_dice", "mean_entropy", "uncertain_voxels")})
+        per_round.append(entry)
+        print("stage 2", json.dumps(entry), flush=True)
+    published = StageTwo.published(state)
+    return {"final_dice": per_round[published]["pool_dice"], "final_dice_per_class": per_round[published]["pool_dice_per_class"],
+            "stage2_per_round": per_round, "stage2_published": state.get("published"), "stage2_stopped_early": state.get("stopped_early"),
+            "stage2_pseudo_templates": state.get("pseudo_templates", []), "stage2_seconds": round(seconds, 1),
+            "stage2_params": {"rounds": config.rounds, "iterations": config.iterations, "publish": config.publish,
+                              "pseudo_templates": config.pseudo_templates}}
+
+
+def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, template, pool_size, stage_two=None) -> None:
     rows = list(cases.values())
     result: dict = {"complete": len(rows) == pool_size, "cases_done": len(rows), "pool_size": pool_size, "template": template,
                     "default_registration": default, "conf": dict(args.conf)}
@@ -190,7 +230,11 @@ def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, te
     result["ants_syn_seconds_per_volume"] = round(float(np.mean([r["ants_syn_seconds"] for r in rows])), 2) if rows and "ants_syn_seconds" in rows[0] else None
     result["registration_only_dice"], result["registration_only_dice_per_class"] = mean_over(rows, "registration_only", classes)
     result["registration_only_seconds_per_volume"] = round(float(np.mean([r["registration_seconds"] for r in rows])), 2)
-    result["final_dice"] = None  # stage two not run by this benchmark
+    previous = json.loads((args.out or RESULTS / f"{name}.json").read_text()) if (args.out or RESULTS / f"{name}.json").exists() else {}
+    if stage_two is None and args.resume and previous.get("final_dice") is not None:  # keep the last stage-two measurement
+        stage_two = {k: v for k, v in previous.items() if k.startswith(("final_dice", "stage2_"))}
+    result["final_dice"] = None  # (no --stage2 run)
+    result.update(stage_two or {})
     secs = list(timing["seconds"].values())
     result["extraction_seconds_per_volume"] = round(float(np.mean(secs)), 2) if secs else None
     result["extraction_volumes_timed"] = len(secs)
@@ -206,6 +250,10 @@ def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, te
     lines = [f"{name}: {len(rows)}/{pool_size} cases"]
     for key in ["stage1", *[f"stage1_{m}" for m in PRIORS], *[f"stage1_{m}_voted" for m in PRIORS], "ants_syn", "registration_only"]:
         lines.append(f"  {key:22s} {result[key + '_dice']}  {json.dumps(result[key + '_dice_per_class'])}")
+    if result["final_dice"] is not None:
+        lines.append(f"  stage two final        {result['final_dice']}  {json.dumps(result['final_dice_per_class'])}  "
+                     f"(round {result['stage2_published']['round'] if result['stage2_published'] else 0}; pool Dice per round "
+                     f"{[r['pool_dice'] for r in result['stage2_per_round']]})")
     write_result(result, args.out or RESULTS / f"{name}.json", lines)
 
 
@@ -220,5 +268,6 @@ def parser(doc: str, name: str, limit: int | None = None):
     p.add_argument("--reuse-ants", action="store_true", help="take ANTs SyN numbers of cases already in the output JSON (same cases, same data)")
     p.add_argument("--resume", action="store_true", help="keep the cases of the output JSON that have every column (same data, same code)")
     p.add_argument("--stop-after", type=int, default=None, help="evaluate only the first N cases of the pool (the pool size reported stays --limit)")
+    p.add_argument("--stage2", action="store_true", help="then run stage two on the pool (final_dice)")
     p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), default=[])
     return p

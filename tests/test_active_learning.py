@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 from test_stage_two import FAST, make_client
 
-from semisam_o1.active_learning import SCORE_KEY, distance_to_labelled, recently_served, uncertainty_score
+from semisam_o1.active_learning import SCORE_KEY, distance_to_labelled, recently_served, uncertain_then_diverse, uncertainty_score
 from semisam_o1.pipeline import open_datastore
 
 UNLABELLED = ["hippocampus_003", "hippocampus_008"]
@@ -32,6 +32,20 @@ def test_k_center_prefers_the_candidate_farthest_from_labelled_volumes():
     assert distance_to_labelled(candidates, labelled).argmax() == 1
     # no label yet: the most typical volume (closest to the mean) first
     assert distance_to_labelled(candidates, np.zeros((0, 2))).argmax() == 2
+
+
+def test_uncertain_diverse_is_not_swamped_by_distance():
+    """The farthest volume is not served when it is among the least uncertain (the old product of the
+    two scaled terms served exactly what ``diverse`` served); among the most uncertain, the farthest wins."""
+    scores = [0.50, 0.49, 0.48, 0.47, 0.46, 0.45, 0.44, 0.43]  # one pool's scores differ by a few percent
+    distances = np.array([1.0, 3.0, 2.0, 1.5, 1.0, 1.0, 1.0, 9.0])
+    values = [v for v, _ in uncertain_then_diverse(scores, distances)]
+    assert int(np.argmax(values)) == 1  # the shortlist is the 2 most uncertain; of those the farther
+    assert int(np.argmax(distances)) == 7 and int(np.argmax(scores)) == 0  # (neither pure strategy's pick)
+    # a larger shortlist reaches farther down the uncertainty ranking
+    assert int(np.argmax([v for v, _ in uncertain_then_diverse(scores, distances, fraction=1.0)])) == 7
+    # unscored candidates come after every scored one
+    assert int(np.argmax([v for v, _ in uncertain_then_diverse([None, 0.1], np.array([9.0, 0.0]))])) == 1
 
 
 def test_an_image_served_to_another_client_is_skipped_only_within_the_window():

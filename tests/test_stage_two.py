@@ -226,6 +226,28 @@ def test_training_patches_come_from_memory_maps_aligned_and_mostly_on_foreground
     assert padded["label"][0, :3].sum() == 0 and padded["label"][0, 13:].sum() == 0
 
 
+def test_a_round_replaces_the_previous_labels_only_where_it_is_confident(tiny_studies):
+    """``--conf replace_confidence 0.9`` (refinement off, so nothing else relabels): a voxel takes the
+    round's arg-max only where the soft label's top class holds >= 0.6, elsewhere it keeps round 0's label."""
+    config = AppConfig.from_conf({**FAST, "replace_confidence": "0.6", "refinement": "none"})
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    state = two.run(find_templates(datastore), {"hippocampus_003": datastore.get_image_uri("hippocampus_003")})
+
+    read = lambda r: nib.load(str(two.labels_dir(r) / "hippocampus_003.nii.gz")).get_fdata().astype(np.uint8)  # noqa: E731
+    previous, label = read(0), read(1)
+    soft = np.load(two.probs_path(1, "hippocampus_003")).astype(np.float32)  # (stored as float16)
+    confident = soft.max(0) >= 0.6
+    borderline = np.abs(soft.max(0) - 0.6) < 1e-3
+    expected = np.where(confident, soft.argmax(0), previous)
+    assert ((label != expected) & ~borderline).sum() == 0
+    kept = state["rounds"][0]["kept_previous_fraction"]
+    assert 0 < kept < 1 and abs(kept - (~confident).mean()) < 0.01
+    # and where the round was not confident and disagreed, the previous label really was kept
+    assert ((soft.argmax(0) != previous) & ~confident & ~borderline).any()
+
+
 def test_published_round_is_chosen_by_a_label_free_signal_and_rounds_stop_early(tiny_studies):
     from semisam_o1.stage_two import SIGNALS, choose_round
 
@@ -279,3 +301,37 @@ def test_pseudo_templates_join_round_zero_but_are_never_final_labels(tiny_studie
     np.testing.assert_array_equal(own, stage_one.predict(pool[chosen], templates).label)
     assert sorted(p.name for p in (tiny_studies / "labels" / "final").iterdir()) == finals_before
     assert find_templates(open_datastore(tiny_studies)) == templates
+
+
+def test_a_clearly_wrong_pool_image_is_never_a_pseudo_template_and_without_any_the_real_templates_stand_alone(tiny_studies):
+    """A pool image with no anatomy (hippocampus_003's voxels shuffled) maps onto unlike tissue: it is
+    never chosen. A pool where no image qualifies runs from the real templates alone and says so."""
+    from semisam_o1.stage_two import choose_pseudo_templates
+
+    image = nib.load(str(tiny_studies / "hippocampus_003.nii.gz"))
+    shuffled = np.random.default_rng(0).permutation(image.get_fdata().ravel()).reshape(image.shape)
+    nib.save(nib.Nifti1Image(shuffled.astype(np.float32), image.affine, image.header), str(tiny_studies / "hippocampus_900.nii.gz"))
+    config = AppConfig.from_conf({**FAST, "pseudo_templates": "2"})
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    templates = find_templates(datastore)
+    pool = {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008", "hippocampus_900"]}
+
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params(), work=tiny_studies / "two-a")
+    state = two.run(templates, pool)
+    records = {i: json.loads((two.work / "stage1" / "trust" / f"{i}.json").read_text()) for i in pool}
+    assert records["hippocampus_900"]["consistency"] < records["hippocampus_008"]["consistency"] - 0.2
+    chosen = [p["image"] for p in state["pseudo_templates"]]
+    assert "hippocampus_900" not in chosen and chosen
+    # (by the floor's agreement alone it would have been: it is among the 2 most trusted)
+    assert "hippocampus_900" in sorted(pool, key=lambda i: -records[i]["trust"])[:2]
+    assert chosen == choose_pseudo_templates(records, 2, stage_one.params.mapping_tolerance)[0]
+
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params(), work=tiny_studies / "two-b")
+    alone = {i: pool[i] for i in ["hippocampus_003", "hippocampus_900"]}
+    records = {i: json.loads((tiny_studies / "two-a" / "stage1" / "trust" / f"{i}.json").read_text()) for i in alone}
+    assert choose_pseudo_templates(records, 1, stage_one.params.mapping_tolerance)[0] == []  # (003 falls back: see below)
+    state = two.run(templates, alone)
+    assert state["pseudo_templates"] == [] and "real templates only" in state["pseudo_templates_note"]
+    round0 = nib.load(str(two.labels_dir(0) / "hippocampus_003.nii.gz")).get_fdata().astype(np.uint8)
+    np.testing.assert_array_equal(round0, stage_one.predict(alone["hippocampus_003"], templates).label)

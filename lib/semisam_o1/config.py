@@ -176,6 +176,11 @@ class AppConfig:
     pseudo_templates: int = _option(
         0, parse_int(0, 20), "stage two: pool images whose stage-one labels are most trusted (label-free) join the templates for round 0"
     )
+    replace_confidence: float = _option(
+        0.0, parse_float(0.0, 1.0),
+        "stage two: a round's label replaces the previous round's only where its soft label's top class holds at least this probability "
+        "(0 = everywhere)",
+    )
     uncertain_quantile: float = _option(0.98, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")
     knn: int = _option(10, parse_int(1, 100), "neighbours voting in the refinement")
     position_weight: float = _option(
@@ -199,6 +204,7 @@ class AppConfig:
             refinement=self.refinement,
             publish=self.publish,
             pseudo_templates=self.pseudo_templates,
+            replace_confidence=self.replace_confidence,
         )
 
     def encoder_spec(self, planned_image_size: int = 64):

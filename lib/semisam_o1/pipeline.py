@@ -240,7 +240,7 @@ def run_stage_two(studies: Path, config: AppConfig, truth: Path | None = None, r
     report_dir = Path(report_dir or studies / ".semisam" / "report")
     report_dir.mkdir(parents=True, exist_ok=True)
     report = {"rounds": state["rounds"], "published": state.get("published"), "stopped_early": state.get("stopped_early"),
-              "pseudo_templates": state.get("pseudo_templates", [])}
+              "pseudo_templates": state.get("pseudo_templates", []), "pseudo_templates_note": state.get("pseudo_templates_note")}
     names = label_map(templates, config.labels)
     if truth is not None:
         per_round = []

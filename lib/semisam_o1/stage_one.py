@@ -126,7 +126,7 @@ class Prediction:
     confidence: np.ndarray
     floor: dict = field(default_factory=dict)
     voted: np.ndarray | None = None
-    #: with several mappings: ``{"<template id>:<registration>": {"consistency": float, "used": bool}}``
+    #: every mapping: ``{"<template id>:<registration>": {"consistency": float, "used": bool}}``
     #: (:func:`~semisam_o1.propagation.mapping_consistency`)
     mappings: dict = field(default_factory=dict)
 
@@ -295,14 +295,13 @@ class StageOne:
         feats = self.cache.get_or_compute(image, progress=progress)
         target_grid = read_sitk_grid(image.path)  # mapped a slab at a time: the grid is all map_voxels reads
         coords = [partial(map_voxels, target_grid, self.transform(image.path, t.image_path, m), read_sitk_grid(t.image_path)) for t, m in pairs]
-        mappings = {}
-        if len(pairs) > 1:  # leave out the mappings the features contradict (failed registrations)
-            scores = [mapping_consistency(b, feats, c, image.array.shape, self.params) for b, c in zip(banks, coords)]
-            keep = consistent_mappings(scores, self.params.mapping_tolerance)
-            mappings = {f"{t.image_id}:{m}": {"consistency": round(s, 4), "used": k} for (t, m), s, k in zip(pairs, scores, keep)}
-            if not all(keep):
-                logger.info(f"stage 1: {image.path.name}: mappings left out (feature consistency): {mappings}")
-            pairs, banks, coords = ([x for x, k in zip(xs, keep) if k] for xs in (pairs, banks, coords))
+        # every mapping's feature consistency; with several, those the features contradict are left out (failed registrations)
+        scores = [mapping_consistency(b, feats, c, image.array.shape, self.params) for b, c in zip(banks, coords)]
+        keep = consistent_mappings(scores, self.params.mapping_tolerance)
+        mappings = {f"{t.image_id}:{m}": {"consistency": round(s, 4), "used": k} for (t, m), s, k in zip(pairs, scores, keep)}
+        if not all(keep):
+            logger.info(f"stage 1: {image.path.name}: mappings left out (feature consistency): {mappings}")
+        pairs, banks, coords = ([x for x, k in zip(xs, keep) if k] for xs in (pairs, banks, coords))
         voted, confidence = propagate(banks, image.array, feats, coords, self.params, spacing=image.spacing)
         classes = sorted(set().union(*[set(np.unique(b.labels).tolist()) for b in banks]) - {0})
         methods = [m for m in self.methods if any(pm == m for _, pm in pairs)]

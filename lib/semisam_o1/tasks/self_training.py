@@ -25,7 +25,7 @@ from semisam_o1.templates import find_templates
 logger = logging.getLogger(__name__)
 
 #: Request keys that override ``--conf`` for one training run.
-OPTIONS = ("rounds", "iterations", "refinement", "publish", "pseudo_templates")
+OPTIONS = ("rounds", "iterations", "refinement", "publish", "pseudo_templates", "replace_confidence")
 
 
 class SelfTraining(TrainTask):
@@ -36,13 +36,13 @@ class SelfTraining(TrainTask):
     def config(self):
         p = self.stage_two.params
         return {"rounds": p.rounds, "iterations": p.train.iterations, "refinement": p.refinement, "publish": p.publish,
-                "pseudo_templates": p.pseudo_templates}
+                "pseudo_templates": p.pseudo_templates, "replace_confidence": p.replace_confidence}
 
     def stats(self):
         state = self.stage_two.state()
         return {"rounds_done": len(state["rounds"]), "rounds": state["rounds"], "model": str(self.stage_two.model_path) if state["rounds"] else None,
                 "published": state.get("published"), "stopped_early": state.get("stopped_early"),
-                "pseudo_templates": state.get("pseudo_templates", [])}
+                "pseudo_templates": state.get("pseudo_templates", []), "pseudo_templates_note": state.get("pseudo_templates_note")}
 
     def options(self, request) -> dict:
         """The request's overrides (:data:`OPTIONS` keys present), parsed as their ``--conf`` options.
@@ -60,7 +60,8 @@ class SelfTraining(TrainTask):
         o = self.options(request)
         train = dataclasses.replace(p.train, iterations=o.get("iterations", p.train.iterations))
         params = dataclasses.replace(p, rounds=o.get("rounds", p.rounds), train=train, refinement=o.get("refinement", p.refinement),
-                                     publish=o.get("publish", p.publish), pseudo_templates=o.get("pseudo_templates", p.pseudo_templates))
+                                     publish=o.get("publish", p.publish), pseudo_templates=o.get("pseudo_templates", p.pseudo_templates),
+                                     replace_confidence=o.get("replace_confidence", p.replace_confidence))
         return StageTwo(self.stage_two.studies, self.stage_two.stage_one, params)
 
     def __call__(self, request, datastore: Datastore):
@@ -79,4 +80,4 @@ class SelfTraining(TrainTask):
         for image_id in pool:  # the published round's pseudo-labels
             datastore.save_label(image_id, str(stage_two.labels_dir(published) / f"{image_id}.nii.gz"), PSEUDO_TAG, {"model": "semisam_o1", "round": published})
         return {"rounds": state["rounds"], "published": state.get("published"), "stopped_early": state.get("stopped_early"),
-                "pseudo_templates": state.get("pseudo_templates", [])}
+                "pseudo_templates": state.get("pseudo_templates", []), "pseudo_templates_note": state.get("pseudo_templates_note")}

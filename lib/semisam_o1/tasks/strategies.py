@@ -10,7 +10,8 @@ serving in the image info), so two annotators working at once never get the same
 - ``diverse``: k-center greedy in foundation-feature space: the candidate whose global descriptor
   (:func:`~semisam_o1.active_learning.volume_descriptor` of its cached features) is farthest from
   every labelled volume. No model needed; with no label yet, the most typical volume.
-- ``uncertain_diverse``: score x distance to the labelled volumes (both scaled to [0, 1]).
+- ``uncertain_diverse``: among the most uncertain quarter of the candidates, the one farthest from
+  the labelled volumes (:func:`~semisam_o1.active_learning.uncertain_then_diverse`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from semisam_o1.active_learning import SCORE_KEY, distance_to_labelled, recently_served, volume_descriptor
+from semisam_o1.active_learning import SCORE_KEY, distance_to_labelled, recently_served, uncertain_then_diverse, volume_descriptor
 from semisam_o1.stage_one import StageOne
 from semisam_o1.volumes import load_image
 
@@ -102,19 +103,9 @@ class Diverse(PoolStrategy):
 
 class UncertainDiverse(Diverse):
     def __init__(self, stage_one: StageOne, skip_seconds: float):
-        super().__init__(stage_one, skip_seconds, "Uncertainty score weighted by distance to the labelled volumes")
+        super().__init__(stage_one, skip_seconds, "Among the most uncertain quarter, the farthest from the labelled volumes")
 
     def rank(self, candidates, datastore):
         scores = scores_of(candidates, datastore)
-        distances = self.distances(candidates, datastore)
-        spread = distances.max() - distances.min()
-        near = (distances - distances.min()) / spread if spread > 0 else np.ones_like(distances)
-        top = max((s for s in scores.values() if s is not None), default=None)
-        out = {}
-        for (i, score), d in zip(scores.items(), near):
-            if score is None or not top:
-                out[i] = (-1.0 + float(d) * 1e-3, "no uncertainty score yet; farthest first")
-            else:
-                value = score / top * float(d)
-                out[i] = (value, f"uncertainty {score} x distance {d:.2f} to the labelled volumes")
-        return out
+        ranked = uncertain_then_diverse([scores[i] for i in candidates], self.distances(candidates, datastore))
+        return dict(zip(candidates, ranked))
