@@ -119,7 +119,7 @@ def test_a_changed_pool_starts_again_instead_of_resuming(tiny_studies):
 
 
 def test_soft_pseudo_labels_are_the_mean_of_stage_one_and_every_round(tiny_studies):
-    config = AppConfig.from_conf({**FAST, "rounds": "2"})
+    config = AppConfig.from_conf({**FAST, "rounds": "2", "teacher_floor": "false"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     templates = find_templates(datastore)
@@ -229,7 +229,7 @@ def test_training_patches_come_from_memory_maps_aligned_and_mostly_on_foreground
 def test_a_round_replaces_the_previous_labels_only_where_it_is_confident(tiny_studies):
     """``--conf replace_confidence 0.9`` (refinement off, so nothing else relabels): a voxel takes the
     round's arg-max only where the soft label's top class holds >= 0.6, elsewhere it keeps round 0's label."""
-    config = AppConfig.from_conf({**FAST, "replace_confidence": "0.6", "refinement": "none"})
+    config = AppConfig.from_conf({**FAST, "replace_confidence": "0.6", "refinement": "none", "teacher_floor": "false"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
@@ -335,3 +335,33 @@ def test_a_clearly_wrong_pool_image_is_never_a_pseudo_template_and_without_any_t
     assert state["pseudo_templates"] == [] and "real templates only" in state["pseudo_templates_note"]
     round0 = nib.load(str(two.labels_dir(0) / "hippocampus_003.nii.gz")).get_fdata().astype(np.uint8)
     np.testing.assert_array_equal(round0, stage_one.predict(alone["hippocampus_003"], templates).label)
+
+
+def test_a_class_that_drifts_from_stage_one_returns_to_stage_ones_label(tiny_studies):
+    """Teacher floor (default): a round's class that fails the safety floor's check against stage one's
+    label of the same image (here: the posterior part shrunk to a sliver) is written as stage one's."""
+    config = AppConfig.from_conf(FAST)
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    image_id = "hippocampus_008"
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    state = two.run(find_templates(datastore), {image_id: datastore.get_image_uri(image_id)})
+    assert "returned_to_stage_one" in state["rounds"][0]
+
+    grid = load_image(datastore.get_image_uri(image_id))
+    teacher = np.asarray(two._label_array(0, image_id, grid))
+    drifted = teacher.copy()
+    drifted[drifted == 2] = 0
+    drifted[tuple(np.argwhere(teacher == 2)[0])] = 2  # one voxel left of class 2
+    drifted[(teacher == 1)] = 1  # class 1 unchanged
+    two._returned.clear()
+    two._save_refined(1, image_id, drifted, grid)
+    written = nib.load(str(two.labels_dir(1) / f"{image_id}.nii.gz")).get_fdata().astype(np.uint8)
+    np.testing.assert_array_equal(written == 2, teacher == 2)
+    np.testing.assert_array_equal(written == 1, teacher == 1)
+    assert two._returned == {"2": 1}
+
+    off = StageTwo(tiny_studies, stage_one, AppConfig.from_conf({**FAST, "teacher_floor": "false"}).stage_two_params(), work=two.work)
+    off._save_refined(1, image_id, drifted, grid)
+    written = nib.load(str(off.labels_dir(1) / f"{image_id}.nii.gz")).get_fdata().astype(np.uint8)
+    assert int((written == 2).sum()) == 1

@@ -181,6 +181,10 @@ class AppConfig:
         "stage two: a round's label replaces the previous round's only where its soft label's top class holds at least this probability "
         "(0 = everywhere)",
     )
+    teacher_floor: bool = _option(
+        True, parse_bool,
+        "stage two: a round's class that drifted from stage one's label of the image beyond the safety floor's bounds returns to stage one's",
+    )
     uncertain_quantile: float = _option(0.98, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")
     knn: int = _option(10, parse_int(1, 100), "neighbours voting in the refinement")
     position_weight: float = _option(
@@ -205,6 +209,7 @@ class AppConfig:
             publish=self.publish,
             pseudo_templates=self.pseudo_templates,
             replace_confidence=self.replace_confidence,
+            teacher_floor=self.teacher_floor,
         )
 
     def encoder_spec(self, planned_image_size: int = 64):

@@ -25,7 +25,10 @@ round and the refined labels drifted down to the networks' level (0.796 -> 0.789
 mean each source keeps an equal say (0.799 -> 0.797 -> 0.796, ``benchmarks/results/stage2.json``). The entropy of the soft labels is
 the voxel-wise uncertainty; the refinement relabels the most uncertain voxels of their argmax. With
 ``replace_confidence`` > 0 the argmax replaces the previous round's label only where its top class holds
-at least that probability (:func:`confident_replacement`); the refinement then sees that label.
+at least that probability (:func:`confident_replacement`); the refinement then sees that label. With
+``teacher_floor`` (default) each refined class of each image that fails the safety floor's check against
+stage one's label of that image (:func:`~semisam_o1.stage_one.registration_floor`) is written as stage
+one's voxels: a round can move a class's border, not lose or double the class.
 
 Pseudo-templates (``pseudo_templates`` k > 0): :func:`choose_pseudo_templates` picks the k pool images
 whose stage-one labels are most trusted among those that qualify (no class fell back to the
@@ -68,7 +71,7 @@ from semisam_o1.plan import check_memory, with_cpu_fallback
 from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
 from semisam_o1.sample_data import sha256
 from semisam_o1.segmenter import TrainParams, entropy, load_network, predict_with_uncertainty, save_network, train_network
-from semisam_o1.stage_one import NoTemplateError, StageOne
+from semisam_o1.stage_one import NoTemplateError, StageOne, registration_floor
 from semisam_o1.templates import Template
 from semisam_o1.volumes import Volume, atomic_write, load_image, load_label, load_map, read_geometry, save_label
 
@@ -121,6 +124,9 @@ class StageTwoParams:
     #: a round's label replaces the previous round's only where the top class of its soft label holds at
     #: least this probability (0 = everywhere); see :func:`confident_replacement`
     replace_confidence: float = 0.0
+    #: a round's class that fails stage one's safety-floor check against stage one's own label of that
+    #: image (Dice agreement < 0.5 or volume outside [1/1.4, 1.4] x) returns to stage one's voxels
+    teacher_floor: bool = True
 
 
 @dataclass
@@ -148,6 +154,7 @@ class StageTwo:
         self.params = params
         self.work = Path(work) if work else self.studies / ".semisam" / "stage2"
         self.progress = Progress(rounds=params.rounds)
+        self._returned: dict[str, int] = {}  # this round: {class: images whose class returned to stage one's} (teacher floor)
 
     @property
     def device(self) -> str:
@@ -242,6 +249,7 @@ class StageTwo:
 
             self.progress.phase = "refine"
             notify(self.progress)
+            self._returned = {}
             refine_stats = self._refine(finals, final_labels, pool, round_dir, positions, grids)
             for scratch in (round_dir / "predicted", *(round_dir / "uncertainty").glob("*.npy")):  # inputs of the refinement only
                 shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink()
@@ -251,6 +259,7 @@ class StageTwo:
                 "final_loss": self.progress.loss,
                 "mean_entropy": float(np.mean(mean_entropy)),
                 "kept_previous_fraction": float(np.mean(kept)),  # voxels whose new label was not confident enough
+                "returned_to_stage_one": dict(self._returned),  # {class: images} (teacher floor)
                 # label-free signals of the round network's quality (recorded to find which predicts Dice)
                 **{name: float(np.mean(values)) for name, values in criteria.items()},
                 "template_dice": float(np.mean([class_dice(self.predict(net, img)[0], lab, n_classes).mean()
@@ -360,6 +369,15 @@ class StageTwo:
         return np.load(path, mmap_mode="r")
 
     def _save_refined(self, round_: int, image_id: str, label: np.ndarray, grid: Volume) -> None:
+        """Write round ``round_``'s label of ``image_id``; with ``teacher_floor``, each class that drifted
+        from stage one's label beyond the safety floor's bounds first returns to stage one's voxels."""
+        if self.params.teacher_floor:
+            teacher = self._label_array(0, image_id, grid)
+            classes = sorted(set(np.unique(teacher).tolist()) - {0})
+            label, floor = registration_floor(np.asarray(label, np.uint8), np.asarray(teacher), classes, self.stage_one.floor)
+            for c, check in floor.items():
+                if check["fallback"]:
+                    self._returned[str(c)] = self._returned.get(str(c), 0) + 1
         save_label(label, grid, self.labels_dir(round_) / f"{image_id}.nii.gz")
         _save_array(self.labels_dir(round_) / f"{image_id}.npy", np.asarray(label, np.uint8))
 
