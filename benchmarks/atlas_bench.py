@@ -230,7 +230,8 @@ def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, te
     result["ants_syn_seconds_per_volume"] = round(float(np.mean([r["ants_syn_seconds"] for r in rows])), 2) if rows and "ants_syn_seconds" in rows[0] else None
     result["registration_only_dice"], result["registration_only_dice_per_class"] = mean_over(rows, "registration_only", classes)
     result["registration_only_seconds_per_volume"] = round(float(np.mean([r["registration_seconds"] for r in rows])), 2)
-    previous = json.loads((args.out or RESULTS / f"{name}.json").read_text()) if (args.out or RESULTS / f"{name}.json").exists() else {}
+    out_path = args.out or RESULTS / f"{name}.json"
+    previous = json.loads(out_path.read_text()) if out_path.exists() else {}
     if stage_two is None and args.resume and previous.get("final_dice") is not None:  # keep the last stage-two measurement
         stage_two = {k: v for k, v in previous.items() if k.startswith(("final_dice", "stage2_"))}
     result["final_dice"] = None  # (no --stage2 run)
@@ -254,7 +255,7 @@ def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, te
         lines.append(f"  stage two final        {result['final_dice']}  {json.dumps(result['final_dice_per_class'])}  "
                      f"(round {result['stage2_published']['round'] if result['stage2_published'] else 0}; pool Dice per round "
                      f"{[r['pool_dice'] for r in result['stage2_per_round']]})")
-    write_result(result, args.out or RESULTS / f"{name}.json", lines)
+    write_result(result, out_path, lines)
 
 
 def parser(doc: str, name: str, limit: int | None = None):

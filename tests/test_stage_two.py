@@ -227,7 +227,7 @@ def test_training_patches_come_from_memory_maps_aligned_and_mostly_on_foreground
 
 
 def test_a_round_replaces_the_previous_labels_only_where_it_is_confident(tiny_studies):
-    """``--conf replace_confidence 0.9`` (refinement off, so nothing else relabels): a voxel takes the
+    """``--conf replace_confidence 0.6`` (refinement off, so nothing else relabels): a voxel takes the
     round's arg-max only where the soft label's top class holds >= 0.6, elsewhere it keeps round 0's label."""
     config = AppConfig.from_conf({**FAST, "replace_confidence": "0.6", "refinement": "none", "teacher_floor": "false"})
     stage_one = build_stage_one(tiny_studies, config)

@@ -126,7 +126,7 @@ class Prediction:
     confidence: np.ndarray
     floor: dict = field(default_factory=dict)
     voted: np.ndarray | None = None
-    #: every mapping: ``{"<template id>:<registration>": {"consistency": float, "used": bool}}``
+    #: with several mappings, or one and ``score_mappings``: ``{"<template id>:<registration>": {"consistency": float, "used": bool}}``
     #: (:func:`~semisam_o1.propagation.mapping_consistency`)
     mappings: dict = field(default_factory=dict)
 
@@ -272,8 +272,10 @@ class StageOne:
         counts = np.stack([sum((w == c).astype(np.uint8) for w in warps) for c in range(int(max(w.max() for w in warps)) + 1)])
         return counts.argmax(0).astype(np.uint8)
 
-    def predict(self, image_path: Path | str, templates: list[Template], progress: bool = False) -> Prediction:
-        """Pseudo-label and confidence of one image.
+    def predict(self, image_path: Path | str, templates: list[Template], progress: bool = False,
+                score_mappings: bool = False) -> Prediction:
+        """Pseudo-label and confidence of one image. ``score_mappings``: record the feature consistency
+        of a single mapping too (:attr:`Prediction.mappings`; with several it is always scored).
 
         Raises:
             NoTemplateError: no template in ``templates``.
@@ -295,13 +297,14 @@ class StageOne:
         feats = self.cache.get_or_compute(image, progress=progress)
         target_grid = read_sitk_grid(image.path)  # mapped a slab at a time: the grid is all map_voxels reads
         coords = [partial(map_voxels, target_grid, self.transform(image.path, t.image_path, m), read_sitk_grid(t.image_path)) for t, m in pairs]
-        # every mapping's feature consistency; with several, those the features contradict are left out (failed registrations)
-        scores = [mapping_consistency(b, feats, c, image.array.shape, self.params) for b, c in zip(banks, coords)]
-        keep = consistent_mappings(scores, self.params.mapping_tolerance)
-        mappings = {f"{t.image_id}:{m}": {"consistency": round(s, 4), "used": k} for (t, m), s, k in zip(pairs, scores, keep)}
-        if not all(keep):
-            logger.info(f"stage 1: {image.path.name}: mappings left out (feature consistency): {mappings}")
-        pairs, banks, coords = ([x for x, k in zip(xs, keep) if k] for xs in (pairs, banks, coords))
+        mappings = {}
+        if len(pairs) > 1 or score_mappings:  # leave out the mappings the features contradict (failed registrations)
+            scores = [mapping_consistency(b, feats, c, image.array.shape, self.params) for b, c in zip(banks, coords)]
+            keep = consistent_mappings(scores, self.params.mapping_tolerance)
+            mappings = {f"{t.image_id}:{m}": {"consistency": round(s, 4), "used": k} for (t, m), s, k in zip(pairs, scores, keep)}
+            if not all(keep):
+                logger.info(f"stage 1: {image.path.name}: mappings left out (feature consistency): {mappings}")
+            pairs, banks, coords = ([x for x, k in zip(xs, keep) if k] for xs in (pairs, banks, coords))
         voted, confidence = propagate(banks, image.array, feats, coords, self.params, spacing=image.spacing)
         classes = sorted(set().union(*[set(np.unique(b.labels).tolist()) for b in banks]) - {0})
         methods = [m for m in self.methods if any(pm == m for _, pm in pairs)]

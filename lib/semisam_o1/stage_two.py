@@ -342,7 +342,8 @@ class StageTwo:
         for i, image_path in tqdm(pool.items(), desc="stage 1: propagate", disable=not progress, leave=False):
             path, probs, score = folder / "labels" / f"{i}.nii.gz", folder / "probs" / f"{i}.npy", folder / "trust" / f"{i}.json"
             if not (path.exists() and (probs.exists() if soft else score.exists())):
-                prediction = self.stage_one.predict(image_path, templates)
+                # (the pass without soft labels is the pseudo-template choice's: it needs each mapping's consistency)
+                prediction = self.stage_one.predict(image_path, templates, score_mappings=not soft)
                 if soft:
                     _save_array(probs, soft_label(prediction.label, prediction.confidence, n_classes))
                 save_label(prediction.label, read_geometry(image_path), path)
@@ -548,7 +549,7 @@ def trust_record(prediction) -> dict:
     not recorded), "fallback": class values the safety floor returned to the registration}``."""
     values = [m["consistency"] for m in prediction.mappings.values() if m["used"] and m["consistency"] == m["consistency"]]
     return {"trust": stage_one_trust(prediction), "consistency": max(values) if values else None,
-            "fallback": [int(c) for c, f in prediction.floor.items() if f["fallback"]]}
+            "fallback": prediction.fallback_values}
 
 
 def choose_pseudo_templates(records: dict[str, dict | float | None], k: int, tolerance: float) -> tuple[list[str], dict[str, str]]:
