@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, write_result
+from common import RESULTS, peak_rss_bytes, write_result
 
 from semisam_o1.config import AppConfig
 from semisam_o1.pipeline import build_stage_one
 from semisam_o1.registration import REGISTRATIONS, read_image, warp_label
-from semisam_o1.stage_two import StageTwo
+from semisam_o1.stage_two import SIGNALS, StageTwo
 
 #: stage one's spatial priors compared (``--conf registration``): each method alone, and both voting
 PRIORS = (*REGISTRATIONS, "+".join(REGISTRATIONS))
@@ -201,16 +201,19 @@ def stage_two_result(studies: Path, stage_one: StageOne, config: AppConfig, temp
         mean, by_class = mean_over(rows, "pool", classes)
         entry = {"round": r, "pool_dice": mean, "pool_dice_per_class": by_class}
         if r:
-            entry.update({k: state["rounds"][r - 1].get(k) for k in ("seconds", "agreement_with_stage_one", "network_entropy",
-                                                                    "template_dice", "mean_entropy", "uncertain_voxels")})
+            entry.update({k: state["rounds"][r - 1].get(k) for k in ("seconds", *SIGNALS, "mean_entropy", "uncertain_voxels",
+                                                                    "returned_to_stage_one")})
         per_round.append(entry)
         print("stage 2", json.dumps(entry), flush=True)
     published = StageTwo.published(state)
-    return {"final_dice": per_round[published]["pool_dice"], "final_dice_per_class": per_round[published]["pool_dice_per_class"],
+    # which round each label-free signal would publish, and that round's pool Dice (never used to choose)
+    chosen_by = {name: {"round": best["round"], "pool_dice": best["pool_dice"]} for name, sign in SIGNALS.items()
+                 for best in [max(per_round[1:], key=lambda e: sign * (e.get(name) if e.get(name) is not None else -np.inf))]}
+    return {"stage2_round_chosen_by": chosen_by, "stage2_process_peak_rss_bytes": peak_rss_bytes(), "final_dice": per_round[published]["pool_dice"], "final_dice_per_class": per_round[published]["pool_dice_per_class"],
             "stage2_per_round": per_round, "stage2_published": state.get("published"), "stage2_stopped_early": state.get("stopped_early"),
             "stage2_pseudo_templates": state.get("pseudo_templates", []), "stage2_seconds": round(seconds, 1),
             "stage2_params": {"rounds": config.rounds, "iterations": config.iterations, "publish": config.publish,
-                              "pseudo_templates": config.pseudo_templates}}
+                              "pseudo_templates": config.pseudo_templates, "network_voxels": config.network_voxels}}
 
 
 def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, template, pool_size, stage_two=None) -> None:

@@ -43,7 +43,7 @@ def network_dice(net, cases: dict, patch) -> float:
 
 
 #: Label-free round-quality signals stage two records per round, and their sign (+1: higher is better).
-CRITERIA = {"network_entropy": -1, "agreement_with_stage_one": +1, "template_dice": +1, "mean_entropy": -1}
+CRITERIA = {"network_entropy": -1, "agreement_with_stage_one": +1, "template_dice": +1, "labels_agreement_with_stage_one": +1, "mean_entropy": -1}
 
 
 def main(argv=None) -> int:

@@ -365,3 +365,41 @@ def test_a_class_that_drifts_from_stage_one_returns_to_stage_ones_label(tiny_stu
     off._save_refined(1, image_id, drifted, grid)
     written = nib.load(str(off.labels_dir(1) / f"{image_id}.nii.gz")).get_fdata().astype(np.uint8)
     assert int((written == 2).sum()) == 1
+
+
+def test_the_network_trains_and_predicts_on_a_shrunk_grid_and_answers_on_the_images_own(tiny_studies):
+    """Large scans: the network sees each image shrunk under ``network_voxels`` (more context per patch,
+    fewer voxels to predict); pseudo-labels and served predictions stay on the image's own grid, and a
+    checkpoint keeps predicting on the grid it was trained on whatever the server's options are now."""
+    import dataclasses
+
+    from semisam_o1.plan import shrink_factors
+    from semisam_o1.segmenter import probs_to_grid, shrunk_shape
+
+    config = AppConfig.from_conf({**FAST, "network_voxels": "20000", "teacher_floor": "false"})
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    templates = find_templates(datastore)
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    two.run(templates, {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]})
+
+    image = load_image(datastore.get_image_uri("hippocampus_003"))
+    small = shrunk_shape(image.array.shape, shrink_factors(image.array.shape, image.spacing, 20000))
+    assert np.prod(small) <= 20000 < np.prod(image.array.shape)
+    assert np.load(two.image_array_path("hippocampus_003")).shape == small  # what training reads
+    assert nib.load(str(two.labels_dir(1) / "hippocampus_003.nii.gz")).shape == image.array.shape
+    net = two.load_model()
+    assert net.grid_voxels == 20000
+    from semisam_o1.segmenter import image_to_grid
+
+    on_grid = predict_with_uncertainty(net, image_to_grid(normalize(image.array), small), config.stage_two_params().train.patch, mc_samples=2)[0]
+    soft = [np.load(two.probs_path(r, "hippocampus_003")).astype(np.float32) for r in (0, 1)]
+    np.testing.assert_allclose(soft[1], (soft[0] + probs_to_grid(on_grid, image.array.shape)) / 2, atol=2e-3)
+
+    # a server whose options say "own grid" still serves this checkpoint on its training grid
+    native = StageTwo(tiny_studies, stage_one, dataclasses.replace(config.stage_two_params(), network_voxels=None))
+    label, entropy = native.predict(net, image)
+    assert label.shape == entropy.shape == image.array.shape
+    np.testing.assert_array_equal(label, two.predict(net, image)[0])
+    expected = probs_to_grid(predict_with_uncertainty(net, image_to_grid(normalize(image.array), small), (16,) * 3, mc_samples=0)[0], image.array.shape)
+    np.testing.assert_array_equal(label, expected.argmax(0))

@@ -170,7 +170,7 @@ class AppConfig:
     patch: int = _option(32, parse_int(16, 256), "training/inference patch edge in voxels (cube)")
     refinement: str = _option("voxel", parse_choice("voxel", "volume", "none"), "stage-two pseudo-label correction")
     publish: str = _option(
-        "agreement_with_stage_one", parse_choice("last", "agreement_with_stage_one", "network_entropy", "template_dice"),
+        "agreement_with_stage_one", parse_choice("last", "agreement_with_stage_one", "network_entropy", "template_dice", "labels_agreement_with_stage_one"),
         "stage two: the round whose network is served: the last, or the best by a label-free signal (then rounds stop early once one is not the best)",
     )
     pseudo_templates: int = _option(
@@ -184,6 +184,10 @@ class AppConfig:
     teacher_floor: bool = _option(
         True, parse_bool,
         "stage two: a round's class that drifted from stage one's label of the image beyond the safety floor's bounds returns to stage one's",
+    )
+    network_voxels: int = _option(
+        1_000_000, parse_int(0, 10**10),
+        "stage two: the network trains and predicts on each image shrunk to at most this many voxels (finest axes first; 0 = the image's grid)",
     )
     uncertain_quantile: float = _option(0.98, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")
     knn: int = _option(10, parse_int(1, 100), "neighbours voting in the refinement")
@@ -210,6 +214,7 @@ class AppConfig:
             pseudo_templates=self.pseudo_templates,
             replace_confidence=self.replace_confidence,
             teacher_floor=self.teacher_floor,
+            network_voxels=self.network_voxels or None,
         )
 
     def encoder_spec(self, planned_image_size: int = 64):

@@ -142,21 +142,13 @@ class Plan:
         return tuple(1 if s > 2 * finest and s > THICK_SLICE_MM else self.feature_stride for s in spacing)
 
     def registration_shrink(self, shape: Iterable[int], spacing: Iterable[float]) -> tuple[int, int, int]:
-        """Integer bin-shrink factors per axis that bring a volume under ``registration_voxels``.
-
-        The finest axes are shrunk first (towards one working spacing), so thick slices stay whole.
+        """Integer bin-shrink factors per axis that bring a volume under ``registration_voxels``
+        (:func:`shrink_factors`).
 
         >>> Plan(registration_voxels=10_000).registration_shrink((34, 52, 11), (1.0, 1.0, 3.0))
         (2, 2, 1)
         """
-        shape, spacing = [int(n) for n in shape], [float(v) for v in spacing]
-        target = min(spacing)
-        while True:
-            factors = tuple(max(1, int(target / sp + 1e-6)) for sp in spacing)
-            if np.prod([-(-n // f) for n, f in zip(shape, factors)]) <= self.registration_voxels or min(
-                    -(-n // f) for n, f in zip(shape, factors)) <= 4:
-                return factors
-            target *= 1.1
+        return shrink_factors(shape, spacing, self.registration_voxels)
 
     def save(self, studies: Path) -> Path:
         return atomic_write(Path(studies) / PLAN_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=2)))
@@ -168,6 +160,32 @@ class Plan:
             return None
         data = json.loads(path.read_text())
         return cls(**{k: data[k] for k in ("encoder_image_size", "feature_stride", "registration_voxels", "planned_from") if k in data})
+
+
+def shrink_factors(shape: Iterable[int], spacing: Iterable[float], max_voxels: int | None) -> tuple[int, int, int]:
+    """Integer shrink factors per axis that bring a volume of ``shape`` voxels and ``spacing`` (mm) under
+    ``max_voxels`` (``None`` or 0: no limit, ``(1, 1, 1)``).
+
+    The finest axes are shrunk first, towards one working spacing, so thick slices stay whole; no axis
+    keeps shrinking once it is down to 4 voxels (the limit then gives way). The shrunk shape is ``ceil(n / f)`` per axis.
+
+    >>> shrink_factors((183, 140, 88), (0.625, 0.625, 0.625), 1_000_000)  # LA: 2.3 M voxels -> 92 x 70 x 44
+    (2, 2, 2)
+    >>> shrink_factors((36, 256, 256), (7.7, 1.25, 1.25), 1_000_000)  # CHAOS T2: thick slices stay whole
+    (1, 2, 2)
+    >>> shrink_factors((36, 50, 35), (1.0, 1.0, 1.0), 1_000_000)  # a crop under the limit
+    (1, 1, 1)
+    """
+    shape, spacing = [int(n) for n in shape], [float(v) for v in spacing]
+    if not max_voxels:
+        return (1,) * len(shape)
+    target = min(spacing)
+    while True:
+        factors = tuple(max(1, int(target / sp + 1e-6)) for sp in spacing)
+        if np.prod([-(-n // f) for n, f in zip(shape, factors)]) <= max_voxels or min(
+                -(-n // f) for n, f in zip(shape, factors)) <= 4:
+            return factors
+        target *= 1.1
 
 
 def image_geometries(paths: Iterable[Path]) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:

@@ -65,21 +65,26 @@ def build_network(n_classes: int, params: TrainParams = TrainParams()) -> UNet:
     )
 
 
-def save_network(net: UNet, n_classes: int, path: Path, params: TrainParams = TrainParams()) -> Path:
-    """Checkpoint that describes itself: ``{"n_classes", "channels", "dropout", "state_dict"}`` (written atomically)."""
+def save_network(net: UNet, n_classes: int, path: Path, params: TrainParams = TrainParams(), grid_voxels: int | None = None) -> Path:
+    """Checkpoint that describes itself: ``{"n_classes", "channels", "dropout", "grid_voxels", "state_dict"}``
+    (written atomically). ``grid_voxels``: the voxel limit of the grid the network was trained on
+    (:func:`~semisam_o1.plan.shrink_factors`; ``None``: each image's own grid), so it predicts on the same one."""
     from semisam_o1.volumes import atomic_write
 
-    payload = {"n_classes": n_classes, "channels": list(params.channels), "dropout": params.dropout, "state_dict": net.state_dict()}
+    payload = {"n_classes": n_classes, "channels": list(params.channels), "dropout": params.dropout, "grid_voxels": grid_voxels,
+               "state_dict": net.state_dict()}
     return atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def load_network(path: Path) -> UNet:
-    """A network saved by :func:`save_network` (its own architecture), in eval mode on CPU."""
+    """A network saved by :func:`save_network` (its own architecture), in eval mode on CPU; its attribute
+    ``grid_voxels`` is the checkpoint's (``None`` for checkpoints written before it was recorded: image grids)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     # checkpoints written before the architecture was recorded used the then default (16, ..., 128), dropout 0.1
     params = TrainParams(channels=tuple(payload.get("channels", (16, 32, 64, 128))), dropout=float(payload.get("dropout", 0.1)))
     net = build_network(int(payload["n_classes"]), params)
     net.load_state_dict(payload["state_dict"])
+    net.grid_voxels = payload.get("grid_voxels")
     return net.eval()
 
 
@@ -453,6 +458,57 @@ def entropy(prob: np.ndarray) -> np.ndarray:
         np.log(term, out=term)
         term *= p
         out -= term
+    return out
+
+
+def shrunk_shape(shape: Sequence[int], factors: Sequence[int]) -> tuple[int, ...]:
+    """The shape of a grid shrunk by integer ``factors``: ``ceil(n / f)`` per axis.
+
+    >>> shrunk_shape((183, 140, 88), (2, 2, 2))
+    (92, 70, 44)
+    """
+    return tuple(-(-int(n) // int(f)) for n, f in zip(shape, factors))
+
+
+def image_to_grid(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``image`` (D, H, W) resampled to ``shape`` by area averaging (each output voxel the mean of the
+    input voxels it covers; both grids span the same extent), float32; ``image`` itself when the shape is its own."""
+    if tuple(shape) == image.shape:
+        return image
+    x = torch.as_tensor(np.asarray(image, np.float32))[None, None]
+    return torch.nn.functional.interpolate(x, size=tuple(shape), mode="area")[0, 0].numpy()
+
+
+def label_to_grid(label: np.ndarray, shape: Sequence[int], n_classes: int) -> np.ndarray:
+    """``label`` (D, H, W) resampled to ``shape`` by majority: each output voxel takes the class that covers
+    most of its area (ties: the lower class), uint8; ``label`` itself when the shape is its own.
+
+    >>> label_to_grid(np.array([[[0, 1, 2, 2], [0, 0, 2, 1]]], np.uint8), (1, 1, 2), 3).tolist()
+    [[[0, 2]]]
+    """
+    if tuple(shape) == label.shape:
+        return label
+    best, out = None, np.zeros(tuple(shape), np.uint8)
+    for c in range(n_classes):  # one class's (D, H, W) float32 mask at a time
+        share = image_to_grid((np.asarray(label) == c).astype(np.float32), shape)
+        if best is None:
+            best = share
+        else:
+            more = share > best
+            out[more], best[more] = c, share[more]
+    return out
+
+
+def probs_to_grid(prob: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Class probabilities ``(C, d, h, w)`` resampled to ``(C, *shape)`` by trilinear interpolation (grids of
+    the same extent, voxel centres as :func:`image_to_grid` places them), float32, class by class;
+    ``prob`` itself when the shape is its own. Each voxel's probabilities still sum to 1."""
+    if tuple(shape) == prob.shape[1:]:
+        return prob
+    out = np.empty((len(prob), *shape), np.float32)
+    for c in range(len(prob)):
+        x = torch.as_tensor(np.asarray(prob[c], np.float32))[None, None]
+        out[c] = torch.nn.functional.interpolate(x, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
     return out
 
 

@@ -67,10 +67,13 @@ from tqdm import tqdm
 from semisam_o1.evaluation import class_dice
 from semisam_o1.feature_cache import FeatureGrid
 from semisam_o1.normalize import normalize
-from semisam_o1.plan import check_memory, with_cpu_fallback
+from semisam_o1.plan import check_memory, shrink_factors, with_cpu_fallback
 from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
 from semisam_o1.sample_data import sha256
-from semisam_o1.segmenter import TrainParams, entropy, load_network, predict_with_uncertainty, save_network, train_network
+from semisam_o1.segmenter import (
+    TrainParams, entropy, image_to_grid, label_to_grid, load_network, predict_with_uncertainty, probs_to_grid, save_network, shrunk_shape,
+    train_network,
+)
 from semisam_o1.stage_one import NoTemplateError, StageOne, registration_floor
 from semisam_o1.templates import Template
 from semisam_o1.volumes import Volume, atomic_write, load_image, load_label, load_map, read_geometry, save_label
@@ -82,8 +85,9 @@ REFINEMENTS = ("voxel", "volume", "none")
 
 #: Label-free signals of a round network's quality, recorded in every round's stats, with their sign
 #: (+1: higher is better): its mean Dice against stage one's labels on the pool, the mean entropy of its
-#: own flip/MC-dropout prediction, and its Dice on the real templates (its training data).
-SIGNALS = {"agreement_with_stage_one": +1, "network_entropy": -1, "template_dice": +1}
+#: own flip/MC-dropout prediction, its Dice on the real templates (its training data), and the mean Dice
+#: of the round's refined labels (what it publishes) against stage one's.
+SIGNALS = {"agreement_with_stage_one": +1, "network_entropy": -1, "template_dice": +1, "labels_agreement_with_stage_one": +1}
 #: How the published network is chosen (``--conf publish``): the last round, or the round best by a signal.
 PUBLISH = ("last", *SIGNALS)
 
@@ -127,6 +131,11 @@ class StageTwoParams:
     #: a round's class that fails stage one's safety-floor check against stage one's own label of that
     #: image (Dice agreement < 0.5 or volume outside [1/1.4, 1.4] x) returns to stage one's voxels
     teacher_floor: bool = True
+    #: the network trains and predicts on each image shrunk to at most this many voxels (finest axes first,
+    #: :func:`~semisam_o1.plan.shrink_factors`; ``None``/0: the image's own grid); soft labels come back to
+    #: the image's grid by trilinear interpolation. A 32-voxel patch then sees 40 mm of a 0.625 mm LA scan
+    #: instead of 20 mm, and prediction touches 8x fewer voxels.
+    network_voxels: int | None = 1_000_000
 
 
 @dataclass
@@ -155,6 +164,8 @@ class StageTwo:
         self.work = Path(work) if work else self.studies / ".semisam" / "stage2"
         self.progress = Progress(rounds=params.rounds)
         self._returned: dict[str, int] = {}  # this round: {class: images whose class returned to stage one's} (teacher floor)
+        self._agreement: list[float] = []  # this round: each refined label's mean class Dice against stage one's
+        self._n_classes = 0
 
     @property
     def device(self) -> str:
@@ -218,9 +229,9 @@ class StageTwo:
             self.progress.round, self.progress.phase = round_, "train"
             notify(self.progress)
             current = {i: self._label_array(round_ - 1, i, grids[i]) for i in pool}
-            net = self._train(finals, final_labels, current, n_classes, progress, notify)
+            net = self._train(finals, final_labels, current, grids, n_classes, progress, notify)
             round_dir = self.work / f"round_{round_}"
-            save_network(net, n_classes, round_dir / "model.pt", self.params.train)
+            save_network(net, n_classes, round_dir / "model.pt", self.params.train, self.params.network_voxels)
 
             self.progress.phase = "predict"
             notify(self.progress)
@@ -249,7 +260,7 @@ class StageTwo:
 
             self.progress.phase = "refine"
             notify(self.progress)
-            self._returned = {}
+            self._returned, self._agreement, self._n_classes = {}, [], n_classes
             refine_stats = self._refine(finals, final_labels, pool, round_dir, positions, grids)
             for scratch in (round_dir / "predicted", *(round_dir / "uncertainty").glob("*.npy")):  # inputs of the refinement only
                 shutil.rmtree(scratch) if scratch.is_dir() else scratch.unlink()
@@ -262,6 +273,7 @@ class StageTwo:
                 "returned_to_stage_one": dict(self._returned),  # {class: images} (teacher floor)
                 # label-free signals of the round network's quality (recorded to find which predicts Dice)
                 **{name: float(np.mean(values)) for name, values in criteria.items()},
+                "labels_agreement_with_stage_one": float(np.mean(self._agreement)),
                 "template_dice": float(np.mean([class_dice(self.predict(net, img)[0], lab, n_classes).mean()
                                                 for (img, _), lab in zip(finals, final_labels)])),
                 **refine_stats,
@@ -355,11 +367,18 @@ class StageTwo:
         return self.work / "images" / f"{image_id}.npy"
 
     def _write_images(self, pool: dict[str, Path], progress: bool) -> None:
-        """Each pool image normalised, as ``images/<id>.npy`` float32 (training reads its patches from it)."""
+        """Each pool image normalised on the network's grid (:meth:`network_shape`), as ``images/<id>.npy``
+        float32 (training reads its patches from it)."""
         modality = self.stage_one.cache.modality
         for i, image_path in tqdm(pool.items(), desc="stage 2: images", disable=not progress, leave=False):
             if not self.image_array_path(i).exists():
-                _save_array(self.image_array_path(i), normalize(load_image(image_path).array, modality))
+                image = load_image(image_path)
+                _save_array(self.image_array_path(i), image_to_grid(normalize(image.array, modality), self.network_shape(image)))
+
+    def network_shape(self, image: Volume, grid_voxels: int | None | str = "params") -> tuple[int, int, int]:
+        """The grid the network sees ``image`` on (:data:`StageTwoParams.network_voxels`, or ``grid_voxels``)."""
+        voxels = self.params.network_voxels if grid_voxels == "params" else grid_voxels
+        return shrunk_shape(image.array.shape, shrink_factors(image.array.shape, image.spacing, voxels))
 
     def _label_array(self, round_: int, image_id: str, grid: Volume) -> np.ndarray:
         """Round ``round_``'s label of ``image_id`` as a read-only memory map (``labels/<id>.npy``, made
@@ -372,13 +391,14 @@ class StageTwo:
     def _save_refined(self, round_: int, image_id: str, label: np.ndarray, grid: Volume) -> None:
         """Write round ``round_``'s label of ``image_id``; with ``teacher_floor``, each class that drifted
         from stage one's label beyond the safety floor's bounds first returns to stage one's voxels."""
+        teacher = self._label_array(0, image_id, grid)
         if self.params.teacher_floor:
-            teacher = self._label_array(0, image_id, grid)
             classes = sorted(set(np.unique(teacher).tolist()) - {0})
             label, floor = registration_floor(np.asarray(label, np.uint8), np.asarray(teacher), classes, self.stage_one.floor)
             for c, check in floor.items():
                 if check["fallback"]:
                     self._returned[str(c)] = self._returned.get(str(c), 0) + 1
+        self._agreement.append(float(class_dice(np.asarray(label), teacher, max(self._n_classes, 2)).mean()))
         save_label(label, grid, self.labels_dir(round_) / f"{image_id}.nii.gz")
         _save_array(self.labels_dir(round_) / f"{image_id}.npy", np.asarray(label, np.uint8))
 
@@ -405,10 +425,14 @@ class StageTwo:
     def _read_label(path: Path, image: Volume) -> np.ndarray:
         return load_label(path, image, require_foreground=False).astype(np.uint8)
 
-    def _train(self, finals, final_labels, current: dict[str, np.ndarray], n_classes, progress, notify):
+    def _train(self, finals, final_labels, current: dict[str, np.ndarray], grids: dict[str, Volume], n_classes, progress, notify):
+        """A fresh network on the templates and ``current`` pseudo-labels, all on the network's grid
+        (:meth:`network_shape`; labels by majority, one image at a time: held shrunk)."""
         modality = self.stage_one.cache.modality
-        xs = [normalize(img.array, modality) for img, _ in finals] + [np.load(self.image_array_path(i), mmap_mode="r") for i in current]
-        ys = list(final_labels) + list(current.values())
+        xs = [image_to_grid(normalize(img.array, modality), self.network_shape(img)) for img, _ in finals]
+        xs += [np.load(self.image_array_path(i), mmap_mode="r") for i in current]
+        ys = [label_to_grid(lab, self.network_shape(img), n_classes) for (img, _), lab in zip(finals, final_labels)]
+        ys += [label_to_grid(np.asarray(lab), self.network_shape(grids[i]), n_classes) for i, lab in current.items()]
         self.progress.iterations = self.params.train.iterations
         bar = tqdm(total=self.params.train.iterations, desc=f"round {self.progress.round}: train", disable=not progress, leave=False)
 
@@ -420,6 +444,7 @@ class StageTwo:
                 notify(self.progress)
 
         net = train_network(xs, ys, n_classes, self.params.train, on_iteration, device=self.device)
+        net.grid_voxels = self.params.network_voxels  # as load_network reads it from the checkpoint
         bar.close()
         return net
 
@@ -460,7 +485,9 @@ class StageTwo:
         return prob.argmax(0).astype(np.uint8), ent
 
     def _predict(self, net: torch.nn.Module, image: Volume, mc_samples: int) -> tuple[np.ndarray, np.ndarray]:
-        """:func:`predict_with_uncertainty` on the stage's device (the CPU if the GPU runs out of memory).
+        """:func:`predict_with_uncertainty` on the stage's device (the CPU if the GPU runs out of memory), on
+        the network's grid (its ``grid_voxels``, :meth:`network_shape`); the soft labels ``(C, D, H, W)`` and
+        their entropy come back on ``image``'s grid.
 
         Raises:
             InputError: naming the image and its size, when its prediction would not fit in the memory
@@ -468,9 +495,14 @@ class StageTwo:
         """
         # the image and its normalised copy, the flipped input, the running sum and one pass (C each), the entropy
         check_memory(f"{image.path}: network prediction", image.array.shape, 4 * 3 + 8 * net.out_channels + 8)
-        x = normalize(image.array, self.stage_one.cache.modality)
-        return with_cpu_fallback(lambda device: predict_with_uncertainty(net, x, self.params.train.patch, mc_samples, device=device),
-                                 self.device, f"predicting {image.path.name}")
+        x = image_to_grid(normalize(image.array, self.stage_one.cache.modality), self.network_shape(image, getattr(net, "grid_voxels", None)))
+        prob, ent = with_cpu_fallback(lambda device: predict_with_uncertainty(net, x, self.params.train.patch, mc_samples, device=device),
+                                      self.device, f"predicting {image.path.name}")
+        if prob.shape[1:] == image.array.shape:
+            return prob, ent
+        del ent, x
+        prob = probs_to_grid(prob, image.array.shape)  # back to the image's grid
+        return prob, entropy(prob)
 
     @staticmethod
     def published(state: dict) -> int:
