@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from semisam_o1.sample_data import sha256
+from semisam_o1.volumes import sha256
 
 
 class EncoderError(RuntimeError):

@@ -16,7 +16,6 @@ Layout written (a MONAI Label ``LocalDatastore``)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from semisam_o1 import PROJECT_ROOT
+from semisam_o1.volumes import sha256
 
 SAMPLE_DATASTORE = PROJECT_ROOT / "sample-datastore"
 MANIFEST = SAMPLE_DATASTORE / "manifest.json"
@@ -51,15 +51,6 @@ def load_manifest(path: Path = MANIFEST) -> dict:
     """Read the committed manifest (case ids, template id, label map, sha256 of every file)."""
     with open(path) as f:
         return json.load(f)
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_local_source(project_root: Path = PROJECT_ROOT) -> SourceDir | None:

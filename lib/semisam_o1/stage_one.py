@@ -35,7 +35,7 @@ from semisam_o1.propagation import (
 from semisam_o1.registration import (
     REGISTRATIONS, affine_register, load_transform, map_voxels, read_image, refine_register, save_transform, shrink, syn_register, warp_label,
 )
-from semisam_o1.sample_data import sha256
+from semisam_o1.volumes import sha256
 from semisam_o1.templates import Template
 from semisam_o1.volumes import InputError, Volume, class_volumes, load_image, load_label, read_sitk, read_sitk_grid, remove_interrupted_writes
 

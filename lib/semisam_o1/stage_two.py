@@ -69,7 +69,7 @@ from semisam_o1.feature_cache import FeatureGrid
 from semisam_o1.normalize import normalize
 from semisam_o1.plan import check_memory, shrink_factors, with_cpu_fallback
 from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
-from semisam_o1.sample_data import sha256
+from semisam_o1.volumes import sha256
 from semisam_o1.segmenter import (
     TrainParams, entropy, image_to_grid, label_to_grid, load_network, predict_with_uncertainty, probs_to_grid, save_network, shrunk_shape,
     train_network,

@@ -190,6 +190,14 @@ def read_sitk_grid(path: Path | str):
     return reader
 
 
+def sha256(path: Path | str) -> str:
+    """Hex SHA-256 of a file's bytes: MONAI Label's ``file_checksum`` without its ``"SHA256:"`` prefix
+    (the bare digest is what cache ids, checkpoints and the sample data's manifest store)."""
+    from monailabel.utils.others.generic import file_checksum  # (heavy import: only when hashing)
+
+    return file_checksum(str(path), "SHA256").split(":", 1)[1]
+
+
 def atomic_write(path: Path, write) -> Path:
     """Call ``write(tmp_path)`` then rename into ``path``: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)

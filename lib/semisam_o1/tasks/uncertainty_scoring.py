@@ -27,7 +27,7 @@ from semisam_o1.active_learning import SCORE_KEY, UNCERTAIN_ENTROPY, UNCERTAIN_V
 from semisam_o1.config import AppConfig
 from semisam_o1.pipeline import pool_runner, stage_two_of
 from semisam_o1.priority import InteractivePriority, lower_job_priority
-from semisam_o1.sample_data import sha256
+from semisam_o1.volumes import sha256
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.templates import Template, find_templates
 from semisam_o1.volumes import InputError, load_image
