@@ -212,7 +212,7 @@ def stage_two_result(studies: Path, stage_one: StageOne, config: AppConfig, temp
     return {"stage2_round_chosen_by": chosen_by, "stage2_process_peak_rss_bytes": peak_rss_bytes(), "final_dice": per_round[published]["pool_dice"], "final_dice_per_class": per_round[published]["pool_dice_per_class"],
             "stage2_per_round": per_round, "stage2_published": state.get("published"), "stage2_stopped_early": state.get("stopped_early"),
             "stage2_pseudo_templates": state.get("pseudo_templates", []), "stage2_seconds": round(seconds, 1),
-            "stage2_params": {"rounds": config.rounds, "iterations": config.iterations, "publish": config.publish,
+            "stage2_params": {"rounds": config.rounds, "iterations": two.params.train.iterations, "publish": config.publish,
                               "pseudo_templates": config.pseudo_templates, "network_voxels": config.network_voxels}}
 
 

@@ -49,7 +49,7 @@ CRITERIA = {"network_entropy": -1, "agreement_with_stage_one": +1, "template_dic
 def main(argv=None) -> int:
     p = parser(__doc__, "stage2")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--iterations", type=int, default=AppConfig.iterations, help="training iterations (default: the app's)")
+    p.add_argument("--iterations", default="auto", help="training iterations (default: the app's, planned: 1000 for these crops)")
     p.add_argument("--variants", default="voxel,volume", help="refinements run: voxel (the app's), volume (the published code's, ablation)")
     p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), default=[], help="app option, e.g. pseudo_templates 3")
     args = p.parse_args(argv)
@@ -75,9 +75,10 @@ def main(argv=None) -> int:
     tpl_img = load_image(templates[0].image_path)
     tpl_lab = load_label(templates[0].label_path, tpl_img)
     start = time.perf_counter()
-    net = train_network([normalize(tpl_img.array)], [tpl_lab], 1 + len(CLASSES), params.train)
+    train = StageTwo(studies, stage_one, params).train_params([tpl_lab], 1 + len(CLASSES))  # the same network: stage two's flips
+    net = train_network([normalize(tpl_img.array)], [tpl_lab], 1 + len(CLASSES), train)
     result["dice_template_only"] = network_dice(net, test, patch)
-    net = train_network([normalize(tpl_img.array)] + [normalize(i.array) for i, _ in pool.values()], [tpl_lab] + [t for _, t in pool.values()], 1 + len(CLASSES), params.train)
+    net = train_network([normalize(tpl_img.array)] + [normalize(i.array) for i, _ in pool.values()], [tpl_lab] + [t for _, t in pool.values()], 1 + len(CLASSES), train)
     result["dice_full_supervision"] = network_dice(net, test, patch)
     result["seconds_per_training"] = (time.perf_counter() - start) / 2
 

@@ -390,6 +390,8 @@ def test_the_network_trains_and_predicts_on_a_shrunk_grid_and_answers_on_the_ima
     assert nib.load(str(two.labels_dir(1) / "hippocampus_003.nii.gz")).shape == image.array.shape
     net = two.load_model()
     assert net.grid_voxels == 20000
+    # hippocampus head (anterior) and tail (posterior) mirror onto each other along the long axis (1): never flipped there
+    assert net.flip_axes == (0, 2)
     from semisam_o1.segmenter import image_to_grid
 
     on_grid = predict_with_uncertainty(net, image_to_grid(normalize(image.array), small), config.stage_two_params().train.patch, mc_samples=2)[0]

@@ -166,7 +166,9 @@ class AppConfig:
     )
 
     rounds: int = _option(3, parse_int(1, 20), "stage-two rounds (train, predict with uncertainty, refine)")
-    iterations: int = _option(1000, parse_int(1, 100000), "training iterations per round (batch of 4 patches)")
+    iterations: int | None = _option(
+        None, parse_auto_int(1, 100000), "training iterations per round (batch of 4 patches); auto = planned: 1000 for crops, 3000 for scans"
+    )
     patch: int = _option(32, parse_int(16, 256), "training/inference patch edge in voxels (cube)")
     refinement: str = _option("voxel", parse_choice("voxel", "volume", "none"), "stage-two pseudo-label correction")
     publish: str = _option(

@@ -39,7 +39,8 @@ class TrainParams:
     """Training budget and shapes (defaults sized for 2 CPU cores and hippocampus-sized volumes)."""
 
     patch: tuple[int, int, int] = (32, 32, 32)
-    iterations: int = 1000
+    #: Adam steps (``None`` only in :class:`~semisam_o1.stage_two.StageTwoParams`: the plan's, see there)
+    iterations: int | None = 1000
     batch_size: int = 4
     learning_rate: float = 3e-3
     #: (8, ..., 64) trains 1.5x faster than (16, ..., 128) at the same Dice on hippocampus
@@ -47,6 +48,10 @@ class TrainParams:
     channels: tuple[int, ...] = (8, 16, 32, 64)
     dropout: float = 0.1
     seed: int = 0
+    #: spatial axes (of D, H, W) that training augmentation mirrors and prediction averages over (TTA);
+    #: an axis along which the labels come in mirror pairs (left/right kidney) must be left out, see
+    #: :func:`mirror_axes`
+    flip_axes: tuple[int, ...] = (0, 1, 2)
     #: Training processes (torch DistributedDataParallel, see :func:`train_network`); None = auto: on CUDA the
     #: most visible GPUs that divide ``batch_size`` (one process each), else 1. ``batch_size`` must be a multiple of it.
     processes: int | None = None
@@ -66,25 +71,27 @@ def build_network(n_classes: int, params: TrainParams = TrainParams()) -> UNet:
 
 
 def save_network(net: UNet, n_classes: int, path: Path, params: TrainParams = TrainParams(), grid_voxels: int | None = None) -> Path:
-    """Checkpoint that describes itself: ``{"n_classes", "channels", "dropout", "grid_voxels", "state_dict"}``
+    """Checkpoint that describes itself: ``{"n_classes", "channels", "dropout", "grid_voxels", "flip_axes", "state_dict"}``
     (written atomically). ``grid_voxels``: the voxel limit of the grid the network was trained on
     (:func:`~semisam_o1.plan.shrink_factors`; ``None``: each image's own grid), so it predicts on the same one."""
     from semisam_o1.volumes import atomic_write
 
     payload = {"n_classes": n_classes, "channels": list(params.channels), "dropout": params.dropout, "grid_voxels": grid_voxels,
-               "state_dict": net.state_dict()}
+               "flip_axes": list(params.flip_axes), "state_dict": net.state_dict()}
     return atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def load_network(path: Path) -> UNet:
     """A network saved by :func:`save_network` (its own architecture), in eval mode on CPU; its attribute
-    ``grid_voxels`` is the checkpoint's (``None`` for checkpoints written before it was recorded: image grids)."""
+    ``grid_voxels`` is the checkpoint's (``None`` for checkpoints written before it was recorded: image grids),
+    ``flip_axes`` the axes it was trained to be mirrored along (older checkpoints: all three)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     # checkpoints written before the architecture was recorded used the then default (16, ..., 128), dropout 0.1
     params = TrainParams(channels=tuple(payload.get("channels", (16, 32, 64, 128))), dropout=float(payload.get("dropout", 0.1)))
     net = build_network(int(payload["n_classes"]), params)
     net.load_state_dict(payload["state_dict"])
     net.grid_voxels = payload.get("grid_voxels")
+    net.flip_axes = tuple(payload.get("flip_axes", (0, 1, 2)))
     return net.eval()
 
 
@@ -158,13 +165,15 @@ def train_network(
     Args:
         on_iteration: called as ``on_iteration(iteration, loss)`` after every step (progress, stats), in
             this process; ``loss`` is the loss of the whole batch (averaged over the processes).
-        device: where the network trains (patches are cropped on the CPU); it is returned on the CPU, in eval mode.
+        device: where the network trains (patches are cropped on the CPU); it is returned on the CPU, in eval mode,
+            with ``flip_axes`` set to ``params.flip_axes`` (what :func:`predict_with_uncertainty` mirrors along).
     """
     processes = train_processes(params, device)
     if processes == 1:
         loader, net = _prepare(images, labels, n_classes, params)
         _train_loop(net.to(device), loader, params, device, on_iteration)
         net.eval()
+        net.flip_axes = params.flip_axes  # what its prediction mirrors along (as load_network reads it)
         return net.cpu()
     replicas = train_network_replicas(images, labels, n_classes, params, on_iteration, device, processes)
     for rank, replica in enumerate(replicas[1:], 1):
@@ -172,6 +181,7 @@ def train_network(
             raise RuntimeError(f"DDP replicas diverged: rank {rank}'s weights differ from rank 0's")
     net = build_network(n_classes, params)
     net.load_state_dict(replicas[0])
+    net.flip_axes = params.flip_axes
     return net.eval()
 
 
@@ -272,9 +282,7 @@ def _prepare(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_class
     keys = ["image", "label"]
     transform = Compose(
         [
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandFlipd(keys, prob=0.5, spatial_axis=2),
+            *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in params.flip_axes),
             RandScaleIntensityd("image", factors=0.1, prob=0.5),
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         ]
@@ -405,6 +413,9 @@ def predict_with_uncertainty(net: UNet, image: np.ndarray, patch: Sequence[int],
                              device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Mean softmax (C, D, H, W) float32 and its entropy (D, H, W) float32 in nats, over flips x MC-dropout passes.
 
+    Flips: none, and one mirror along each of the network's ``flip_axes`` (the axes it was trained to be
+    mirrored along; all three for a network without the attribute); ``flips=False``: none.
+
     With ``mc_samples`` = 0 dropout stays off (deterministic, one pass per flip). MC-dropout pass
     ``s`` draws its masks from a local generator seeded with ``s`` (reproducible). Nothing outside
     the call changes: not ``net`` (dropout is switched on a copy when needed, so concurrent requests
@@ -417,7 +428,7 @@ def predict_with_uncertainty(net: UNet, image: np.ndarray, patch: Sequence[int],
     """
     net = net.to(device)
     x = torch.as_tensor(image, dtype=torch.float32)[None, None]
-    flip_sets = [(), (2,), (3,), (4,)] if flips else [()]
+    flip_sets = [(), *((axis + 2,) for axis in getattr(net, "flip_axes", (0, 1, 2)))] if flips else [()]
     passes = max(mc_samples, 1)
     generator = torch.Generator(device=torch.device(device))
     model = _with_dropout(net, generator if mc_samples > 0 else None)
@@ -459,6 +470,33 @@ def entropy(prob: np.ndarray) -> np.ndarray:
         term *= p
         out -= term
     return out
+
+
+def mirror_axes(labels: Sequence[np.ndarray], n_classes: int) -> tuple[int, ...]:
+    """The spatial axes along which mirroring keeps every class on itself in every label map (D, H, W).
+
+    Along an axis where a class's mirror image lands more on another foreground class than on itself
+    (left/right kidney, hippocampus head/tail along its long axis), a mirrored patch shows one class in the
+    shape of the other: flipping there in training or TTA teaches and averages the wrong class.
+
+    >>> pair = np.zeros((1, 1, 8), np.uint8); pair[..., 1:3], pair[..., 5:7] = 1, 2  # a left and a right class
+    >>> mirror_axes([pair], 3)
+    (0, 1)
+    """
+    keep = []
+    for axis in range(3):
+        ok = True
+        for label in labels:
+            label = np.asarray(label)
+            mirrored = np.flip(label, axis)
+            overlap = np.bincount((mirrored.astype(np.int64) * n_classes + label).ravel(), minlength=n_classes * n_classes)
+            overlap = overlap.reshape(n_classes, n_classes)  # [class mirrored, class there]
+            for c in range(1, n_classes):
+                others = max((overlap[c, d] for d in range(1, n_classes) if d != c), default=0)
+                ok &= not (overlap[c].sum() and others > overlap[c, c])
+        if ok:
+            keep.append(axis)
+    return tuple(keep)
 
 
 def shrunk_shape(shape: Sequence[int], factors: Sequence[int]) -> tuple[int, ...]:

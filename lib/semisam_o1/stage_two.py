@@ -56,7 +56,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -71,8 +71,8 @@ from semisam_o1.plan import check_memory, shrink_factors, with_cpu_fallback
 from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
 from semisam_o1.volumes import sha256
 from semisam_o1.segmenter import (
-    TrainParams, entropy, image_to_grid, label_to_grid, load_network, predict_with_uncertainty, probs_to_grid, save_network, shrunk_shape,
-    train_network,
+    TrainParams, entropy, image_to_grid, label_to_grid, load_network, mirror_axes, predict_with_uncertainty, probs_to_grid, save_network,
+    shrunk_shape, train_network,
 )
 from semisam_o1.stage_one import NoTemplateError, StageOne, registration_floor
 from semisam_o1.templates import Template
@@ -160,6 +160,8 @@ class StageTwo:
             raise ValueError(f"publish must be one of {PUBLISH}, got '{params.publish}'")
         self.studies = Path(studies)
         self.stage_one = stage_one
+        if params.train.iterations is None:  # --conf iterations auto: the datastore's plan
+            params = replace(params, train=replace(params.train, iterations=stage_one.cache.plan.network_iterations))
         self.params = params
         self.work = Path(work) if work else self.studies / ".semisam" / "stage2"
         self.progress = Progress(rounds=params.rounds)
@@ -231,7 +233,7 @@ class StageTwo:
             current = {i: self._label_array(round_ - 1, i, grids[i]) for i in pool}
             net = self._train(finals, final_labels, current, grids, n_classes, progress, notify)
             round_dir = self.work / f"round_{round_}"
-            save_network(net, n_classes, round_dir / "model.pt", self.params.train, self.params.network_voxels)
+            save_network(net, n_classes, round_dir / "model.pt", self.train_params(final_labels, n_classes), self.params.network_voxels)
 
             self.progress.phase = "predict"
             notify(self.progress)
@@ -443,10 +445,16 @@ class StageTwo:
             if it % 25 == 0 or it == self.params.train.iterations:
                 notify(self.progress)
 
-        net = train_network(xs, ys, n_classes, self.params.train, on_iteration, device=self.device)
-        net.grid_voxels = self.params.network_voxels  # as load_network reads it from the checkpoint
+        params = self.train_params(final_labels, n_classes)
+        net = train_network(xs, ys, n_classes, params, on_iteration, device=self.device)
+        net.grid_voxels = self.params.network_voxels  # as load_network reads it
         bar.close()
         return net
+
+    def train_params(self, final_labels: list[np.ndarray], n_classes: int) -> TrainParams:
+        """The training parameters, mirroring only along axes where the templates' classes map onto
+        themselves (:func:`~semisam_o1.segmenter.mirror_axes`)."""
+        return replace(self.params.train, flip_axes=tuple(a for a in self.params.train.flip_axes if a in mirror_axes(final_labels, n_classes)))
 
     def _refine(self, finals, final_labels, pool: dict[str, Path], round_dir: Path, positions, grids: dict[str, Volume]) -> dict:
         """Refine round ``round_dir``'s predicted labels (read from disk) and write the round's labels."""
