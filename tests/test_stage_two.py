@@ -405,3 +405,17 @@ def test_the_network_trains_and_predicts_on_a_shrunk_grid_and_answers_on_the_ima
     np.testing.assert_array_equal(label, two.predict(net, image)[0])
     expected = probs_to_grid(predict_with_uncertainty(net, image_to_grid(normalize(image.array), small), (16,) * 3, mc_samples=0)[0], image.array.shape)
     np.testing.assert_array_equal(label, expected.argmax(0))
+
+
+def test_with_ensemble_network_a_rounds_soft_labels_are_its_network_alone(tiny_studies):
+    config = AppConfig.from_conf({**FAST, "ensemble": "network", "teacher_floor": "false"})
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    two.run(find_templates(datastore), {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]})
+
+    image = load_image(datastore.get_image_uri("hippocampus_003"))
+    network = predict_with_uncertainty(two.load_model(), normalize(image.array), config.stage_two_params().train.patch, mc_samples=2)[0]
+    soft = np.load(two.probs_path(1, "hippocampus_003")).astype(np.float32)
+    np.testing.assert_allclose(soft, network, atol=2e-3)
+    assert np.abs(soft - np.load(two.probs_path(0, "hippocampus_003")).astype(np.float32)).max() > 0.1  # stage one has no say

@@ -172,7 +172,7 @@ class AppConfig:
     patch: int = _option(32, parse_int(16, 256), "training/inference patch edge in voxels (cube)")
     refinement: str = _option("voxel", parse_choice("voxel", "volume", "none"), "stage-two pseudo-label correction")
     publish: str = _option(
-        "agreement_with_stage_one", parse_choice("last", "agreement_with_stage_one", "network_entropy", "template_dice", "labels_agreement_with_stage_one"),
+        "network_entropy", parse_choice("last", "agreement_with_stage_one", "network_entropy", "template_dice", "labels_agreement_with_stage_one"),
         "stage two: the round whose network is served: the last, or the best by a label-free signal (then rounds stop early once one is not the best)",
     )
     pseudo_templates: int = _option(
@@ -190,6 +190,10 @@ class AppConfig:
     network_voxels: int = _option(
         1_000_000, parse_int(0, 10**10),
         "stage two: the network trains and predicts on each image shrunk to at most this many voxels (finest axes first; 0 = the image's grid)",
+    )
+    ensemble: str = _option(
+        "mean", parse_choice("mean", "network"),
+        "stage two: a round's soft labels: mean = of stage one's and every round's network so far (temporal ensemble); network = the round's network alone",
     )
     uncertain_quantile: float = _option(0.98, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")
     knn: int = _option(10, parse_int(1, 100), "neighbours voting in the refinement")
@@ -217,6 +221,7 @@ class AppConfig:
             replace_confidence=self.replace_confidence,
             teacher_floor=self.teacher_floor,
             network_voxels=self.network_voxels or None,
+            ensemble=self.ensemble,
         )
 
     def encoder_spec(self, planned_image_size: int = 64):

@@ -18,7 +18,8 @@ Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net s
 
 Soft pseudo-labels are a temporal ensemble (Laine & Aila, 2017): after round r they are the mean of
 stage one's soft labels and the softmax (flip + MC-dropout mean) of every round's network so far,
-``(r * previous + network_r) / (r + 1)``. A round's network alone is no better than its teacher at a
+``(r * previous + network_r) / (r + 1)`` (``ensemble="mean"``); with ``ensemble="network"`` they are the
+round's network's softmax alone. A round's network alone is no better than its teacher at a
 CPU budget (hippocampus: pool Dice of its labels 0.793 vs stage one's 0.795); averaged with stage one
 it is (0.800). With a fixed weight for the newest network (tried: 0.5) stage one's share halves every
 round and the refined labels drifted down to the networks' level (0.796 -> 0.789 -> 0.785); with the
@@ -29,6 +30,14 @@ at least that probability (:func:`confident_replacement`); the refinement then s
 ``teacher_floor`` (default) each refined class of each image that fails the safety floor's check against
 stage one's label of that image (:func:`~semisam_o1.stage_one.registration_floor`) is written as stage
 one's voxels: a round can move a class's border, not lose or double the class.
+
+The network's grid: training and prediction see each image shrunk (area average; labels by majority)
+to at most ``network_voxels`` voxels (:func:`~semisam_o1.plan.shrink_factors`); its soft labels come
+back to the image's own grid by trilinear interpolation, so every file above is on the image's grid
+except ``images/``. Training mirrors patches, and prediction averages mirrored passes, only along the
+axes where no class of the templates' labels mirrors onto another (:func:`~semisam_o1.segmenter.mirror_axes`:
+a mirrored left kidney looks like a right one). The checkpoint records both (``grid_voxels``,
+``flip_axes``): a served network predicts as it was trained.
 
 Pseudo-templates (``pseudo_templates`` k > 0): :func:`choose_pseudo_templates` picks the k pool images
 whose stage-one labels are most trusted among those that qualify (no class fell back to the
@@ -88,6 +97,8 @@ REFINEMENTS = ("voxel", "volume", "none")
 #: own flip/MC-dropout prediction, its Dice on the real templates (its training data), and the mean Dice
 #: of the round's refined labels (what it publishes) against stage one's.
 SIGNALS = {"agreement_with_stage_one": +1, "network_entropy": -1, "template_dice": +1, "labels_agreement_with_stage_one": +1}
+#: A round's soft labels (``--conf ensemble``): the temporal ensemble with stage one, or the round's network alone.
+ENSEMBLES = ("mean", "network")
 #: How the published network is chosen (``--conf publish``): the last round, or the round best by a signal.
 PUBLISH = ("last", *SIGNALS)
 
@@ -119,10 +130,10 @@ class StageTwoParams:
     refinement: str = "voxel"
     mc_samples: int = 2
     #: see :data:`PUBLISH`; with a signal, rounds also stop early once a round is not the best so far.
-    #: Default: agreement with stage one, the one signal that ranked the rounds as their test Dice did on
-    #: hippocampus (``benchmarks/results/stage2.json``, ``round_chosen_by``); it favours staying near the
-    #: teacher, so a round that really improves on stage one away from it would not be chosen.
-    publish: str = "agreement_with_stage_one"
+    #: Default: the round network's own mean entropy (lowest wins). It falls nearly every round, so it
+    #: publishes the last round unless a round's network grows less certain, which then also stops the
+    #: rounds; which round each signal would pick is in ``benchmarks/results/{stage2,chaos}.json``.
+    publish: str = "network_entropy"
     #: pool images promoted to pseudo-templates for round 0 (0 = off): see :meth:`StageTwo._starting_labels`
     pseudo_templates: int = 0
     #: a round's label replaces the previous round's only where the top class of its soft label holds at
@@ -136,6 +147,9 @@ class StageTwoParams:
     #: the image's grid by trilinear interpolation. A 32-voxel patch then sees 40 mm of a 0.625 mm LA scan
     #: instead of 20 mm, and prediction touches 8x fewer voxels.
     network_voxels: int | None = 1_000_000
+    #: a round's soft labels: ``"mean"`` of stage one's and every round's network so far (temporal
+    #: ensemble), or ``"network"``: this round's network alone
+    ensemble: str = "mean"
 
 
 @dataclass
@@ -156,6 +170,8 @@ class StageTwo:
         """``work`` defaults to ``<studies>/.semisam/stage2`` (benchmarks keep variants apart with it)."""
         if params.refinement not in REFINEMENTS:
             raise ValueError(f"refinement must be one of {REFINEMENTS}, got '{params.refinement}'")
+        if params.ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble must be one of {ENSEMBLES}, got '{params.ensemble}'")
         if params.publish not in PUBLISH:
             raise ValueError(f"publish must be one of {PUBLISH}, got '{params.publish}'")
         self.studies = Path(studies)
@@ -238,18 +254,19 @@ class StageTwo:
             self.progress.phase = "predict"
             notify(self.progress)
             mean_entropy, kept, criteria = [], [], {"network_entropy": [], "agreement_with_stage_one": []}
-            w = 1 / (round_ + 1)  # the mean of stage one and rounds 1..round_
+            w = 1 / (round_ + 1) if self.params.ensemble == "mean" else 1.0  # the mean of stage one and rounds 1..round_, or this round's
             for i, path in tqdm(pool.items(), desc=f"round {round_}: predict", disable=not progress, leave=False):
                 prob, network_entropy = self._predict(net, load_image(path), self.params.mc_samples)
                 criteria["network_entropy"].append(float(network_entropy.mean()))
                 criteria["agreement_with_stage_one"].append(
                     float(class_dice(prob.argmax(0), self._label_array(0, i, grids[i]), n_classes).mean()))
                 del network_entropy
-                previous = np.load(self.probs_path(round_ - 1, i), mmap_mode="r")
-                prob *= w
-                for c in range(len(prob)):  # class by class: one float32 (D, H, W) temporary
-                    prob[c] += (1 - w) * previous[c].astype(np.float32)
-                del previous
+                if w < 1:
+                    previous = np.load(self.probs_path(round_ - 1, i), mmap_mode="r")
+                    prob *= w
+                    for c in range(len(prob)):  # class by class: one float32 (D, H, W) temporary
+                        prob[c] += (1 - w) * previous[c].astype(np.float32)
+                    del previous
                 self._save_probs(prob, round_, i)
                 uncertainty = entropy(prob)
                 mean_entropy.append(float(uncertainty.mean()))
