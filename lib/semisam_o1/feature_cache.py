@@ -42,8 +42,7 @@ from tqdm import tqdm
 from semisam_o1.encoders import EncoderSpec, SliceEncoder
 from semisam_o1.normalize import normalization_id, normalize
 from semisam_o1.plan import Plan, check_memory, with_cpu_fallback
-from semisam_o1.volumes import sha256
-from semisam_o1.volumes import Volume, atomic_write, remove_interrupted_writes
+from semisam_o1.volumes import Volume, atomic_write, remove_interrupted_writes, sha256
 
 logger = logging.getLogger(__name__)
 

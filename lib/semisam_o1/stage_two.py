@@ -247,9 +247,10 @@ class StageTwo:
             self.progress.round, self.progress.phase = round_, "train"
             notify(self.progress)
             current = {i: self._label_array(round_ - 1, i, grids[i]) for i in pool}
-            net = self._train(finals, final_labels, current, grids, n_classes, progress, notify)
+            train = self.train_params(final_labels, n_classes)
+            net = self._train(finals, final_labels, current, grids, n_classes, train, progress, notify)
             round_dir = self.work / f"round_{round_}"
-            save_network(net, n_classes, round_dir / "model.pt", self.train_params(final_labels, n_classes), self.params.network_voxels)
+            save_network(net, n_classes, round_dir / "model.pt", train, self.params.network_voxels)
 
             self.progress.phase = "predict"
             notify(self.progress)
@@ -392,12 +393,12 @@ class StageTwo:
         for i, image_path in tqdm(pool.items(), desc="stage 2: images", disable=not progress, leave=False):
             if not self.image_array_path(i).exists():
                 image = load_image(image_path)
-                _save_array(self.image_array_path(i), image_to_grid(normalize(image.array, modality), self.network_shape(image)))
+                _save_array(self.image_array_path(i), image_to_grid(normalize(image.array, modality), self.network_shape(image, self.params.network_voxels)))
 
-    def network_shape(self, image: Volume, grid_voxels: int | None | str = "params") -> tuple[int, int, int]:
-        """The grid the network sees ``image`` on (:data:`StageTwoParams.network_voxels`, or ``grid_voxels``)."""
-        voxels = self.params.network_voxels if grid_voxels == "params" else grid_voxels
-        return shrunk_shape(image.array.shape, shrink_factors(image.array.shape, image.spacing, voxels))
+    @staticmethod
+    def network_shape(image: Volume, grid_voxels: int | None) -> tuple[int, int, int]:
+        """The grid a network trained under ``grid_voxels`` (:data:`StageTwoParams.network_voxels`) sees ``image`` on."""
+        return shrunk_shape(image.array.shape, shrink_factors(image.array.shape, image.spacing, grid_voxels))
 
     def _label_array(self, round_: int, image_id: str, grid: Volume) -> np.ndarray:
         """Round ``round_``'s label of ``image_id`` as a read-only memory map (``labels/<id>.npy``, made
@@ -444,14 +445,16 @@ class StageTwo:
     def _read_label(path: Path, image: Volume) -> np.ndarray:
         return load_label(path, image, require_foreground=False).astype(np.uint8)
 
-    def _train(self, finals, final_labels, current: dict[str, np.ndarray], grids: dict[str, Volume], n_classes, progress, notify):
+    def _train(self, finals, final_labels, current: dict[str, np.ndarray], grids: dict[str, Volume], n_classes, params: TrainParams,
+               progress, notify):
         """A fresh network on the templates and ``current`` pseudo-labels, all on the network's grid
         (:meth:`network_shape`; labels by majority, one image at a time: held shrunk)."""
         modality = self.stage_one.cache.modality
-        xs = [image_to_grid(normalize(img.array, modality), self.network_shape(img)) for img, _ in finals]
+        shape = lambda image: self.network_shape(image, self.params.network_voxels)  # noqa: E731
+        xs = [image_to_grid(normalize(img.array, modality), shape(img)) for img, _ in finals]
         xs += [np.load(self.image_array_path(i), mmap_mode="r") for i in current]
-        ys = [label_to_grid(lab, self.network_shape(img), n_classes) for (img, _), lab in zip(finals, final_labels)]
-        ys += [label_to_grid(np.asarray(lab), self.network_shape(grids[i]), n_classes) for i, lab in current.items()]
+        ys = [label_to_grid(lab, shape(img), n_classes) for (img, _), lab in zip(finals, final_labels)]
+        ys += [label_to_grid(np.asarray(lab), shape(grids[i]), n_classes) for i, lab in current.items()]
         self.progress.iterations = self.params.train.iterations
         bar = tqdm(total=self.params.train.iterations, desc=f"round {self.progress.round}: train", disable=not progress, leave=False)
 
@@ -462,7 +465,6 @@ class StageTwo:
             if it % 25 == 0 or it == self.params.train.iterations:
                 notify(self.progress)
 
-        params = self.train_params(final_labels, n_classes)
         net = train_network(xs, ys, n_classes, params, on_iteration, device=self.device)
         net.grid_voxels = self.params.network_voxels  # as load_network reads it
         bar.close()
