@@ -29,7 +29,7 @@ import numpy as np
 from common import RESULTS, peak_rss_bytes, write_result
 
 from semisam_o1.config import AppConfig
-from semisam_o1.pipeline import build_stage_one
+from semisam_o1.pool import build_stage_one
 from semisam_o1.registration import REGISTRATIONS, read_image, warp_label
 from semisam_o1.stage_two import SIGNALS, StageTwo
 
@@ -37,14 +37,14 @@ from semisam_o1.stage_two import SIGNALS, StageTwo
 PRIORS = (*REGISTRATIONS, "+".join(REGISTRATIONS))
 from semisam_o1.stage_one import StageOne
 from semisam_o1.templates import find_templates
-from semisam_o1.pipeline import open_datastore
+from semisam_o1.pool import open_datastore
 from semisam_o1.volumes import load_image, load_label
 
 _CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 from semisam_o1.config import AppConfig
-from semisam_o1.pipeline import build_stage_one
+from semisam_o1.pool import build_stage_one
 from semisam_o1.volumes import load_image
 studies, image, conf = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 stage_one = build_stage_one(studies, AppConfig.from_conf(conf))

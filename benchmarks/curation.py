@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import mean_dice, scores
-from semisam_o1.pipeline import build_stage_one, open_datastore
+from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.report import curve_plot
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.tasks.strategies import Diverse, Uncertain, UncertainDiverse

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from common import RESULTS, machine  # noqa: E402
 
 from semisam_o1 import PROJECT_ROOT  # noqa: E402
-from semisam_o1.orthanc import free_port  # noqa: E402
+from semisam_o1.distributed import free_port  # noqa: E402
 from semisam_o1.sample_data import TRUTH_DIR, find_local_source, load_manifest, populate  # noqa: E402
 from semisam_o1.volumes import load_image, load_label, save_label  # noqa: E402
 

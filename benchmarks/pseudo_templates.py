@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import class_dice
-from semisam_o1.pipeline import build_stage_one, open_datastore
+from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.stage_two import stage_one_trust
 from semisam_o1.templates import Template, find_templates
 from semisam_o1.volumes import load_image, load_label, save_label

@@ -74,7 +74,7 @@ def run_step(*args: str) -> dict:
 # ------------------------------------------------------------------ steps (child processes)
 def step(name: str, studies: Path, image: str, device: str, extra: str) -> dict:
     from semisam_o1.config import AppConfig
-    from semisam_o1.pipeline import build_stage_one
+    from semisam_o1.pool import build_stage_one
 
     config = AppConfig.from_conf({"labels": "atrium=1", "device": device})
     stage_one = build_stage_one(studies, config)
@@ -121,7 +121,7 @@ def _run_step(name: str, studies: Path, image: str, extra: str, stage_one, resul
         from semisam_o1.stage_two import StageTwo, StageTwoParams
         from semisam_o1.segmenter import TrainParams
         from semisam_o1.templates import find_templates
-        from semisam_o1.pipeline import open_datastore
+        from semisam_o1.pool import open_datastore
 
         pool_ids = extra.split(",")
         templates = find_templates(open_datastore(studies))

@@ -4,8 +4,8 @@
 
 For each mode a fresh datastore of the hippocampus template + the first ``--limit`` pool volumes is
 built under ``benchmarks/out/scale_out/<mode>`` and the app's own pool steps run on it, as the server
-and ``pipeline`` run them: :func:`~semisam_o1.pipeline.prepare_pool` (features + registrations of
-every image, the ``features`` job) then :func:`~semisam_o1.pipeline.refresh_pseudo_labels` (stage-one
+and ``pipeline`` run them: :func:`~semisam_o1.pool.prepare_pool` (features + registrations of
+every image, the ``features`` job) then :func:`~semisam_o1.pool.refresh_pseudo_labels` (stage-one
 pseudo-labels). Reports wall seconds of each step, Ray's start-up, the speedup of 2 workers over the
 in-process run, the per-task overhead (2 single-thread workers vs one process using the same cores,
 per task, start-up excluded), the slowdown of 1 worker (1 CPU) and whether every mode's labels are
@@ -22,7 +22,7 @@ from common import build_datastore, parser, source_or_exit, write_result
 
 from semisam_o1.config import AppConfig
 from semisam_o1.distributed import PoolRunner
-from semisam_o1.pipeline import build_stage_one, open_datastore, prepare_pool, refresh_pseudo_labels
+from semisam_o1.pool import build_stage_one, open_datastore, prepare_pool, refresh_pseudo_labels
 from semisam_o1.templates import find_templates, label_map
 
 

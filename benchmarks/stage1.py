@@ -24,8 +24,8 @@ from tqdm import tqdm
 from semisam_o1.active_learning import SCORE_KEY
 from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import scores
-from semisam_o1.pipeline import build_stage_one, open_datastore
-from semisam_o1.registration import affine_register, read_image, refine_register, warp_label
+from semisam_o1.pool import build_stage_one, open_datastore
+from semisam_o1.registration import affine_register, demons_register, read_image, warp_label
 from semisam_o1.stage_one import StageOne
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.tasks.uncertainty_scoring import UncertaintyScoring
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     for case in timed:
         start = time.perf_counter()
         fixed, moving = read_image(studies / f"{case}.nii.gz"), read_image(templates[0].image_path)
-        refine_register(fixed, moving, affine_register(fixed, moving), "demons")
+        demons_register(fixed, moving, affine_register(fixed, moving))
         register_seconds.append(time.perf_counter() - start)
 
     # the single-atlas baselines always use affine + demons (stage one's own prior may be another method)

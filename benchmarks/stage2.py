@@ -28,7 +28,7 @@ from tqdm import tqdm
 from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import mean_dice, scores
 from semisam_o1.normalize import normalize
-from semisam_o1.pipeline import build_stage_one, open_datastore
+from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.segmenter import load_network, predict_with_uncertainty, train_network
 from semisam_o1.stage_one import StageOne
 from semisam_o1.stage_two import StageTwo

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from semisam_o1.orthanc import free_port
+from semisam_o1.distributed import free_port
 from semisam_o1.sample_data import SampleDataError, download_msd, find_local_source, populate
 
 

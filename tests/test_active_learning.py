@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from test_stage_two import FAST, make_client
 
 from semisam_o1.active_learning import SCORE_KEY, distance_to_labelled, recently_served, uncertain_then_diverse, uncertainty_score
-from semisam_o1.pipeline import open_datastore
+from semisam_o1.pool import open_datastore
 
 UNLABELLED = ["hippocampus_003", "hippocampus_008"]
 
@@ -178,7 +178,7 @@ def test_quirk_label_of_another_anatomy_is_refused(tiny_studies, sample_source, 
 def test_stage_one_scores_are_redone_when_the_prior_changes(tiny_studies):
     """A score's version names the spatial prior and the propagation: a server restarted with another
     ``--conf registration`` or ``propagation`` scores the pool again instead of keeping stale scores."""
-    from semisam_o1.pipeline import open_datastore
+    from semisam_o1.pool import open_datastore
     from semisam_o1.tasks.uncertainty_scoring import stage_one_version
     from semisam_o1.templates import find_templates
 

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from semisam_o1.config import AppConfig
-from semisam_o1.pipeline import build_stage_one, open_datastore
+from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.plan import Plan
 from semisam_o1.propagation import (
     PropagationParams, build_bank, class_quota, consistent_mappings, keep_largest_per_class, mapping_consistency, propagate, window_radius,
@@ -210,14 +210,14 @@ def test_a_failed_registration_skips_that_image_only_and_is_reported(tmp_path, m
     import semisam_o1.stage_one as so
     from semisam_o1.pipeline import run_stage_one
 
-    real = so.refine_register
+    real = so.demons_register
 
-    def failing(fixed, moving, initial, kind):  # ITK's own message for volumes that do not overlap
+    def failing(fixed, moving, initial):  # ITK's own message for volumes that do not overlap
         if sitk.GetArrayViewFromImage(fixed).mean() < 0.01:  # the blank image only
             raise RuntimeError("Exception thrown in SimpleITK Execute:\nAll samples map outside moving image buffer")
-        return real(fixed, moving, initial, kind)
+        return real(fixed, moving, initial)
 
-    monkeypatch.setattr(so, "refine_register", failing)
+    monkeypatch.setattr(so, "demons_register", failing)
 
     studies = tmp_path / "studies"
     studies.mkdir()

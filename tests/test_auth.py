@@ -29,7 +29,7 @@ from test_slicer_contract import SLICER_INFER, SLICER_LABEL_INFO
 from test_stage_two import FAST
 
 from semisam_o1 import PROJECT_ROOT
-from semisam_o1.orthanc import free_port
+from semisam_o1.distributed import free_port
 
 pytestmark = pytest.mark.server
 

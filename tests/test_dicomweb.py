@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from conftest import Server
 
 from semisam_o1 import PROJECT_ROOT
-from semisam_o1.orthanc import SHARED_DICOM, Orthanc, missing_binaries, nifti_to_dicom_series
+from orthanc_harness import SHARED_DICOM, Orthanc, missing_binaries, nifti_to_dicom_series
 
 pytestmark = [
     pytest.mark.server,

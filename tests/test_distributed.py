@@ -18,8 +18,9 @@ import requests
 from semisam_o1.active_learning import SCORE_KEY
 from semisam_o1.cli import main
 from semisam_o1.config import AppConfig
-from semisam_o1.orthanc import free_port
-from semisam_o1.pipeline import open_datastore, run_stage_one
+from semisam_o1.distributed import free_port
+from semisam_o1.pool import open_datastore
+from semisam_o1.pipeline import run_stage_one
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"

@@ -14,7 +14,7 @@ from conftest import Server
 from test_server import QUIET, wait_job
 
 from semisam_o1.config import AppConfig
-from semisam_o1.pipeline import build_stage_one
+from semisam_o1.pool import build_stage_one
 from semisam_o1.plan import PLAN_FILE
 from semisam_o1.priority import InteractivePriority
 

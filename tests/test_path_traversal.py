@@ -168,8 +168,8 @@ def test_dicomweb_ids_must_be_uids_before_any_path(tmp_path, monkeypatch):
     """A DICOMweb datastore refuses a non-UID series id (422) before touching its cache or the server."""
     from monailabel.config import settings
 
-    from semisam_o1.dicom import dicomweb_datastore
-    from semisam_o1.orthanc import free_port
+    from semisam_o1.tasks.dicomweb import dicomweb_datastore
+    from semisam_o1.distributed import free_port
 
     monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_CACHE_PATH", str(tmp_path / "cache"))
     datastore = dicomweb_datastore(f"http://127.0.0.1:{free_port()}/dicom-web")  # nothing listens there

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from semisam_o1.config import AppConfig, ConfError
-from semisam_o1.pipeline import build_stage_one, open_datastore
+from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.plan import PLAN_FILE, Plan, make_plan, resolve_device
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_label, save_label

@@ -61,7 +61,7 @@ def test_failed_download_is_one_line_naming_the_url_and_how_to_provide_the_data(
     import tempfile
 
     from semisam_o1 import cli, sample_data
-    from semisam_o1.orthanc import free_port
+    from semisam_o1.distributed import free_port
 
     url = f"http://127.0.0.1:{free_port()}/Task04_Hippocampus.tar"  # nothing listens there
     monkeypatch.setenv("SEMISAM_SAMPLE_URL", url)

@@ -8,7 +8,8 @@ import SimpleITK as sitk
 from test_stage_two import FAST, make_client
 
 from semisam_o1.config import AppConfig
-from semisam_o1.pipeline import build_stage_one, open_datastore, run_stage_one
+from semisam_o1.pool import build_stage_one, open_datastore
+from semisam_o1.pipeline import run_stage_one
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image
 

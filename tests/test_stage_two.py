@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from semisam_o1.config import AppConfig
 from semisam_o1.normalize import normalize
-from semisam_o1.pipeline import build_stage_one, open_datastore
+from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.segmenter import TrainParams, build_network, load_network, predict_with_uncertainty, save_network
 from semisam_o1.server import APP_DIR
 from semisam_o1.stage_two import StageTwo

@@ -12,14 +12,14 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.scoring.dice import Dice
 
 import semisam_o1
-from semisam_o1.config import AppConfig
-from semisam_o1.dicom import dicomweb_datastore, work_dir
+from semisam_o1.config import AppConfig, is_dicomweb
 from semisam_o1.distributed import check_reachable
 from semisam_o1.jobs import exit_with_parent, in_job_process
-from semisam_o1.pipeline import build_stage_one, pool_runner, refresh_pseudo_labels
+from semisam_o1.pool import build_stage_one, pool_runner, refresh_pseudo_labels
 from semisam_o1.priority import InteractivePriority
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.tasks import request_guard
+from semisam_o1.tasks.dicomweb import dicomweb_datastore, work_dir
 from semisam_o1.tasks.feature_extraction import FeatureExtraction
 from semisam_o1.tasks.network_infer import NetworkInfer
 from semisam_o1.tasks.prototype_infer import PrototypeInfer
@@ -90,7 +90,7 @@ class SemiSAMO1App(MONAILabelApp):
         return {i: done.get(i, {}) for i in image_ids}
 
     def init_datastore(self):
-        if self.studies.startswith(("http://", "https://")):
+        if is_dicomweb(self.studies):
             return super().init_datastore()
         return TemplateDatastore(
             self.studies,

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from semisam_o1.config import OPTIONS, AppConfig, ConfError
+from semisam_o1.config import OPTIONS, AppConfig, ConfError, is_dicomweb
 from semisam_o1.sample_data import SAMPLE_DATASTORE, SampleDataError, load_manifest, populate, verify
 
 
@@ -28,8 +28,7 @@ def sample_conf(studies: Path) -> dict[str, str]:
 def cmd_serve(args) -> int:
     studies = args.studies
     conf = _conf_pairs(args.conf, args.ray_address)
-    is_url = str(studies).startswith(("http://", "https://"))
-    if not is_url:
+    if not is_dicomweb(studies):
         studies = Path(studies)
         if studies.resolve() == SAMPLE_DATASTORE.resolve() and verify(studies):
             print("sample datastore incomplete; filling it first (python main.py sample-data)")

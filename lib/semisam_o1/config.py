@@ -12,6 +12,16 @@ import re
 from dataclasses import dataclass, field, fields
 
 
+def is_dicomweb(studies) -> bool:
+    """Whether the server's studies source ``studies`` (str or path) is a DICOMweb server's URL
+    (``http://`` or ``https://``); anything else is a local datastore folder.
+
+    >>> is_dicomweb("https://pacs.example/dicom-web"), is_dicomweb("sample-datastore")
+    (True, False)
+    """
+    return str(studies).startswith(("http://", "https://"))
+
+
 class ConfError(ValueError):
     """A ``--conf`` key is unknown or its value cannot be parsed."""
 

@@ -37,6 +37,13 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no socket holds now (for a rendezvous or a child server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class ClusterError(RuntimeError):
     """The Ray cluster cannot be used: unreachable address, or a worker that cannot see the datastore."""
 

@@ -7,7 +7,7 @@ from monai.transforms import ScaleIntensityRange, ScaleIntensityRangePercentiles
 
 #: MRI: robust min/max from the 0.5th and 99.5th percentile of the volume.
 MRI_PERCENTILES = (0.5, 99.5)
-#: CT: soft-tissue window in Hounsfield units, unless ``--conf ct_window lo,hi`` says otherwise.
+#: CT: soft-tissue window in Hounsfield units (the ``ct_window`` argument's default).
 CT_WINDOW = (-160.0, 240.0)
 
 
@@ -29,6 +29,13 @@ def normalization_id(modality: str = "mri", ct_window: tuple[float, float] = CT_
 
 
 def normalize(array: np.ndarray, modality: str = "mri", ct_window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
-    """(D, H, W) raw intensities -> (D, H, W) float32 in [0, 1]."""
+    """(D, H, W) raw intensities -> (D, H, W) float32 in [0, 1].
+
+    MRI: the volume's 0.5th percentile maps to 0 and its 99.5th to 1; CT: ``ct_window`` (HU) maps to [0, 1];
+    values outside are clipped.
+
+    >>> normalize(np.array([[[-1000.0, 40.0, 1000.0]]]), "ct").tolist()
+    [[[0.0, 0.5, 1.0]]]
+    """
     out = intensity_transform(modality, ct_window)(array.astype(np.float32))
     return np.asarray(out, dtype=np.float32)

@@ -1,195 +1,19 @@
-"""Pool-wide steps over a local datastore (the ``pipeline`` command, the server's jobs): stage one, stage two.
+"""The ``pipeline`` command's jobs over a local datastore: stage one on the pool, then stage two's rounds and their report.
 
-Per-image steps (:func:`prepare_image`: features + registrations; :func:`pseudo_label_image`: stage
-one) run through a :class:`~semisam_o1.distributed.PoolRunner`: in this process, or as Ray tasks with
-``--conf ray_address`` (a worker rebuilds the stage one from ``(studies, config)``, :func:`stage_one_of`).
-Labels are saved to the datastore by the calling process only; workers write caches only.
+The per-image and pool-wide steps they run live in :mod:`semisam_o1.pool` (the server's jobs run the same ones).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
-import tempfile
 import time
 from pathlib import Path
-from typing import Union
 
-import numpy as np
-from monailabel.config import settings
-from monailabel.datastore.local import LocalDatastore
-from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
-from tqdm import tqdm
+from monailabel.interfaces.datastore import DefaultLabelTag
 
 from semisam_o1.config import AppConfig
-from semisam_o1.distributed import PoolRunner
-from semisam_o1.feature_cache import FeatureCache
-from semisam_o1.plan import load_or_make_plan, resolve_device
-from semisam_o1.stage_one import NoTemplateError, StageOne
-from semisam_o1.tasks.pseudo_labels import PSEUDO_TAG, STAGE_ONE_MODEL
+from semisam_o1.pool import build_stage_one, open_datastore, pool_runner, refresh_pseudo_labels, save_published_labels
 from semisam_o1.templates import find_templates, label_map
-from semisam_o1.volumes import InputError, Volume, load_image, save_label
-
-logger = logging.getLogger(__name__)
-
-
-def open_datastore(studies: Path) -> LocalDatastore:
-    """MONAI Label's own local datastore over ``studies`` (no file watching)."""
-    return LocalDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
-
-
-def build_stage_one(studies: Path, config: AppConfig) -> StageOne:
-    """Stage one over ``studies`` with the datastore's plan (read, or planned now from its images and written)."""
-    device = resolve_device(config.device)
-    overrides = {"encoder_image_size": config.encoder_image_size, "feature_stride": config.feature_stride}
-    images = sorted(p for ext in ("*.nii.gz", "*.nii") for p in Path(studies).glob(ext))
-    plan = load_or_make_plan(studies, images, device, overrides)
-    cache = FeatureCache(studies, config.encoder_spec(plan.encoder_image_size), config.feature_dims, config.modality, plan, device)
-    return StageOne(studies, cache, label_values=set(config.labels.values()) or None, label_names=config.labels,
-                    registration=config.registration, propagation=config.propagation)
-
-
-#: A stage one, or what rebuilds it in a worker process: ``(studies, config)`` (see :func:`stage_one_of`).
-StageOneSource = Union[StageOne, tuple]
-
-_BUILT: dict[tuple[str, str], object] = {}  # stage ones and stage twos a worker built
-
-
-def stage_one_of(source: StageOneSource) -> StageOne:
-    """``source`` itself, or the stage one of ``(studies, config)``, built once per process (a Ray worker
-    keeps its encoder and template banks between tasks)."""
-    if isinstance(source, StageOne):
-        return source
-    studies, config = source
-    key = (str(studies), repr(config))
-    if key not in _BUILT:
-        _BUILT[key] = build_stage_one(Path(studies), config)
-    return _BUILT[key]
-
-
-def stage_two_of(source):
-    """``source`` itself (a :class:`~semisam_o1.stage_two.StageTwo`), or the stage two of ``(studies, config)``,
-    built once per process (over :func:`stage_one_of`'s stage one)."""
-    from semisam_o1.stage_two import StageTwo
-
-    if isinstance(source, StageTwo):
-        return source
-    studies, config = source
-    key = (f"{studies}:stage_two", repr(config))
-    if key not in _BUILT:
-        _BUILT[key] = StageTwo(Path(studies), stage_one_of(source), config.stage_two_params())
-    return _BUILT[key]
-
-
-def prepare_image(image_path: str, source: StageOneSource, template_paths: list[str]) -> None:
-    """One image's stage-one caches: its features (encoded once) and its registration to every
-    template by every method of the prior. Idempotent (content-hash cache files, locked, atomic)."""
-    stage_one = stage_one_of(source)
-    stage_one.cache.get_or_compute(load_image(image_path))
-    for template in template_paths:
-        for method in stage_one.methods:
-            stage_one.transform(Path(image_path), Path(template), method)
-
-
-def pseudo_label_image(image_path: str, source: StageOneSource, templates: list, names: dict[str, int]) -> tuple[np.ndarray, Volume, dict]:
-    """Stage one on one image: ``(label (D, H, W) uint8, the image's geometry (a Volume whose array is
-    empty), summary)``; nothing is written but caches."""
-    prediction = stage_one_of(source).predict(image_path, templates)
-    geometry = dataclasses.replace(prediction.image, array=np.empty((0, 0, 0), np.float32))
-    return prediction.label.astype(np.uint8), geometry, prediction.summary(names)
-
-
-def pool_runner(studies: Path, config: AppConfig) -> PoolRunner:
-    """The :class:`~semisam_o1.distributed.PoolRunner` of ``--conf ray_address`` (in process when empty);
-    on Ray, every node is checked to see ``studies`` and tasks ask for a GPU when the work runs on one.
-
-    Raises:
-        ClusterError: unreachable address, or a worker that cannot use ``studies``.
-    """
-    runner = PoolRunner(config.ray_address, config.workers)
-    if runner.distributed:
-        runner.num_gpus = 1 if config.device.startswith("cuda") or (config.device == "auto" and runner.cluster_gpus()) else 0
-        try:
-            runner.check_shared_path(Path(studies))
-        except Exception:
-            runner.close()
-            raise
-    return runner
-
-
-def _source(stage_one: StageOne, config: AppConfig | None, runner: PoolRunner) -> StageOneSource:
-    return (stage_one.studies.resolve(), config) if runner.distributed else stage_one
-
-
-def encode_first_template(runner: PoolRunner, source: StageOneSource, templates: list) -> None:
-    """Encode the first template before any other image: the cache's feature basis is fitted on the
-    first image encoded, so this makes it the same whatever order workers finish in."""
-    for _, _, error in runner.map(prepare_image, [str(t.image_path) for t in templates[:1]], source, []):
-        if error is not None:
-            raise error
-
-
-def refresh_pseudo_labels(stage_one: StageOne, datastore: Datastore, names: dict[str, int], progress: bool = False,
-                          errors: dict[str, str] | None = None, before_image=None, runner: PoolRunner | None = None,
-                          config: AppConfig | None = None, image_ids: list[str] | None = None, tag: str = PSEUDO_TAG) -> dict:
-    """Stage one from the datastore's current templates on ``image_ids`` (default: every image without a
-    ``final`` label).
-
-    Saves each result under ``tag`` (``pseudo``; never ``final``) with its summary as label info.
-    Returns ``{image_id: summary}``; an image that fails (bad file, failed registration) is logged,
-    its message put in ``errors[image_id]`` (when given), and skipped: the rest of the pool goes on.
-    ``before_image()`` is called before each image in process (the server's refresh waits there while
-    an interactive request runs, :mod:`semisam_o1.priority`). With a distributed ``runner`` (and the
-    ``config`` the workers rebuild ``stage_one`` from), every image is a Ray task; labels are saved here.
-    """
-    runner = runner or PoolRunner()
-    templates = find_templates(datastore)
-    if tag == DefaultLabelTag.FINAL:
-        raise ValueError("stage-one labels are never saved as 'final'")
-    ids = datastore.get_unlabeled_images(DefaultLabelTag.FINAL) if image_ids is None else image_ids
-    paths = {datastore.get_image_uri(i): i for i in sorted(ids)}
-    cases = {}
-    encode_first_template(runner, _source(stage_one, config, runner), templates)
-    for path, value, error in runner.map(pseudo_label_image, paths, _source(stage_one, config, runner), templates, names,
-                                         desc="stage 1: propagate", progress=progress, before_each=before_image):
-        image_id = paths[path]
-        if isinstance(error, NoTemplateError) or (error is not None and not isinstance(error, InputError)):
-            raise error
-        if error is not None:
-            logger.warning(f"stage 1: {image_id} skipped: {error}")
-            if errors is not None:
-                errors[image_id] = str(error)
-            continue
-        label, geometry, cases[image_id] = value
-        with tempfile.TemporaryDirectory() as tmp:
-            out = save_label(label, geometry, Path(tmp) / "label.nii.gz")
-            datastore.save_label(image_id, str(out), tag, {"model": STAGE_ONE_MODEL, "templates": [t.image_id for t in templates], **cases[image_id]})
-    return cases
-
-
-def prepare_pool(stage_one: StageOne, datastore: Datastore, runner: PoolRunner | None = None, config: AppConfig | None = None,
-                 progress: bool = False, before_image=None, on_image=None) -> tuple[list[str], dict[str, str]]:
-    """:func:`prepare_image` on every image of the datastore (the ``features`` job): ``(done ids, {failed id: message})``.
-
-    ``on_image(n, total, image_id, error)`` is called as each finishes (the job's progress lines).
-    """
-    runner = runner or PoolRunner()
-    templates = find_templates(datastore)
-    paths = {datastore.get_image_uri(i): i for i in sorted(datastore.list_images())}
-    done, failed = [], {}
-    encode_first_template(runner, _source(stage_one, config, runner), templates)
-    for n, (path, _, error) in enumerate(runner.map(prepare_image, paths, _source(stage_one, config, runner), [str(t.image_path) for t in templates],
-                                                    desc="features", progress=progress, before_each=before_image), 1):
-        if error is not None and not isinstance(error, InputError):
-            raise error
-        if error is None:
-            done.append(paths[path])
-        else:  # one bad file must not stop the pool
-            failed[paths[path]] = str(error)
-        if on_image is not None:
-            on_image(n, len(paths), paths[path], error)
-    return done, failed
 
 
 def run_stage_one(studies: Path, config: AppConfig, progress: bool = True) -> dict:
@@ -233,14 +57,11 @@ def run_stage_two(studies: Path, config: AppConfig, truth: Path | None = None, r
     two = StageTwo(studies, stage_one, config.stage_two_params())
     pool = {i: Path(datastore.get_image_uri(i)) for i in sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))}
     state = two.run(templates, pool, progress=progress)
-    rounds, published = len(state["rounds"]), two.published(state)
-    for image_id in pool:  # the published round's pseudo-labels
-        datastore.save_label(image_id, str(two.labels_dir(published) / f"{image_id}.nii.gz"), PSEUDO_TAG, {"model": "semisam_o1", "round": published})
+    rounds, published = len(state["rounds"]), save_published_labels(datastore, two, state, pool)
 
     report_dir = Path(report_dir or studies / ".semisam" / "report")
     report_dir.mkdir(parents=True, exist_ok=True)
-    report = {"rounds": state["rounds"], "published": state.get("published"), "stopped_early": state.get("stopped_early"),
-              "pseudo_templates": state.get("pseudo_templates", []), "pseudo_templates_note": state.get("pseudo_templates_note")}
+    report = StageTwo.summary(state)
     names = label_map(templates, config.labels)
     if truth is not None:
         per_round = []

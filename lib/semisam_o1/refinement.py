@@ -6,17 +6,13 @@ voxels, searched with FAISS over a sample (below) of the confident voxels of the
 every template voxel. A voxel's search vector is its L2-normalised foundation feature, optionally
 followed by its position in a common anatomical frame (the first template's voxel grid, through the
 stage-one registration) times ``position_weight``: feature similarity alone cannot tell the left end
-of a structure from its right end, and on hippocampus it made the refined labels worse than the
-network's own (a network trained 300 iterations, pool Dice 0.7555: 0.7589 after refinement at the
-0.98 quantile without position, 0.7646 with ``position_weight`` 0.2). Votes are weighted by
-``max(0, 1 - d / 2)`` for squared distance ``d`` (= cosine similarity without position).
+of a structure from its right end. Votes are weighted by ``max(0, 1 - d / 2)`` for squared distance
+``d`` (= cosine similarity without position).
+
 The bank is a uniform sample (one rate for every class, so the vote estimates the local class
 mixture) of the confident voxels of the structures and a ``band`` of background around them, where
-the uncertain voxels lie. Two earlier designs tilted the votes: a class-balanced sample with equal
-votes turned uncertain border voxels into foreground (pool Dice 0.795 -> 0.695 -> 0.586 over three
-rounds), and the same sample with votes weighted by class frequency still did, because with k=10 the
-sparse background samples rarely made it among the neighbours (hippocampus, soft pseudo-labels of
-round 1 at pool Dice 0.800: 0.796 after that refinement, 0.799 after this one).
+the uncertain voxels lie. A class-balanced sample, or votes weighted by class frequency, would tilt
+the vote towards the rarer class (foreground) at every border.
 
 Volume level (the published code, :func:`refine_volumes`, kept as an ablation): the most uncertain
 volumes take the whole label map of their most similar confident volume.

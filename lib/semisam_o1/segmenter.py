@@ -243,7 +243,7 @@ def train_network_replicas(
     kind = torch.device(device).type
     from torch.multiprocessing.spawn import ProcessException
 
-    from semisam_o1.orthanc import free_port
+    from semisam_o1.distributed import free_port
 
     context = torch.multiprocessing.get_context("spawn")
     progress = context.Queue()

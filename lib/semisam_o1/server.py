@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from semisam_o1 import PROJECT_ROOT
+from semisam_o1.config import is_dicomweb
 from semisam_o1.jobs import SERVER_PID
 
 APP_DIR = PROJECT_ROOT / "apps" / "semisam_o1"
@@ -59,7 +60,7 @@ def serve(studies: Path | str, conf: dict[str, str], host: str = "127.0.0.1", po
     Raises:
         ServeRefused: a non-loopback ``host`` without auth or ``insecure``, or unusable auth settings.
     """
-    studies = str(studies) if str(studies).startswith(("http://", "https://")) else str(Path(studies).resolve())
+    studies = str(studies) if is_dicomweb(studies) else str(Path(studies).resolve())
     os.environ.update(server_environment(studies, conf, port))
 
     from monailabel.config import settings  # MONAI Label's settings: the environment and ./.env

@@ -33,7 +33,7 @@ from semisam_o1.propagation import (
     PropagationParams, TemplateBank, build_bank, class_prototypes, consistent_mappings, mapping_consistency, propagate, propagate_prototypes,
 )
 from semisam_o1.registration import (
-    REGISTRATIONS, affine_register, load_transform, map_voxels, read_image, refine_register, save_transform, shrink, syn_register, warp_label,
+    REGISTRATIONS, affine_register, demons_register, load_transform, map_voxels, read_image, save_transform, shrink, syn_register, warp_label,
 )
 from semisam_o1.volumes import sha256
 from semisam_o1.templates import Template
@@ -208,7 +208,7 @@ class StageOne:
                         if method == "syn":
                             transform = syn_register(fixed, moving)
                         else:
-                            transform = refine_register(fixed, moving, affine_register(fixed, moving), "demons")
+                            transform = demons_register(fixed, moving, affine_register(fixed, moving))
                     except Exception as e:
                         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
                         raise RegistrationError(

@@ -19,11 +19,8 @@ Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net s
 Soft pseudo-labels are a temporal ensemble (Laine & Aila, 2017): after round r they are the mean of
 stage one's soft labels and the softmax (flip + MC-dropout mean) of every round's network so far,
 ``(r * previous + network_r) / (r + 1)`` (``ensemble="mean"``); with ``ensemble="network"`` they are the
-round's network's softmax alone. A round's network alone is no better than its teacher at a
-CPU budget (hippocampus: pool Dice of its labels 0.793 vs stage one's 0.795); averaged with stage one
-it is (0.800). With a fixed weight for the newest network (tried: 0.5) stage one's share halves every
-round and the refined labels drifted down to the networks' level (0.796 -> 0.789 -> 0.785); with the
-mean each source keeps an equal say (0.799 -> 0.797 -> 0.796, ``benchmarks/results/stage2.json``). The entropy of the soft labels is
+round's network's softmax alone. With the mean every source (stage one, each round's network) keeps an
+equal say, so no single network's errors take over the labels. The entropy of the soft labels is
 the voxel-wise uncertainty; the refinement relabels the most uncertain voxels of their argmax. With
 ``replace_confidence`` > 0 the argmax replaces the previous round's label only where its top class holds
 at least that probability (:func:`confident_replacement`); the refinement then sees that label. With
@@ -530,6 +527,13 @@ class StageTwo:
         del ent, x
         prob = probs_to_grid(prob, image.array.shape)  # back to the image's grid
         return prob, entropy(prob)
+
+    @staticmethod
+    def summary(state: dict) -> dict:
+        """What a run reports (train status, ``rounds.json``): ``rounds`` (per-round stats), ``published`` (the
+        round served and the signal that chose it), ``stopped_early``, ``pseudo_templates`` and ``pseudo_templates_note``."""
+        return {"rounds": state["rounds"], "published": state.get("published"), "stopped_early": state.get("stopped_early"),
+                "pseudo_templates": state.get("pseudo_templates", []), "pseudo_templates_note": state.get("pseudo_templates_note")}
 
     @staticmethod
     def published(state: dict) -> int:

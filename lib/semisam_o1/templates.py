@@ -18,6 +18,12 @@ from semisam_o1.volumes import InputError, label_array
 
 logger = logging.getLogger(__name__)
 
+#: Tag of machine-made labels; ``final`` (MONAI Label's ``DefaultLabelTag.FINAL``) is reserved for clinicians.
+PSEUDO_TAG = "pseudo"
+
+#: The stage-one model's name (registration-guided feature label fusion).
+STAGE_ONE_MODEL = "semisam_prototype"
+
 
 @dataclass(frozen=True)
 class Template:

@@ -13,7 +13,7 @@ instead of ``monailabel.app:app``:
   side routes such as ``/ohif/viewer?StudyInstanceUIDs=...``). ``index.html`` also sets the cookie
   OHIF's MONAI Label panel reads for the server address (``MONAILABEL_SERVER_URL``) to this
   server's ``/ohif-api/``, unless the browser has one, so the panel needs no typing.
-- ``/infer/{model}?output=dicom_seg`` converts with pydicom-seg (:mod:`semisam_o1.dicom`) instead of
+- ``/infer/{model}?output=dicom_seg`` converts with pydicom-seg (:mod:`semisam_o1.tasks.dicomweb`) instead of
   dcmqi's ``itkimage2segimage``, which is never downloaded; the SEG file is deleted once answered.
 - With ``MONAI_LABEL_AUTH_ENABLE``: OpenID Connect bearer tokens under MONAI Label's role checks, and
   ``/auth/token`` as a password grant at the issuer (:mod:`semisam_o1.auth`).
@@ -110,7 +110,7 @@ def _dicom_seg(series_dir, label, label_info, file_ext="*", use_itk=True) -> str
     """``nifti_to_dicom_seg`` of MONAI Label's infer endpoint, with pydicom-seg (no dcmqi)."""
     import tempfile
 
-    from semisam_o1.dicom import label_to_seg
+    from semisam_o1.tasks.dicomweb import label_to_seg
 
     series_dir = Path(series_dir)
     names = {str(info.get("name", f"label_{i + 1}")): int(info.get("idx", i + 1)) for i, info in enumerate(label_info or [])}

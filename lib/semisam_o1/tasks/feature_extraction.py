@@ -19,7 +19,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from semisam_o1.config import AppConfig
-from semisam_o1.pipeline import pool_runner, prepare_pool
+from semisam_o1.pool import pool_runner, prepare_pool
 from semisam_o1.priority import InteractivePriority, lower_job_priority
 from semisam_o1.stage_one import StageOne
 

@@ -8,13 +8,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.batch_infer import BatchInferImageType, BatchInferTask
 
+from semisam_o1.templates import PSEUDO_TAG, STAGE_ONE_MODEL
 from semisam_o1.volumes import InputError
-
-#: Tag of machine-made labels; ``final`` is reserved for clinicians.
-PSEUDO_TAG = "pseudo"
-
-#: The stage-one model's name (registration-guided feature label fusion).
-STAGE_ONE_MODEL = "semisam_prototype"
 
 
 def refuse_final(tag: str | None) -> None:
@@ -36,7 +31,7 @@ class PseudoLabelBatchInfer(BatchInferTask):
 
     def __init__(self, distributed: Callable[[list[str], str], dict] | None = None):
         """``distributed(image_ids, tag)``: the stage-one model's batch over the pool's Ray workers
-        (``--conf ray_address``; :func:`~semisam_o1.pipeline.refresh_pseudo_labels`), else ``None``."""
+        (``--conf ray_address``; :func:`~semisam_o1.pool.refresh_pseudo_labels`), else ``None``."""
         self.distributed = distributed
 
     def get_images(self, request, datastore: Datastore):

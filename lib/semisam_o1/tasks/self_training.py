@@ -17,9 +17,9 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from semisam_o1.config import AppConfig
+from semisam_o1.pool import save_published_labels
 from semisam_o1.stage_two import Progress, StageTwo
 from semisam_o1.tasks.errors import client_errors
-from semisam_o1.tasks.pseudo_labels import PSEUDO_TAG
 from semisam_o1.templates import find_templates
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,7 @@ class SelfTraining(TrainTask):
 
     def stats(self):
         state = self.stage_two.state()
-        return {"rounds_done": len(state["rounds"]), "rounds": state["rounds"], "model": str(self.stage_two.model_path) if state["rounds"] else None,
-                "published": state.get("published"), "stopped_early": state.get("stopped_early"),
-                "pseudo_templates": state.get("pseudo_templates", []), "pseudo_templates_note": state.get("pseudo_templates_note")}
+        return {"rounds_done": len(state["rounds"]), "model": str(self.stage_two.model_path) if state["rounds"] else None, **StageTwo.summary(state)}
 
     def options(self, request) -> dict:
         """The request's overrides (:data:`OPTIONS` keys present), parsed as their ``--conf`` options.
@@ -76,8 +74,5 @@ class SelfTraining(TrainTask):
                     logger.info(f"stage2 round stats {json.dumps(p.history[-1])}")
 
             state = stage_two.run(templates, pool, on_progress=report)
-        published = stage_two.published(state)
-        for image_id in pool:  # the published round's pseudo-labels
-            datastore.save_label(image_id, str(stage_two.labels_dir(published) / f"{image_id}.nii.gz"), PSEUDO_TAG, {"model": "semisam_o1", "round": published})
-        return {"rounds": state["rounds"], "published": state.get("published"), "stopped_early": state.get("stopped_early"),
-                "pseudo_templates": state.get("pseudo_templates", []), "pseudo_templates_note": state.get("pseudo_templates_note")}
+        save_published_labels(datastore, stage_two, state, pool)
+        return StageTwo.summary(state)

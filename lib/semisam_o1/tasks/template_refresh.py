@@ -17,7 +17,7 @@ from typing import Callable
 from monailabel.interfaces.datastore import Datastore
 
 from semisam_o1.config import AppConfig
-from semisam_o1.pipeline import pool_runner, refresh_pseudo_labels
+from semisam_o1.pool import pool_runner, refresh_pseudo_labels
 from semisam_o1.priority import InteractivePriority
 from semisam_o1.stage_one import StageOne
 

@@ -25,7 +25,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from semisam_o1.active_learning import SCORE_KEY, UNCERTAIN_ENTROPY, UNCERTAIN_VOTE, uncertainty_score
 from semisam_o1.config import AppConfig
-from semisam_o1.pipeline import pool_runner, stage_two_of
+from semisam_o1.pool import pool_runner, stage_two_of
 from semisam_o1.priority import InteractivePriority, lower_job_priority
 from semisam_o1.volumes import sha256
 from semisam_o1.stage_two import StageTwo
@@ -46,7 +46,7 @@ def stage_one_version(templates: list[Template], settings_id: str, method: str =
 
 def score_image(item: tuple[str, str], source, templates: list[Template], with_network: bool) -> dict:
     """One image's uncertainty summary (see the module docstring), ``item`` = ``(image_id, image path)``;
-    ``source`` a :class:`StageTwo`, or ``(studies, config)`` in a Ray worker (:func:`~semisam_o1.pipeline.stage_two_of`)."""
+    ``source`` a :class:`StageTwo`, or ``(studies, config)`` in a Ray worker (:func:`~semisam_o1.pool.stage_two_of`)."""
     image_id, path = item
     two = stage_two_of(source)
     image = load_image(path)

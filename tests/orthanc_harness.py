@@ -1,6 +1,6 @@
 """A private Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``) on loopback, and DICOM to put in it.
 
-Used by the tests and the DICOMweb benchmark; the README's "Use with OHIF + Orthanc" shows the same
+A test harness (the tests and the DICOMweb benchmark), not part of the package; the README's "Use with OHIF + Orthanc" shows the same
 configuration for a real installation. Orthanc runs as a child process with its own configuration
 file and storage folder, never as the system service::
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,17 +21,12 @@ import numpy as np
 import requests
 
 from semisam_o1 import PROJECT_ROOT
+from semisam_o1.distributed import free_port
 
 #: Where Debian's ``orthanc-dicomweb`` installs the plugin (``dpkg -L orthanc-dicomweb``).
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 #: The team's real DICOM series (read-only), beside the checkout.
 SHARED_DICOM = PROJECT_ROOT.parent / "shared" / "data" / "dicom"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def missing_binaries() -> list[str]:

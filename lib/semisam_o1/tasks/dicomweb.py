@@ -43,6 +43,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import md5_digest
 from pydicom.dataset import Dataset
 
+from semisam_o1.config import is_dicomweb
 from semisam_o1.safe_names import dicom_uid
 from semisam_o1.tasks.safe_datastore import NameChecks
 from semisam_o1.volumes import atomic_write, read_sitk
@@ -53,10 +54,6 @@ logger = logging.getLogger(__name__)
 LISTING_TTL = 10.0
 SERIES_UID = "0020000E"
 STUDY_UID = "0020000D"
-
-
-def is_url(studies: str | Path) -> bool:
-    return str(studies).startswith(("http://", "https://"))
 
 
 def cache_root(url: str) -> Path:
@@ -70,7 +67,7 @@ def cache_root(url: str) -> Path:
 
 def work_dir(studies: str | Path) -> Path:
     """Folder for the app's own caches (``.semisam``): the datastore folder, or the DICOMweb cache folder."""
-    return cache_root(str(studies)) if is_url(studies) else Path(studies)
+    return cache_root(str(studies)) if is_dicomweb(studies) else Path(studies)
 
 
 class SourceError(HTTPException):
