@@ -20,3 +20,31 @@ def test_unknown_conf_key_names_the_key():
 
 def test_monai_label_own_keys_are_accepted():
     assert AppConfig.from_conf({"server_mode": "true", "labels": "a=1"}).labels == {"a": 1}
+
+
+@pytest.mark.parametrize("key, text, value", [
+    ("encoder_axes", "2,0", (2, 0)),
+    ("rounds", "5", 5),
+    ("iterations", "auto", None),  # planned (plan.json network_iterations)
+    ("iterations", "250", 250),
+    ("ray_address", "10.0.0.2:6379", "10.0.0.2:6379"),
+    ("ray_address", "ray://head:10001", "ray://head:10001"),
+    ("refinement", "volume", "volume"),
+    ("device", "CPU", "cpu"),
+])
+def test_each_conf_parser_gives_the_typed_value(key, text, value):
+    assert AppConfig.parse_option(key, text) == value
+
+
+@pytest.mark.parametrize("key, text, message", [
+    ("encoder_axes", "0,3", "encoder_axes"),
+    ("encoder_axes", "", "encoder_axes"),
+    ("rounds", "0", "rounds"),
+    ("rounds", "three", "rounds"),
+    ("ray_address", "http://head:6379", "not a Ray address"),
+    ("refinement", "knn", "not one of voxel, volume, none"),
+    ("device", "tpu", "device"),
+])
+def test_a_bad_conf_value_is_an_error_naming_the_key(key, text, message):
+    with pytest.raises(ConfError, match=message):
+        AppConfig.from_conf({key: text})

@@ -221,3 +221,32 @@ def test_session_archive_members_stay_in_their_folder(served):
             assert send("DELETE", f"/session/{json.loads(body)['session_id']}")[0] == 200
         else:
             assert status == 422 and "cannot be unpacked safely" in body, body
+
+
+@pytest.mark.parametrize("path", ["../../../etc/passwd", "/etc/passwd", "js/../../../etc/passwd", "..", "js\\..\\..\\x", "app.js\x00.html"])
+def test_ohif_paths_never_leave_the_bundle(path, tmp_path, monkeypatch):
+    import semisam_o1.web as web
+
+    bundle = tmp_path / "ohif"
+    (bundle / "js").mkdir(parents=True)
+    (bundle / "index.html").write_text("<html></html>")
+    (bundle / "js" / "app.js").write_text("//")
+    monkeypatch.setattr(web, "OHIF_DIR", bundle)
+    assert web.ohif_file(path) is None
+
+
+def test_ohif_files_and_pages_resolve_inside_the_bundle_only(tmp_path, monkeypatch):
+    import semisam_o1.web as web
+
+    bundle = tmp_path / "ohif"
+    (bundle / "js").mkdir(parents=True)
+    (bundle / "index.html").write_text("<html></html>")
+    (bundle / "js" / "app.js").write_text("//")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not OHIF")
+    (bundle / "leak").symlink_to(secret)  # a link inside the bundle to a file outside it
+    monkeypatch.setattr(web, "OHIF_DIR", bundle)
+    assert web.ohif_file("js/app.js") == (bundle / "js" / "app.js").resolve()
+    assert web.ohif_file("viewer/1.2.3") == bundle.resolve() / "index.html"  # a page of the single-page app
+    assert web.ohif_file("") == bundle.resolve() / "index.html"
+    assert web.ohif_file("leak") == bundle.resolve() / "index.html"

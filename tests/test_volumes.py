@@ -77,3 +77,29 @@ def test_saved_label_has_the_image_geometry(image, tmp_path, suffix):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(got).transpose(2, 1, 0), label)
     if suffix == ".nii.gz":
         np.testing.assert_array_equal(nib.load(str(out)).affine, image.affine)
+
+
+def test_evaluate_folders_scores_each_matching_case_and_lists_the_missing(tmp_path):
+    from semisam_o1.evaluation import evaluate_folders
+
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    truth_dir.mkdir()
+    pred_dir.mkdir()
+    affine = np.diag([2.0, 1.0, 1.0, 1.0])
+    truth = np.zeros((8, 8, 8), np.uint8)
+    truth[2:6, 2:6, 2:6] = 1  # 64 voxels
+    truth[0, 0, 0] = 2
+    pred = truth.copy()
+    pred[2:4, 2:6, 2:6] = 0  # half of class 1 missed: Dice 2*32/(64+32) = 2/3
+    for name, t, p in [("a", truth, pred), ("b", truth, truth)]:
+        nib.save(nib.Nifti1Image(t, affine), truth_dir / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(p, affine), pred_dir / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(truth, affine), truth_dir / "c.nii.gz")  # no prediction
+    result = evaluate_folders(pred_dir, truth_dir, {"one": 1, "two": 2})
+    assert sorted(result["cases"]) == ["a", "b"] and result["missing"] == ["c.nii.gz"]
+    assert result["cases"]["a"]["one"]["dice"] == pytest.approx(2 / 3)
+    assert result["cases"]["b"]["one"]["dice"] == 1.0 and result["cases"]["b"]["one"]["hd95"] == 0.0
+    assert result["mean"]["one"]["dice"] == pytest.approx((2 / 3 + 1) / 2)
+    assert result["cases"]["a"]["one"]["hd95"] == pytest.approx(4.0)  # 2 voxels along the 2 mm axis
+    with pytest.raises(InputError, match="no prediction matches"):
+        evaluate_folders(tmp_path / "empty", truth_dir, {"one": 1})

@@ -131,19 +131,26 @@ def seg_to_label(seg_file: Path, image_nifti: Path, out: Path) -> Path:
     return atomic_write(out, lambda tmp: sitk.WriteImage(label, str(tmp), True))
 
 
-def label_to_seg(label_file: str | Path, image_nifti: Path, series_dir: Path, names: dict[str, int], out: Path) -> Path:
-    """Write a label (any format SimpleITK reads, on the image's grid) as a multi-class DICOM SEG.
+#: Segment colours for names MONAI Label's ``GENERIC_ANATOMY_COLORS`` does not know.
+PALETTE = [(255, 64, 64), (64, 160, 255), (64, 220, 64), (255, 200, 0), (200, 64, 255), (0, 220, 220)]
 
-    Segments are the label's non-zero values, named from ``names`` (``label_<value>`` otherwise).
+
+def label_to_seg(label_file: str | Path, image_nifti: Path, series_dir: Path, names: dict[str, int], out: Path) -> Path:
+    """Write a label (any format SimpleITK reads, on the image's grid) as a multi-class DICOM SEG at ``out``.
+
+    One segment per non-zero value of the label, named from ``names`` (``label_<value>`` otherwise),
+    referencing the instances of ``series_dir`` (``*.dcm``). The writer is MONAI Label's
+    :func:`~monailabel.datastore.utils.convert.nifti_to_dicom_seg` with pydicom-seg (``use_itk=False``: no
+    dcmqi); this wrapper first puts the label on the image's exact grid (same size required; header
+    differences such as a NIfTI qform are ignored) and refuses an empty label, where MONAI Label
+    would write a SEG in the label file's own geometry or return ``""``.
 
     Raises:
-        SourceError: 422 when the label does not cover the image's grid or is empty.
+        SourceError: 422 when the label is unreadable, does not cover the image's grid or is empty.
     """
-    import pydicom
-    import pydicom_seg
     import SimpleITK as sitk
-
     from monailabel.datastore.utils.colors import GENERIC_ANATOMY_COLORS
+    from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 
     reference = read_sitk(image_nifti)
     try:
@@ -152,43 +159,22 @@ def label_to_seg(label_file: str | Path, image_nifti: Path, series_dir: Path, na
         raise SourceError(422, f"label {Path(label_file).name}: not a readable image") from None
     if label.GetSize() != reference.GetSize():
         raise SourceError(422, f"label size {label.GetSize()} does not match the image's {reference.GetSize()}")
-    label.CopyInformation(reference)  # same voxel grid; header differences (e.g. NIfTI qform) ignored
+    label.CopyInformation(reference)
     values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v != 0]
     if not values:
         raise SourceError(422, "label is empty: nothing to save as DICOM SEG")
     by_value = {v: n for n, v in names.items()}
-    palette = [(255, 64, 64), (64, 160, 255), (64, 220, 64), (255, 200, 0), (200, 64, 255), (0, 220, 220)]
-    segments = []
-    for i, v in enumerate(values):
+    info = []
+    for i, v in enumerate(values):  # nifti_to_dicom_seg pairs label_info[i] with the i-th non-zero value
         name = by_value.get(v, f"label_{v}")
-        segments.append({
-            "labelID": v,
-            "SegmentLabel": name,
-            "SegmentDescription": name,
-            "SegmentAlgorithmType": "AUTOMATIC",
-            "SegmentAlgorithmName": "SemiSAM-O1",
-            "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "123037004", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Anatomical Structure"},
-            "SegmentedPropertyTypeCodeSequence": {"CodeValue": "78961009", "CodingSchemeDesignator": "SCT", "CodeMeaning": name},
-            "recommendedDisplayRGBValue": list(GENERIC_ANATOMY_COLORS.get(name, palette[i % len(palette)]))[:3],
-        })
-    template = pydicom_seg.template.from_dcmqi_metainfo({
-        "ContentCreatorName": "SemiSAM-O1",
-        "SeriesDescription": "SemiSAM-O1 final label",
-        "SeriesNumber": "300",
-        "InstanceNumber": "1",
-        "segmentAttributes": [segments],
-        "ContentLabel": "SEGMENTATION",
-        "ContentDescription": "SemiSAM-O1 (MONAI Label) segmentation",
-        "ClinicalTrialSeriesID": "Session1",
-        "ClinicalTrialTimePointID": "1",
-        "ClinicalTrialCoordinatingCenterName": "SemiSAM-O1",
-        "BodyPartExamined": "",
-    })
-    writer = pydicom_seg.MultiClassWriter(template=template, inplane_cropping=False, skip_empty_slices=False, skip_missing_segment=False)
-    sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in sorted(series_dir.glob("*.dcm"))]
-    dataset = writer.write(sitk.Cast(label, sitk.sitkUInt16), sources)
-    dataset.save_as(str(out))
-    return out
+        info.append({"name": name, "description": name, "model_name": "SemiSAM-O1",
+                     "color": GENERIC_ANATOMY_COLORS.get(name, PALETTE[i % len(PALETTE)])})
+    with tempfile.TemporaryDirectory() as tmp:
+        on_grid = Path(tmp) / "label.nii.gz"
+        sitk.WriteImage(sitk.Cast(label, sitk.sitkUInt16), str(on_grid), True)
+        written = Path(nifti_to_dicom_seg(str(series_dir), str(on_grid), info, file_ext="*.dcm", use_itk=False))
+    shutil.move(str(written), str(out))
+    return Path(out)
 
 
 class _Ttl:
