@@ -111,18 +111,18 @@ def main() -> int:
             cold = {}
             for uid in targets:
                 t = time.perf_counter()
-                client.infer("semisam_prototype", uid, {})
+                client.infer("semisam_stage_one", uid, {})
                 cold[uid] = round(time.perf_counter() - t, 3)
             target = sorted(targets)[0]
             total, server_side = [], []
             for _ in range(args.calls):
                 t = time.perf_counter()
-                label_file, result = client.infer("semisam_prototype", target, {})
+                label_file, result = client.infer("semisam_stage_one", target, {})
                 total.append(time.perf_counter() - t)
                 server_side.append(result["latencies"]["total"])
                 os.unlink(label_file)
         result = {
-            "what": "POST /infer/semisam_prototype?image=<SeriesInstanceUID> with MONAI Label's client -> label file on "
+            "what": "POST /infer/semisam_stage_one?image=<SeriesInstanceUID> with MONAI Label's client -> label file on "
                     "the client; studies = Orthanc DICOMweb (basic auth) on loopback; features/registrations cached",
             "calls": args.calls,
             "round_trip_p50_seconds": round(float(np.percentile(total, 50)), 3),

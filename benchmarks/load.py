@@ -9,7 +9,7 @@ its image's ground truth as ``final`` (8 new templates), then the app's backgrou
 (registration of each new template to every unlabelled image, encoding of the pool) runs to the end.
 Then, for ``--seconds``, every client loops over requests picked at random (seeded) in equal parts:
 
-- ``POST /infer/semisam_prototype?image=<id>`` (stage one) on the last image next-sample gave it;
+- ``POST /infer/semisam_stage_one?image=<id>`` (stage one) on the last image next-sample gave it;
 - ``POST /activelearning/random`` (next sample);
 - ``PUT /datastore/label?image=<own image>&tag=final``: its ground truth with 40 random labelled voxels
   switched to the other class, a new label each time; the client keeps the array it sent;
@@ -135,7 +135,7 @@ class Client(threading.Thread):
 
     def step(self, operation: str) -> None:
         if operation == "infer":
-            self.request(operation, "POST", f"/infer/semisam_prototype?image={self.target}")
+            self.request(operation, "POST", f"/infer/semisam_stage_one?image={self.target}")
         elif operation == "next_sample":
             answer = self.request(operation, "POST", "/activelearning/random", json={"client_id": self.name})
             if answer is not None and answer.ok and answer.json().get("id") in self.pool:

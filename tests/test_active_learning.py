@@ -110,7 +110,7 @@ def put_label(client, image_id: str, path, tag: str = "final"):
 
 def test_a_saved_final_label_becomes_a_template_and_changes_stage_one(tiny_studies, sample_source, monkeypatch, tmp_path):
     with make_client(tiny_studies, monkeypatch, FAST) as client:
-        before = client.post("/infer/semisam_prototype", params={"image": "hippocampus_008", "output": "json"}).json()
+        before = client.post("/infer/semisam_stage_one", params={"image": "hippocampus_008", "output": "json"}).json()
         assert before["templates"] == ["hippocampus_001"]
 
         # 3D Slicer sends NRRD: the same physical grid as the image, stored as NIfTI with the image's header
@@ -130,7 +130,7 @@ def test_a_saved_final_label_becomes_a_template_and_changes_stage_one(tiny_studi
         info = datastore.get_label_info(datastore.get_label_by_image_id("hippocampus_008", "pseudo"), "pseudo")
         assert info["templates"] == ["hippocampus_001", "hippocampus_003"]
 
-        after = client.post("/infer/semisam_prototype", params={"image": "hippocampus_008", "output": "json"}).json()
+        after = client.post("/infer/semisam_stage_one", params={"image": "hippocampus_008", "output": "json"}).json()
         assert after["templates"] == ["hippocampus_001", "hippocampus_003"]
         assert after["classes"] != before["classes"]
         # the new template is never offered for labelling again

@@ -71,6 +71,6 @@ def test_nrrd_final_label_is_a_template_everywhere(tiny_studies, monkeypatch):
         assert info.status_code == 200, info.text
         assert info.json()["labels"] == {"label_1": 1, "label_2": 2}  # read from the NRRD template itself
         assert info.json()["semisam"]["templates"] == ["hippocampus_001"]
-        res = client.post("/infer/semisam_prototype", params={"image": "hippocampus_003", "output": "json"})
+        res = client.post("/infer/semisam_stage_one", params={"image": "hippocampus_003", "output": "json"})
         assert res.status_code == 200, res.text
         assert res.json()["templates"] == ["hippocampus_001"] and res.json()["classes"]["label_2"]["voxels"] > 0

@@ -98,8 +98,8 @@ def test_annotator_infers_and_saves_but_cannot_train(auth_server, sample_source,
     client.update_auth(client.auth_token("annotator", "annotator-pw"))
     assert client.auth_valid_token()
 
-    assert client.info()["models"]["semisam_prototype"]["labels"] == {"anterior": 1, "posterior": 2}  # a 'user' endpoint
-    result, _ = client.infer("semisam_prototype", "hippocampus_003", dict(SLICER_INFER))
+    assert client.info()["models"]["semisam_stage_one"]["labels"] == {"anterior": 1, "posterior": 2}  # a 'user' endpoint
+    result, _ = client.infer("semisam_stage_one", "hippocampus_003", dict(SLICER_INFER))
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(result)))) == {0, 1, 2}
 
     corrected = tmp_path / "hippocampus_003.nrrd"

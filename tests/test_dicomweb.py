@@ -132,7 +132,7 @@ def test_infer_on_an_orthanc_series_and_save_the_result_back_as_dicom_seg(pacs, 
     from monailabel.client import MONAILabelClient
 
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
-    label_file, result = client.infer("semisam_prototype", pacs.target, {"label_tag": "original"})
+    label_file, result = client.infer("semisam_stage_one", pacs.target, {"label_tag": "original"})
     assert result["templates"] == [pacs.template]
     label = sitk.ReadImage(label_file)
     series = sitk.ImageSeriesReader()
@@ -151,7 +151,7 @@ def test_infer_on_an_orthanc_series_and_save_the_result_back_as_dicom_seg(pacs, 
 def test_infer_answers_a_dicom_seg_with_pydicom_seg(pacs, server):
     label_info = [{"name": "anterior", "idx": 1}, {"name": "posterior", "idx": 2}]
     response = requests.post(
-        f"{server.url}/infer/semisam_prototype", params={"image": pacs.target, "output": "dicom_seg"},
+        f"{server.url}/infer/semisam_stage_one", params={"image": pacs.target, "output": "dicom_seg"},
         data={"params": json.dumps({"label_info": label_info})}, timeout=120,
     )
     assert response.status_code == 200, response.text
@@ -163,7 +163,7 @@ def test_infer_answers_a_dicom_seg_with_pydicom_seg(pacs, server):
 
 def test_bad_input_and_orthanc_outage_are_clear_answers(pacs, server):
     def infer(uid):
-        return requests.post(f"{server.url}/infer/semisam_prototype", params={"image": uid}, data={"params": "{}"}, timeout=120)
+        return requests.post(f"{server.url}/infer/semisam_stage_one", params={"image": uid}, data={"params": "{}"}, timeout=120)
 
     unknown = "1.2.3.4.5.6.7.8.9"
     answer = infer(unknown)
@@ -196,7 +196,7 @@ def test_ohif_assets_are_served_from_their_folders(server):
     assert "MONAILABEL_SERVER_URL" not in chosen.cookies  # a user's own choice is kept
     ohif_info = requests.get(f"{server.url}/ohif-api/info/", timeout=30).json()
     assert ohif_info["labels"] == ["anterior", "posterior"]  # OHIF's panel needs a list; /info/ keeps the map
-    assert ohif_info["models"]["semisam_prototype"]["labels"] == {"anterior": 1, "posterior": 2}
+    assert ohif_info["models"]["semisam_stage_one"]["labels"] == {"anterior": 1, "posterior": 2}
     assert len(requests.get(f"{server.url}/ohif-api/proxy/dicom/qido/studies", timeout=30).json()) >= 3  # the rest of the API under the prefix
     asset = requests.get(f"{server.url}/ohif/assets/favicon-16x16.png", timeout=10)
     assert asset.status_code == 200 and asset.headers["content-type"] == "image/png"
@@ -290,8 +290,8 @@ def test_ohif_study_list_to_segmentation_in_headless_chromium(pacs, server, brow
         canvases = [c.rect for c in browser.find_elements(By.CSS_SELECTOR, "canvas.cornerstone-canvas") if c.rect["width"] > 50]
         assert canvases, "no cornerstone viewport canvas"
         before = shot("ohif_3_connected")
-        model = wait.until(ec.presence_of_element_located((By.XPATH, "//select[option[@value='semisam_prototype']]")))
-        Select(model).select_by_value("semisam_prototype")
+        model = wait.until(ec.presence_of_element_located((By.XPATH, "//select[option[@value='semisam_stage_one']]")))
+        Select(model).select_by_value("semisam_stage_one")
         click("//button[@title='Run Segmentation']")
         wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'Running Segmentation - Successful')]")))
         time.sleep(6)  # the labelmap renders; the success notification (4 s) goes
@@ -300,5 +300,5 @@ def test_ohif_study_list_to_segmentation_in_headless_chromium(pacs, server, brow
         (tmp_path / "console.log").write_text("\n".join(str(e) for e in browser.get_log("browser")))
         shutil.copy(tmp_path / "console.log", shots / "ohif_console.log")
     assert coloured_pixels(after, canvases) > coloured_pixels(before, canvases) + 500, f"no segmentation overlay appeared in {canvases}"
-    assert "Infer Request: {'model': 'semisam_prototype'" in server.log.read_text()  # the browser's request reached the app
+    assert "Infer Request: {'model': 'semisam_stage_one'" in server.log.read_text()  # the browser's request reached the app
     assert time.monotonic() - started < 300

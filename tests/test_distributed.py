@@ -148,7 +148,7 @@ def test_server_jobs_run_on_the_cluster(cluster, reference, tmp_path, sample_sou
         status = wait_job(server.url, "scoring", timeout=600)
         assert status["status"] == "DONE", status
         assert any(f"features: 4 items as Ray tasks ({cluster})" in line for line in status["details"]), status["details"][-20:]
-        assert requests.post(f"{server.url}/batch/infer/semisam_prototype", timeout=30).ok
+        assert requests.post(f"{server.url}/batch/infer/semisam_stage_one", timeout=30).ok
         status = wait_job(server.url, "batch/infer", timeout=600)
         assert status["status"] == "DONE", status
         assert any(f"stage 1: propagate: 3 items as Ray tasks ({cluster})" in line for line in status["details"]), status["details"][-20:]

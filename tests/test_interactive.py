@@ -28,7 +28,7 @@ SERVER_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def infer(url: str, image: str, timeout: float = 600) -> requests.Response:
-    return requests.post(f"{url}/infer/semisam_prototype", params={"image": image}, timeout=timeout)
+    return requests.post(f"{url}/infer/semisam_stage_one", params={"image": image}, timeout=timeout)
 
 
 def test_a_listing_is_answered_while_an_infer_runs(tiny_studies):

@@ -103,10 +103,10 @@ def attacks(image: bytes, label: bytes, outside: Path):
             yield "PUT", f"/datastore/image/info?image={v}", None, {"info": "{}"}
             yield "GET", f"/datastore/label/info?label={TEMPLATE}&tag={v}", None, None
             yield "PUT", f"/datastore/label/info?label={v}&tag=final", None, {"info": "{}"}
-            yield "POST", f"/infer/semisam_prototype?image={v}&output=json", None, None
-            yield "POST", f"/infer/semisam_prototype?image={POOL}&output=json", None, {"params": json.dumps({"image": value})}
-            yield "POST", f"/infer/semisam_prototype?session_id={v}&output=json", None, None
-            yield "POST", f"/infer/semisam_prototype?image={POOL}&output=json", None, {"params": json.dumps({"result_extension": f".nii/{value}"})}
+            yield "POST", f"/infer/semisam_stage_one?image={v}&output=json", None, None
+            yield "POST", f"/infer/semisam_stage_one?image={POOL}&output=json", None, {"params": json.dumps({"image": value})}
+            yield "POST", f"/infer/semisam_stage_one?session_id={v}&output=json", None, None
+            yield "POST", f"/infer/semisam_stage_one?image={POOL}&output=json", None, {"params": json.dumps({"result_extension": f".nii/{value}"})}
             yield "POST", f"/infer/{v}?image={POOL}&output=json", None, None
             yield "POST", f"/activelearning/{v}", None, None
             yield "POST", f"/scoring/{v}", None, None

@@ -19,8 +19,8 @@ def client(tiny_studies, monkeypatch):
 @pytest.mark.parametrize(
     "path, detail",
     [
-        (f"/infer/nope?image={POOL}", "unknown model 'nope'; known models: semisam_o1, semisam_prototype"),
-        ("/batch/infer/nope", "unknown model 'nope'; known models: semisam_o1, semisam_prototype"),
+        (f"/infer/nope?image={POOL}", "unknown model 'nope'; known models: semisam_o1, semisam_stage_one"),
+        ("/batch/infer/nope", "unknown model 'nope'; known models: semisam_o1, semisam_stage_one"),
         ("/activelearning/nope", "unknown strategy 'nope'; known strategies: diverse, first, random, uncertain, uncertain_diverse"),
         ("/train/nope", "unknown trainer 'nope'; known trainers: semisam_o1"),
         ("/scoring/nope", "unknown scoring method 'nope'; known scoring methods: dice, features, uncertainty"),
@@ -35,18 +35,18 @@ def test_unknown_task_is_404_listing_the_known_ones(client, path, detail):
 
 @pytest.mark.parametrize("params, problem", [("{bad", "params: not valid JSON"), ("[1, 2]", "params: expected a JSON object, got list")])
 def test_malformed_infer_params_are_422(client, params, problem):
-    res = client.post("/infer/semisam_prototype", params={"image": POOL, "output": "json"}, data={"params": params})
+    res = client.post("/infer/semisam_stage_one", params={"image": POOL, "output": "json"}, data={"params": params})
     assert res.status_code == 422, res.text
     assert res.json()["detail"].startswith(problem)
 
 
 def test_unknown_image_on_infer_is_404_naming_it(client):
     missing = "image 'hippocampus_999' is not in the datastore"
-    res = client.post("/infer/semisam_prototype", params={"image": "hippocampus_999", "output": "json"})
+    res = client.post("/infer/semisam_stage_one", params={"image": "hippocampus_999", "output": "json"})
     assert res.status_code == 404 and res.json()["detail"] == missing
-    res = client.post("/infer/semisam_prototype", params={"image": POOL, "output": "json"}, data={"params": json.dumps({"image": "hippocampus_999"})})
+    res = client.post("/infer/semisam_stage_one", params={"image": POOL, "output": "json"}, data={"params": json.dumps({"image": "hippocampus_999"})})
     assert res.status_code == 404 and res.json()["detail"] == missing
-    res = client.post("/infer/semisam_prototype", params={"output": "json"})
+    res = client.post("/infer/semisam_stage_one", params={"output": "json"})
     assert res.status_code == 422 and "give the id of a datastore image" in res.json()["detail"]
 
 
@@ -68,5 +68,5 @@ def test_training_options_parse_like_conf():
 
 
 def test_dicom_seg_output_without_dicomweb_is_422_before_inference(client):
-    res = client.post("/infer/semisam_prototype", params={"image": POOL, "output": "dicom_seg"})
+    res = client.post("/infer/semisam_stage_one", params={"image": POOL, "output": "dicom_seg"})
     assert res.status_code == 422 and "only with a DICOMweb datastore" in res.json()["detail"]

@@ -28,7 +28,7 @@ def test_serve_answers_info_and_runs_a_background_job(datastore):
     with Server(datastore, env=QUIET) as server:
         info = requests.get(f"{server.url}/info/", timeout=10).json()
         assert info["labels"] == {"anterior": 1, "posterior": 2}
-        assert {"semisam_prototype", "semisam_o1"} <= set(info["models"])
+        assert {"semisam_stage_one", "semisam_o1"} <= set(info["models"])
         assert "semisam_o1" in info["trainers"]
 
         submitted = requests.post(f"{server.url}/scoring/dice", timeout=30)

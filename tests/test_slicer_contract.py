@@ -43,12 +43,12 @@ def test_slicer_session_infer_save_next_sample_train(tiny_studies, sample_source
     with Server(tiny_studies, *conf, env=QUIET) as server:
         client = MONAILabelClient(server.url, tmpdir=str(tmp_path), client_id="slicer-test")
         info = client.info()
-        for model in ("semisam_prototype", "semisam_o1"):
+        for model in ("semisam_stage_one", "semisam_o1"):
             assert info["models"][model]["type"] == "segmentation"
             assert info["models"][model]["labels"] == {"anterior": 1, "posterior": 2}
 
         image = tiny_studies / "hippocampus_003.nii.gz"
-        result, body = client.infer("semisam_prototype", "hippocampus_003", dict(SLICER_INFER))
+        result, body = client.infer("semisam_stage_one", "hippocampus_003", dict(SLICER_INFER))
         assert result.endswith(".nrrd")
         label = sitk.GetArrayFromImage(assert_same_grid(result, image))
         assert set(np.unique(label)) == {0, 1, 2} and label.dtype == np.uint8

@@ -49,9 +49,9 @@ def test_infer_from_cache_never_builds_the_encoder(tiny_studies):
 def test_rest_infer_returns_label_in_image_geometry_as_nrrd(tiny_studies, monkeypatch):
     with make_client(tiny_studies, monkeypatch, FAST) as client:
         info = client.get("/info/").json()
-        assert info["models"]["semisam_prototype"]["type"] == "segmentation"
+        assert info["models"]["semisam_stage_one"]["type"] == "segmentation"
         params = {"result_extension": ".nrrd", "result_dtype": "uint8", "client_id": "user-xyz"}
-        res = client.post("/infer/semisam_prototype", params={"image": "hippocampus_003", "output": "image"}, data={"params": json.dumps(params)})
+        res = client.post("/infer/semisam_stage_one", params={"image": "hippocampus_003", "output": "image"}, data={"params": json.dumps(params)})
         assert res.status_code == 200, res.text
         out = tiny_studies.parent / "result.nrrd"
         out.write_bytes(res.content)
@@ -60,16 +60,22 @@ def test_rest_infer_returns_label_in_image_geometry_as_nrrd(tiny_studies, monkey
         assert got.GetSpacing() == ref.GetSpacing() and got.GetDirection() == ref.GetDirection()
         assert set(np.unique(sitk.GetArrayFromImage(got))) == {0, 1, 2}
 
-        body = client.post("/infer/semisam_prototype", params={"image": "hippocampus_003", "output": "json"}).json()
+        body = client.post("/infer/semisam_stage_one", params={"image": "hippocampus_003", "output": "json"}).json()
         assert set(body["classes"]) == {"anterior", "posterior"}
         assert body["classes"]["anterior"]["volume_mm3"] > 0
         assert 0 < body["mean_confidence"] <= 1
+
+        # the model's old name still answers (clients written before the rename), and is not listed twice
+        assert "semisam_prototype" not in info["models"]
+        old_name = client.post("/infer/semisam_prototype", params={"image": "hippocampus_003", "output": "json"})
+        assert old_name.status_code == 200, old_name.text
+        assert old_name.json()["classes"] == body["classes"]
 
 
 def test_infer_without_template_is_409(tiny_studies, monkeypatch):
     (tiny_studies / "labels" / "final" / "hippocampus_001.nii.gz").unlink()
     with make_client(tiny_studies, monkeypatch, FAST) as client:
-        res = client.post("/infer/semisam_prototype", params={"image": "hippocampus_003", "output": "json"})
+        res = client.post("/infer/semisam_stage_one", params={"image": "hippocampus_003", "output": "json"})
         assert res.status_code == 409
         assert "needs a template" in res.json()["detail"]
 
@@ -82,7 +88,7 @@ def test_bad_template_label_is_422_naming_the_file_and_left_untouched(tiny_studi
     nib.save(nib.Nifti1Image(data, img.affine, img.header), str(final))
     before = final.read_bytes()
     with make_client(tiny_studies, monkeypatch, FAST) as client:
-        res = client.post("/infer/semisam_prototype", params={"image": "hippocampus_003", "output": "json"})
+        res = client.post("/infer/semisam_stage_one", params={"image": "hippocampus_003", "output": "json"})
         assert res.status_code == 422
         assert str(final) in res.json()["detail"] and "[5]" in res.json()["detail"]
     assert final.read_bytes() == before
@@ -90,7 +96,7 @@ def test_bad_template_label_is_422_naming_the_file_and_left_untouched(tiny_studi
 
 def test_label_tag_final_is_refused_for_model_output(tiny_studies, monkeypatch):
     with make_client(tiny_studies, monkeypatch, FAST) as client:
-        res = client.post("/infer/semisam_prototype", params={"image": "hippocampus_003", "output": "json"}, data={"params": json.dumps({"label_tag": "final"})})
+        res = client.post("/infer/semisam_stage_one", params={"image": "hippocampus_003", "output": "json"}, data={"params": json.dumps({"label_tag": "final"})})
         assert res.status_code == 409
 
 

@@ -22,10 +22,10 @@ from semisam_o1.tasks import request_guard
 from semisam_o1.tasks.dicomweb import dicomweb_datastore, work_dir
 from semisam_o1.tasks.feature_extraction import FeatureExtraction
 from semisam_o1.tasks.network_infer import NetworkInfer
-from semisam_o1.tasks.prototype_infer import PrototypeInfer
 from semisam_o1.tasks.pseudo_labels import STAGE_ONE_MODEL, PseudoLabelBatchInfer, refuse_final
 from semisam_o1.tasks.safe_datastore import SafeSessions
 from semisam_o1.tasks.self_training import SelfTraining
+from semisam_o1.tasks.stage_one_infer import StageOneInfer
 from semisam_o1.tasks.strategies import Diverse, Uncertain, UncertainDiverse
 from semisam_o1.tasks.template_datastore import TemplateDatastore
 from semisam_o1.tasks.template_refresh import PseudoLabelRefresher
@@ -71,7 +71,7 @@ class SemiSAMO1App(MONAILabelApp):
 
     def init_infers(self):
         return {
-            STAGE_ONE_MODEL: PrototypeInfer(self.stage_one, self.datastore, self.current_labels),
+            STAGE_ONE_MODEL: StageOneInfer(self.stage_one, self.datastore, self.current_labels),
             "semisam_o1": NetworkInfer(self.stage_two, self.current_labels, self.datastore),
         }
 

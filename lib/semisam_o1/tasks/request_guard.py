@@ -6,6 +6,7 @@ route handlers call module-level functions of ``monailabel.endpoints.*`` that ar
 time, so :func:`install` wraps those functions (installing again re-wraps the originals, for the
 newest app):
 
+- an old model name (:data:`~semisam_o1.templates.MODEL_ALIASES`) is answered by its model;
 - unknown model (``/infer``, ``/batch/infer``), strategy (``/activelearning``), scoring method
   (``/scoring``) or trainer (``/train``) -> 404 naming it and listing the known ones;
 - ``POST /infer/<model>``: ``params`` must be a JSON object, its ``result_extension`` a plain
@@ -43,6 +44,7 @@ from semisam_o1.config import ConfError
 from semisam_o1.safe_names import safe_name
 from semisam_o1.tasks.errors import client_errors, unknown
 from semisam_o1.tasks.label_infer import LabelInfer
+from semisam_o1.templates import MODEL_ALIASES
 from semisam_o1.volumes import InputError
 
 
@@ -94,6 +96,7 @@ def install(app, needs_template: set[str], has_template: Callable[[], bool]) -> 
 
     def infer(original):
         def run_inference(background_tasks, model, image="", session_id="", params="{}", file=None, label=None, output=None):
+            model = MODEL_ALIASES.get(model, model)
             if model not in app._infers:
                 raise unknown("model", "models", model, app._infers)
             with client_errors():
@@ -116,6 +119,7 @@ def install(app, needs_template: set[str], has_template: Callable[[], bool]) -> 
 
     def batch(original):
         def run(model, images=None, params=None, run_sync=False):
+            model = MODEL_ALIASES.get(model, model)
             if model not in app._infers:
                 raise unknown("model", "models", model, app._infers)
             return original(model, images, params, run_sync)

@@ -1,4 +1,4 @@
-"""Infer task ``semisam_prototype``: stage-one propagation of the templates' labels to one image."""
+"""Infer task ``semisam_stage_one`` (old name ``semisam_prototype`` still answered): stage-one propagation of the templates' labels to one image."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from semisam_o1.templates import find_templates
 from semisam_o1.volumes import save_label
 
 
-
-class PrototypeInfer(LabelInfer):
+class StageOneInfer(LabelInfer):
     """Label file (in the image's geometry) + JSON with per-class volumes and mean confidence.
 
     Request keys used: ``image`` (path, set by MONAI Label), ``result_extension`` (default
@@ -24,7 +23,7 @@ class PrototypeInfer(LabelInfer):
     """
 
     def __init__(self, stage_one: StageOne, datastore: Callable[[], Datastore], labels: Callable[[], dict[str, int]]):
-        super().__init__("SemiSAM-O1 stage one: template labels propagated by foundation-feature kNN (no training)", labels)
+        super().__init__("SemiSAM-O1 stage one: template labels propagated by registration-guided foundation-feature label fusion (no training)", labels)
         self.stage_one = stage_one
         self._datastore = datastore
 
