@@ -25,6 +25,7 @@ from typing import Callable
 
 import faiss
 import numpy as np
+from monai.transforms import ResizeWithPadOrCrop
 from scipy import ndimage
 
 from semisam_o1.feature_cache import FeatureGrid, as_grid
@@ -170,19 +171,6 @@ def _global_descriptor(features: FeatureGrid) -> np.ndarray:
     return v / (np.linalg.norm(v) + 1e-8)
 
 
-def _center_fit(label: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Centre-crop or zero-pad ``label`` to ``shape`` (how the published code's fixed blocks line up)."""
-    out = np.zeros(shape, label.dtype)
-    src, dst = [], []
-    for n_in, n_out in zip(label.shape, shape):
-        lo_in, lo_out = max((n_in - n_out) // 2, 0), max((n_out - n_in) // 2, 0)
-        size = min(n_in, n_out)
-        src.append(slice(lo_in, lo_in + size))
-        dst.append(slice(lo_out, lo_out + size))
-    out[tuple(dst)] = label[tuple(src)]
-    return out
-
-
 def refine_volumes(cases: list[RefineCase], fraction: float = 0.1, sink: Callable[[int, np.ndarray], None] | None = None) -> RefineResult:
     """Ablation: the ``fraction`` most uncertain volumes (mean entropy) take the label map of the most
     similar (global feature) confident volume, centre-aligned. ``sink`` as in :func:`refine_voxels`."""
@@ -197,7 +185,7 @@ def refine_volumes(cases: list[RefineCase], fraction: float = 0.1, sink: Callabl
         label = np.array(case.label)
         if i in uncertain:
             donor = max(donors, key=lambda d: float(descriptors[i] @ descriptors[d]))
-            new = _center_fit(np.asarray(cases[donor].label), label.shape)
+            new = np.asarray(ResizeWithPadOrCrop(label.shape)(np.asarray(cases[donor].label)[None]))[0].astype(label.dtype)  # centre-aligned
             for v in np.unique(new[new != label]):
                 changed[int(v)] = changed.get(int(v), 0) + int(((new == v) & (label != v)).sum())
             label = new
