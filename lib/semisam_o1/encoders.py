@@ -196,10 +196,6 @@ class LiteMedSAMEncoder(SliceEncoder):
         return tinyvit_features(self.net, x)
 
 
-SAM_PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-SAM_PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
-
-
 class SAMEncoder(SliceEncoder):
     """SAM ViT-B/L/H image encoder from ``segment_anything`` (1024 px input, 64x64x256 output).
 
@@ -226,10 +222,13 @@ class SAMEncoder(SliceEncoder):
             raise EncoderError(f"{checkpoint}: not a SAM {variant} checkpoint ({str(e).splitlines()[0]})") from None
         super().__init__(image_size=sam.image_encoder.img_size, axes=tuple(axes), batch_size=batch_size, name=f"sam_{variant}", weights_sha256=digest)
         self.net = sam.image_encoder.eval()
+        # SAM's own input normalisation (Sam.preprocess: ImageNet pixel mean/std on 0-255 RGB); its padding to a
+        # square is not needed, slices are already resized to image_size x image_size
+        self.pixel_mean, self.pixel_std = sam.pixel_mean.view(1, 3, 1, 1), sam.pixel_std.view(1, 3, 1, 1)
 
     def preprocess(self, slices: torch.Tensor) -> torch.Tensor:
         x = super().preprocess(slices) * 255.0
-        return (x - SAM_PIXEL_MEAN.to(x.device)) / SAM_PIXEL_STD.to(x.device)
+        return (x - self.pixel_mean.to(x.device)) / self.pixel_std.to(x.device)
 
     def net_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
