@@ -213,8 +213,8 @@ def _search_region(bank: TemplateBank, coords, shape: tuple[int, ...], r: np.nda
     Returns ``roi`` (flat target indices, sorted) and ``base`` (flat index in the template grid padded
     by ``r`` voxels per axis, ``(3,)``): voxels mapped inside the template onto a ``core`` voxel of the bank.
     """
-    ts = np.array(bank.shape)
-    pad = ts + 2 * r
+    template_shape = np.array(bank.shape)
+    pad = template_shape + 2 * r
     core = np.zeros(int(np.prod(pad)), bool)
     core[np.ravel_multi_index((bank.coords[bank.core].astype(np.int64) + r).T, pad)] = True
     plane = int(np.prod(shape[1:]))
@@ -223,7 +223,7 @@ def _search_region(bank: TemplateBank, coords, shape: tuple[int, ...], r: np.nda
     for z0 in range(0, shape[0], step):
         z1 = min(shape[0], z0 + step)
         idx = np.rint(_slab_coords(coords, z0, z1).reshape(-1, 3)).astype(np.int64) + r
-        inside = np.flatnonzero(np.all((idx >= r) & (idx < ts + r), 1))
+        inside = np.flatnonzero(np.all((idx >= r) & (idx < template_shape + r), 1))
         lin = np.ravel_multi_index(idx[inside].T, pad)
         keep = core[lin]
         rois.append(inside[keep] + z0 * plane)
@@ -343,6 +343,28 @@ def propagate(
     if len(searched_all) == 0:
         return label, confidence
     box = _bounding_box(searched_all, shape, margin=int(4 * sigma.max() + 2))
+    votes, searched = _fuse_votes(banks, regions, windows, features, shape, box, p.h, n_classes)
+    pred, share = _vote_shares(votes, searched, tuple(b.stop - b.start for b in box), sigma if p.sigma_mm > 0 else None)
+    if p.largest_cc:
+        pred = keep_largest_per_class(pred, set.intersection(*[set(bank.single_component) for bank in banks]))
+    label[box] = pred
+    confidence[box] = share
+    return label, confidence
+
+
+def _fuse_votes(banks: list[TemplateBank], regions, windows, features: FeatureGrid, shape: tuple[int, ...], box: tuple[slice, ...],
+                h: float, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every bank's similarity-weighted class votes for the searched target voxels inside ``box``.
+
+    A searched voxel (``regions[b]``: flat target indices and their template voxels) gets from bank ``b``
+    ``sum exp((s - best) / h)`` per class over the template voxels of its window (``windows[b]``), ``s`` their
+    cosine similarity and ``best`` the highest similarity over all banks so far: the sums are rescaled as
+    ``best`` grows (log-sum-exp), so every bank votes on one scale. Queries go in chunks of
+    :data:`QUERY_CHUNK` voxels (the window x query arrays stay ~100 MB whatever the region).
+
+    Returns:
+        ``votes (n_classes, N) float32`` and ``searched (N,) bool`` for the ``N`` voxels of ``box`` (C order).
+    """
     box_shape = tuple(b.stop - b.start for b in box)
     n_box = int(np.prod(box_shape))
 
@@ -350,30 +372,22 @@ def propagate(
         idx = np.unravel_index(flat, shape)
         return torch.from_numpy(np.ravel_multi_index(tuple(i - b.start for i, b in zip(idx, box)), box_shape))
 
-    # Votes are kept relative to the running best similarity (log-sum-exp style) across banks.
     best = torch.full((n_box,), -torch.inf)
     votes = torch.zeros((n_classes, n_box))
     searched = torch.zeros(n_box, dtype=torch.bool)
     for bank, (roi, base), (r, step) in zip(banks, regions, windows):
-        for s in range(0, len(roi), QUERY_CHUNK):  # (window x query) arrays stay ~100 MB whatever the region
+        for s in range(0, len(roi), QUERY_CHUNK):
             at = to_box(roi[s : s + QUERY_CHUNK])
             searched[at] = True
             query = torch.from_numpy(_l2n(features.at_flat(roi[s : s + QUERY_CHUNK])))
             smax, sims, labels_of = _bank_votes(bank, query, base[s : s + QUERY_CHUNK], r, step)
             new_best = torch.maximum(best[at], smax)
-            scale = torch.exp((best[at] - new_best) / p.h).nan_to_num(0.0)
-            weight = torch.exp((sims - new_best) / p.h)
+            scale = torch.exp((best[at] - new_best) / h).nan_to_num(0.0)
+            weight = torch.exp((sims - new_best) / h)
             bank_votes = torch.stack([(weight * (labels_of == c)).sum(0) for c in range(n_classes)])
             votes[:, at] = votes[:, at] * scale + bank_votes
             best[at] = new_best
-
-    del best
-    pred, share = _vote_shares(votes.numpy(), searched.numpy(), box_shape, sigma if p.sigma_mm > 0 else None)
-    if p.largest_cc:
-        pred = keep_largest_per_class(pred, set.intersection(*[set(bank.single_component) for bank in banks]))
-    label[box] = pred
-    confidence[box] = share
-    return label, confidence
+    return votes.numpy(), searched.numpy()
 
 
 def _vote_shares(votes: np.ndarray, searched: np.ndarray, box_shape: tuple[int, ...], sigma) -> tuple[np.ndarray, np.ndarray]:
