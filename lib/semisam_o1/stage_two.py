@@ -251,29 +251,7 @@ class StageTwo:
 
             self.progress.phase = "predict"
             notify(self.progress)
-            mean_entropy, kept, criteria = [], [], {"network_entropy": [], "agreement_with_stage_one": []}
-            w = 1 / (round_ + 1) if self.params.ensemble == "mean" else 1.0  # the mean of stage one and rounds 1..round_, or this round's
-            for i, path in tqdm(pool.items(), desc=f"round {round_}: predict", disable=not progress, leave=False):
-                prob, network_entropy = self._predict(net, load_image(path), self.params.mc_samples)
-                criteria["network_entropy"].append(float(network_entropy.mean()))
-                criteria["agreement_with_stage_one"].append(
-                    float(class_dice(prob.argmax(0), self._label_array(0, i, grids[i]), n_classes).mean()))
-                del network_entropy
-                if w < 1:
-                    previous = np.load(self.probs_path(round_ - 1, i), mmap_mode="r")
-                    prob *= w
-                    for c in range(len(prob)):  # class by class: one float32 (D, H, W) temporary
-                        prob[c] += (1 - w) * previous[c].astype(np.float32)
-                    del previous
-                self._save_probs(prob, round_, i)
-                uncertainty = entropy(prob)
-                mean_entropy.append(float(uncertainty.mean()))
-                save_label(uncertainty, grids[i], round_dir / "uncertainty" / f"{i}.nii.gz", dtype=np.float32)
-                _save_array(round_dir / "uncertainty" / f"{i}.npy", uncertainty.astype(np.float16))
-                predicted, keep = confident_replacement(prob, self._label_array(round_ - 1, i, grids[i]), self.params.replace_confidence)
-                kept.append(float(keep.mean()))
-                _save_array(round_dir / "predicted" / f"{i}.npy", predicted)
-                del prob, uncertainty, predicted, keep
+            mean_entropy, kept, criteria = self._predict_round(net, round_, pool, grids, n_classes, round_dir, progress)
 
             self.progress.phase = "refine"
             notify(self.progress)
@@ -466,6 +444,41 @@ class StageTwo:
         net.grid_voxels = self.params.network_voxels  # as load_network reads it
         bar.close()
         return net
+
+    def _predict_round(self, net: torch.nn.Module, round_: int, pool: dict[str, Path], grids: dict[str, Volume], n_classes: int,
+                       round_dir: Path, progress: bool) -> tuple[list[float], list[float], dict[str, list[float]]]:
+        """Round ``round_``'s soft labels of every pool image, one image at a time: the network's softmax,
+        ensembled (``ensemble``) with the previous soft labels, saved as ``probs``; their entropy
+        (``uncertainty/``) and the hard labels that replace the previous ones where confident
+        (``predicted/``, :func:`confident_replacement`), the refinement's inputs.
+
+        Returns:
+            per image, the mean entropy of the soft labels and the fraction of voxels that kept their previous
+            label; and the label-free signals ``{"network_entropy", "agreement_with_stage_one"}``, one value per image.
+        """
+        mean_entropy, kept, criteria = [], [], {"network_entropy": [], "agreement_with_stage_one": []}
+        w = 1 / (round_ + 1) if self.params.ensemble == "mean" else 1.0  # the mean of stage one and rounds 1..round_, or this round's
+        for i, path in tqdm(pool.items(), desc=f"round {round_}: predict", disable=not progress, leave=False):
+            prob, network_entropy = self._predict(net, load_image(path), self.params.mc_samples)
+            criteria["network_entropy"].append(float(network_entropy.mean()))
+            criteria["agreement_with_stage_one"].append(float(class_dice(prob.argmax(0), self._label_array(0, i, grids[i]), n_classes).mean()))
+            del network_entropy
+            if w < 1:
+                previous = np.load(self.probs_path(round_ - 1, i), mmap_mode="r")
+                prob *= w
+                for c in range(len(prob)):  # class by class: one float32 (D, H, W) temporary
+                    prob[c] += (1 - w) * previous[c].astype(np.float32)
+                del previous
+            self._save_probs(prob, round_, i)
+            uncertainty = entropy(prob)
+            mean_entropy.append(float(uncertainty.mean()))
+            save_label(uncertainty, grids[i], round_dir / "uncertainty" / f"{i}.nii.gz", dtype=np.float32)
+            _save_array(round_dir / "uncertainty" / f"{i}.npy", uncertainty.astype(np.float16))
+            predicted, keep = confident_replacement(prob, self._label_array(round_ - 1, i, grids[i]), self.params.replace_confidence)
+            kept.append(float(keep.mean()))
+            _save_array(round_dir / "predicted" / f"{i}.npy", predicted)
+            del prob, uncertainty, predicted, keep
+        return mean_entropy, kept, criteria
 
     def train_params(self, final_labels: list[np.ndarray], n_classes: int) -> TrainParams:
         """The training parameters, mirroring only along axes where the templates' classes map onto
