@@ -94,11 +94,16 @@ def install(app, needs_template: set[str], has_template: Callable[[], bool]) -> 
         if not app.datastore().get_image_uri(image_id):
             raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
 
+    def known_model(model: str) -> str:
+        """``model``, or the model its old name stands for (:data:`~semisam_o1.templates.MODEL_ALIASES`); 404 naming it if unknown."""
+        model = MODEL_ALIASES.get(model, model)
+        if model not in app._infers:
+            raise unknown("model", "models", model, app._infers)
+        return model
+
     def infer(original):
         def run_inference(background_tasks, model, image="", session_id="", params="{}", file=None, label=None, output=None):
-            model = MODEL_ALIASES.get(model, model)
-            if model not in app._infers:
-                raise unknown("model", "models", model, app._infers)
+            model = known_model(model)
             with client_errors():
                 request = parse_params(params)
                 LabelInfer.result_suffix(request)
@@ -119,10 +124,7 @@ def install(app, needs_template: set[str], has_template: Callable[[], bool]) -> 
 
     def batch(original):
         def run(model, images=None, params=None, run_sync=False):
-            model = MODEL_ALIASES.get(model, model)
-            if model not in app._infers:
-                raise unknown("model", "models", model, app._infers)
-            return original(model, images, params, run_sync)
+            return original(known_model(model), images, params, run_sync)
 
         return run
 
