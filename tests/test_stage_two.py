@@ -4,6 +4,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -12,7 +13,7 @@ from semisam_o1.normalize import normalize
 from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.segmenter import TrainParams, build_network, load_network, predict_with_uncertainty, save_network
 from semisam_o1.server import APP_DIR
-from semisam_o1.stage_two import StageTwo
+from semisam_o1.stage_two import StageTwo, ensemble_weights
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image
 
@@ -419,3 +420,36 @@ def test_with_ensemble_network_a_rounds_soft_labels_are_its_network_alone(tiny_s
     soft = np.load(two.probs_path(1, "hippocampus_003")).astype(np.float32)
     np.testing.assert_allclose(soft, network, atol=2e-3)
     assert np.abs(soft - np.load(two.probs_path(0, "hippocampus_003")).astype(np.float32)).max() > 0.1  # stage one has no say
+
+
+def test_ensemble_weights_unroll_to_their_documented_means():
+    rng = np.random.default_rng(0)
+    stage_one, nets = rng.random(5), rng.random((4, 5))
+    for ensemble, expected in {
+        "mean": lambda r: (stage_one + nets[:r].sum(0)) / (r + 1),
+        "anchored": lambda r: stage_one / 2 + nets[:r].mean(0) / 2,
+        "network": lambda r: nets[r - 1],
+    }.items():
+        soft = stage_one
+        for r in range(1, 5):
+            w_net, w_prev, w_stage1 = ensemble_weights(ensemble, r)
+            soft = w_net * nets[r - 1] + w_prev * soft + w_stage1 * stage_one
+            np.testing.assert_allclose(soft, expected(r), err_msg=f"{ensemble}, round {r}")
+    with pytest.raises(ValueError, match="ensemble"):
+        ensemble_weights("median", 1)
+
+
+def test_with_ensemble_anchored_stage_one_keeps_half_the_say_in_round_two(tiny_studies):
+    config = AppConfig.from_conf({**FAST, "rounds": "2", "ensemble": "anchored", "teacher_floor": "false"})
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    two.run(find_templates(datastore), {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]})
+
+    image = load_image(datastore.get_image_uri("hippocampus_003"))
+    patch = config.stage_two_params().train.patch
+    net1, net2 = (predict_with_uncertainty(load_network(two.work / f"round_{r}" / "model.pt"), normalize(image.array), patch, mc_samples=2)[0]
+                  for r in (1, 2))
+    soft = [np.load(two.probs_path(r, "hippocampus_003")).astype(np.float32) for r in (0, 1, 2)]
+    np.testing.assert_allclose(soft[1], (soft[0] + net1) / 2, atol=2e-3)
+    np.testing.assert_allclose(soft[2], soft[0] / 2 + (net1 + net2) / 4, atol=3e-3)

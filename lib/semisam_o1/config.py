@@ -202,8 +202,9 @@ class AppConfig:
         "stage two: the network trains and predicts on each image shrunk to at most this many voxels (finest axes first; 0 = the image's grid)",
     )
     ensemble: str = _option(
-        "mean", parse_choice("mean", "network"),
-        "stage two: a round's soft labels: mean = of stage one's and every round's network so far (temporal ensemble); network = the round's network alone",
+        "mean", parse_choice("mean", "anchored", "network"),
+        "stage two: a round's soft labels: mean = of stage one's and every round's network so far (temporal ensemble); "
+        "anchored = stage one's and the mean of the rounds' networks half and half; network = the round's network alone",
     )
     uncertain_quantile: float = _option(0.98, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")
     knn: int = _option(10, parse_int(1, 100), "neighbours voting in the refinement")

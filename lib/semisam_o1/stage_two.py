@@ -18,9 +18,12 @@ Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net s
 
 Soft pseudo-labels are a temporal ensemble (Laine & Aila, 2017): after round r they are the mean of
 stage one's soft labels and the softmax (flip + MC-dropout mean) of every round's network so far,
-``(r * previous + network_r) / (r + 1)`` (``ensemble="mean"``); with ``ensemble="network"`` they are the
-round's network's softmax alone. With the mean every source (stage one, each round's network) keeps an
-equal say, so no single network's errors take over the labels. The entropy of the soft labels is
+``(r * previous + network_r) / (r + 1)`` (``ensemble="mean"``); with ``ensemble="anchored"`` they are the
+mean of stage one's soft labels and the mean of every round's network so far, so stage one keeps half the
+say in every round (:func:`ensemble_weights`); with ``ensemble="network"`` they are the round's network's
+softmax alone. With the mean every source (stage one, each round's network) keeps an equal say, so no
+single network's errors take over the labels; with ``anchored`` the networks, which learn from each
+other's labels and share their errors, together weigh as much as stage one. The entropy of the soft labels is
 the voxel-wise uncertainty; the refinement relabels the most uncertain voxels of their argmax. With
 ``replace_confidence`` > 0 the argmax replaces the previous round's label only where its top class holds
 at least that probability (:func:`confident_replacement`); the refinement then sees that label. With
@@ -94,8 +97,9 @@ REFINEMENTS = ("voxel", "volume", "none")
 #: own flip/MC-dropout prediction, its Dice on the real templates (its training data), and the mean Dice
 #: of the round's refined labels (what it publishes) against stage one's.
 SIGNALS = {"agreement_with_stage_one": +1, "network_entropy": -1, "template_dice": +1, "labels_agreement_with_stage_one": +1}
-#: A round's soft labels (``--conf ensemble``): the temporal ensemble with stage one, or the round's network alone.
-ENSEMBLES = ("mean", "network")
+#: A round's soft labels (``--conf ensemble``): the temporal ensemble with stage one, stage one against the
+#: rounds' networks half and half, or the round's network alone (:func:`ensemble_weights`).
+ENSEMBLES = ("mean", "anchored", "network")
 #: How the published network is chosen (``--conf publish``): the last round, or the round best by a signal.
 PUBLISH = ("last", *SIGNALS)
 
@@ -145,8 +149,33 @@ class StageTwoParams:
     #: instead of 20 mm, and prediction touches 8x fewer voxels.
     network_voxels: int | None = 1_000_000
     #: a round's soft labels: ``"mean"`` of stage one's and every round's network so far (temporal
-    #: ensemble), or ``"network"``: this round's network alone
+    #: ensemble), ``"anchored"``: stage one's and the mean of the rounds' networks half and half, or
+    #: ``"network"``: this round's network alone (:func:`ensemble_weights`)
     ensemble: str = "mean"
+
+
+def ensemble_weights(ensemble: str, round_: int) -> tuple[float, float, float]:
+    """Round ``round_``'s (>= 1) soft labels as ``w_net * network + w_prev * previous + w_stage1 * stage_one``.
+
+    ``previous`` is round ``round_ - 1``'s soft labels (stage one's for round 1), so the weights unroll to:
+
+    - ``"mean"``: every source an equal say, ``(stage_one + net_1 + ... + net_r) / (r + 1)``
+    - ``"anchored"``: ``stage_one / 2 + (net_1 + ... + net_r) / (2 r)``
+    - ``"network"``: ``net_r`` alone
+
+    Example: round 2 gives ``(1/3, 2/3, 0)`` (mean), ``(1/4, 1/2, 1/4)`` (anchored), ``(1, 0, 0)`` (network);
+    round 1 is ``(1/2, 1/2, 0)`` for both mean and anchored.
+
+    Returns:
+        ``(w_net, w_prev, w_stage1)``, summing to 1.
+    """
+    if ensemble == "mean":
+        return 1 / (round_ + 1), round_ / (round_ + 1), 0.0
+    if ensemble == "anchored":
+        return 1 / (2 * round_), (round_ - 1) / round_, 1 / (2 * round_)
+    if ensemble == "network":
+        return 1.0, 0.0, 0.0
+    raise ValueError(f"ensemble must be one of {ENSEMBLES}, got '{ensemble}'")
 
 
 @dataclass
@@ -457,18 +486,20 @@ class StageTwo:
             label; and the label-free signals ``{"network_entropy", "agreement_with_stage_one"}``, one value per image.
         """
         mean_entropy, kept, criteria = [], [], {"network_entropy": [], "agreement_with_stage_one": []}
-        w = 1 / (round_ + 1) if self.params.ensemble == "mean" else 1.0  # the mean of stage one and rounds 1..round_, or this round's
+        w_net, w_prev, w_stage1 = ensemble_weights(self.params.ensemble, round_)
         for i, path in tqdm(pool.items(), desc=f"round {round_}: predict", disable=not progress, leave=False):
             prob, network_entropy = self._predict(net, load_image(path), self.params.mc_samples)
             criteria["network_entropy"].append(float(network_entropy.mean()))
             criteria["agreement_with_stage_one"].append(float(class_dice(prob.argmax(0), self._label_array(0, i, grids[i]), n_classes).mean()))
             del network_entropy
-            if w < 1:
-                previous = np.load(self.probs_path(round_ - 1, i), mmap_mode="r")
-                prob *= w
-                for c in range(len(prob)):  # class by class: one float32 (D, H, W) temporary
-                    prob[c] += (1 - w) * previous[c].astype(np.float32)
-                del previous
+            if w_net < 1:
+                prob *= w_net
+                for r, w in ((round_ - 1, w_prev), (0, w_stage1)):
+                    if w > 0:
+                        other = np.load(self.probs_path(r, i), mmap_mode="r")
+                        for c in range(len(prob)):  # class by class: one float32 (D, H, W) temporary
+                            prob[c] += w * other[c].astype(np.float32)
+                        del other
             self._save_probs(prob, round_, i)
             uncertainty = entropy(prob)
             mean_entropy.append(float(uncertainty.mean()))
