@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from child_process import ChildProcess
+
 from semisam_o1.distributed import free_port
 from semisam_o1.sample_data import SampleDataError, download_msd, find_local_source, populate
 
@@ -49,8 +51,10 @@ def tiny_studies(tmp_path, sample_source) -> Path:
 __all__ = ["SampleDataError", "make_datastore"]
 
 
-class Server:
+class Server(ChildProcess):
     """`python main.py serve` as a real process on a free loopback port; stopped on exit."""
+
+    stop_timeout = 30.0
 
     def __init__(self, studies: Path | str, *extra: str, env: dict | None = None, start_timeout: float = 120.0, log_dir: Path | None = None):
         import os
@@ -69,35 +73,13 @@ class Server:
         self.process = subprocess.Popen([*cmd, *extra], cwd=PROJECT_ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
         self.start_timeout = start_timeout
 
-    def wait_ready(self) -> float:
-        import time
-
+    def start(self) -> float:
+        """(The process starts with the object.) Waits until it answers ``/info/``; returns the seconds it took."""
         import requests
 
-        start = time.monotonic()
-        while time.monotonic() - start < self.start_timeout:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                answer = requests.get(f"{self.url}/info/", timeout=5)
-                if answer.ok or answer.status_code == 401:  # 401: up, with authentication enabled
-                    return time.monotonic() - start
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready in {self.start_timeout} s:\n{self.log.read_text()[-4000:]}")
+        def answers() -> bool:
+            status = requests.get(f"{self.url}/info/", timeout=5).status_code
+            return status == 200 or status == 401  # 401: up, with authentication enabled
 
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except Exception:
-            self.process.kill()
-        self._log_file.close()
+        return self.wait_ready("server", answers, 0.5)
 
-    def __enter__(self):
-        self.wait_ready()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from child_process import ChildProcess
+
 from semisam_o1 import PROJECT_ROOT
 from semisam_o1.distributed import free_port
 
@@ -62,7 +64,7 @@ def orthanc_config(storage: Path, http_port: int, dicom_port: int, username: str
     }
 
 
-class Orthanc:
+class Orthanc(ChildProcess):
     """``Orthanc <config.json>`` as a child process on free loopback ports; stopped on exit."""
 
     def __init__(self, workdir: Path, username: str = "", password: str = "", start_timeout: float = 60.0):
@@ -105,39 +107,13 @@ class Orthanc:
     def _start_once(self) -> float:
         self._log_file = open(self.log, "ab")
         self.process = subprocess.Popen(["Orthanc", str(self.config)], cwd=self.workdir, stdout=self._log_file, stderr=subprocess.STDOUT)
-        start = time.monotonic()
-        while time.monotonic() - start < self.start_timeout:
-            if self.process.poll() is not None:
-                self.process, code = None, self.process.returncode
-                self._log_file.close()
-                raise RuntimeError(f"Orthanc exited with {code}:\n{self.log.read_text(errors='replace')[-3000:]}")
-            try:
-                if requests.get(f"{self.dicomweb}/studies", auth=self.auth, timeout=2).status_code == 200:
-                    self._started_once = True
-                    return time.monotonic() - start
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"Orthanc not ready in {self.start_timeout} s:\n{self.log.read_text()[-3000:]}")
+        seconds = self.wait_ready("Orthanc", lambda: requests.get(f"{self.dicomweb}/studies", auth=self.auth, timeout=2).status_code == 200, 0.2)
+        self._started_once = True
+        return seconds
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-        self._log_file.close()
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        super().stop()
+        self.process = None  # a restart (start()) makes a new one
 
     def upload(self, path: Path) -> int:
         """POST every DICOM file under ``path`` (a file or a folder) to Orthanc's REST API; returns the count."""

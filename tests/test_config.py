@@ -1,6 +1,9 @@
+import subprocess
+import sys
+
 import pytest
 
-from semisam_o1.config import AppConfig, ConfError, parse_label_map
+from semisam_o1.config import ENCODERS, AppConfig, ConfError, parse_label_map
 
 
 def test_label_map_parses_names_and_indices():
@@ -48,3 +51,22 @@ def test_each_conf_parser_gives_the_typed_value(key, text, value):
 def test_a_bad_conf_value_is_an_error_naming_the_key(key, text, message):
     with pytest.raises(ConfError, match=message):
         AppConfig.from_conf({key: text})
+
+
+def test_options_parse_without_loading_torch_or_an_implementation():
+    # the choice lists live in config so that `serve --help` and option errors cost no torch import
+    code = ("import sys; from semisam_o1.config import AppConfig; AppConfig.from_conf({'encoder': 'litemedsam', 'ensemble': 'anchored'}); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('semisam_o1.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['semisam_o1.config']"
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_every_encoder_option_is_one_the_encoder_spec_accepts(name, tmp_path):
+    from semisam_o1.encoders import EncoderSpec
+
+    checkpoint = tmp_path / "sam.pth"
+    checkpoint.write_bytes(b"weights")
+    assert EncoderSpec(name=name, checkpoint=str(checkpoint) if name.startswith("sam_") else None).name == name
+    with pytest.raises(ConfError, match="encoder"):
+        AppConfig.from_conf({"encoder": name + "x"})

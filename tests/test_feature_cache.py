@@ -109,3 +109,13 @@ def test_two_processes_starting_at_once_share_one_basis(image, sample_source):
         flat = raw.reshape(raw.shape[0], -1).T
         flat = flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-6)
         np.testing.assert_allclose(cache.get(volume).sample(), (flat - mean) @ components, atol=2e-3, rtol=1e-2)
+
+
+def test_unit_rows_are_cosine_geometry_and_leave_the_input_alone():
+    from semisam_o1.feature_cache import unit_rows
+
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [-1.0, 1.0]], np.float32)
+    unit = unit_rows(x)
+    np.testing.assert_allclose(unit, [[0.6, 0.8], [0.0, 0.0], [-2 ** -0.5, 2 ** -0.5]], rtol=1e-6)
+    assert unit.dtype == np.float32 and x[0, 0] == 3.0
+    np.testing.assert_allclose(unit_rows(x.astype(np.float16).reshape(3, 1, 2)), unit.reshape(3, 1, 2), rtol=1e-3)

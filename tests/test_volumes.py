@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from semisam_o1.volumes import InputError, load_image, load_label, save_label
+from semisam_o1.volumes import InputError, dhw_to_sitk, load_image, load_label, save_label, sitk_to_dhw
 
 QUIRKS = "hippocampus-quirks"
 
@@ -103,3 +103,15 @@ def test_evaluate_folders_scores_each_matching_case_and_lists_the_missing(tmp_pa
     assert result["cases"]["a"]["one"]["hd95"] == pytest.approx(4.0)  # 2 voxels along the 2 mm axis
     with pytest.raises(InputError, match="no prediction matches"):
         evaluate_folders(tmp_path / "empty", truth_dir, {"one": 1})
+
+
+def test_sitk_arrays_come_in_the_index_order_nibabel_reads():
+    rng = np.random.default_rng(0)
+    itk = sitk.GetImageFromArray(rng.integers(0, 100, (2, 3, 4)).astype(np.int16))  # SimpleITK size (4, 3, 2)
+    field = sitk.GetImageFromArray(rng.random((2, 3, 4, 3)), isVector=True)
+    array, vectors = sitk_to_dhw(itk), sitk_to_dhw(field)
+    assert array.shape == (4, 3, 2) and vectors.shape == (4, 3, 2, 3)
+    for i, j, k in [(0, 0, 0), (3, 1, 0), (2, 2, 1)]:
+        assert array[i, j, k] == itk.GetPixel(i, j, k)
+        np.testing.assert_allclose(vectors[i, j, k], field.GetPixel(i, j, k))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(dhw_to_sitk(array)), sitk.GetArrayFromImage(itk))

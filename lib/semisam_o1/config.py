@@ -11,6 +11,31 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
+# The names each pluggable step accepts, one list per step. The options below validate against them and
+# the modules that implement the steps import them from here, so that parsing options loads neither
+# torch nor an implementation.
+
+#: foundation image encoders (:class:`~semisam_o1.encoders.EncoderSpec`); ``sam_<variant>`` builds
+#: ``segment_anything``'s ``sam_model_registry[<variant>]``
+ENCODERS = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h")
+#: stage one's registration methods (:mod:`~semisam_o1.registration`); several joined by ``+`` vote together
+REGISTRATIONS = ("demons", "syn")
+#: stage one's label propagation: registration-guided feature label fusion, or the paper's per-class prototypes
+PROPAGATIONS = ("fusion", "prototype")
+#: stage two's pseudo-label correction (:mod:`~semisam_o1.refinement`): per voxel, per volume, or none
+REFINEMENTS = ("voxel", "volume", "none")
+#: a round's soft labels (:func:`~semisam_o1.stage_two.ensemble_weights`): the temporal ensemble with stage one,
+#: stage one against the rounds' networks half and half, or the round's network alone
+ENSEMBLES = ("mean", "anchored", "network")
+#: label-free signals of a round network's quality, recorded in every round's stats, with their sign
+#: (+1: higher is better): its mean Dice against stage one's labels on the pool, the mean entropy of its
+#: own flip/MC-dropout prediction, its Dice on the real templates (its training data), and the mean Dice
+#: of the round's refined labels (what it publishes) against stage one's
+SIGNALS = {"agreement_with_stage_one": +1, "network_entropy": -1, "template_dice": +1, "labels_agreement_with_stage_one": +1}
+#: how stage two's published network is chosen (:func:`~semisam_o1.stage_two.choose_round`): the last round, or
+#: the round best by a signal
+PUBLISH = ("last", *SIGNALS)
+
 
 def is_dicomweb(studies) -> bool:
     """Whether the server's studies source ``studies`` (str or path) is a DICOMweb server's URL
@@ -142,7 +167,7 @@ class AppConfig:
         dict, parse_label_map, "label names for the template's label values, e.g. anterior=1,posterior=2"
     )
     encoder: str = _option(
-        "litemedsam", parse_choice("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h"), "foundation image encoder"
+        "litemedsam", parse_choice(*ENCODERS), "foundation image encoder"
     )
     encoder_checkpoint: str = _option("", str, "SAM checkpoint path (needed for sam_vit_*)")
     encoder_image_size: int | None = _option(
@@ -155,7 +180,7 @@ class AppConfig:
         None, parse_auto_int(1, 8), "features stored every N voxels per axis (thick-slice axes: 1), interpolated on lookup; auto = plan (2)"
     )
     registration: str = _option(
-        "demons+syn", parse_choice("demons", "syn", "demons+syn"),
+        "demons+syn", parse_choice(*REGISTRATIONS, "+".join(REGISTRATIONS)),
         "stage one's spatial prior: demons (affine + diffeomorphic demons, SimpleITK), syn (ANTs SyN, antspyx), or demons+syn (both vote)"
     )
     device: str = _option("auto", parse_device, "where the encoder and the network run: auto (CUDA if available), cpu, cuda, cuda:N")
@@ -171,7 +196,7 @@ class AppConfig:
     )
 
     propagation: str = _option(
-        "fusion", parse_choice("fusion", "prototype"),
+        "fusion", parse_choice(*PROPAGATIONS),
         "stage one: fusion (registration-guided feature label fusion) or prototype (the paper's per-class prototypes; ablation)",
     )
 
@@ -180,9 +205,9 @@ class AppConfig:
         None, parse_auto_int(1, 100000), "training iterations per round (batch of 4 patches); auto = planned: 1000 for crops, 3000 for scans"
     )
     patch: int = _option(32, parse_int(16, 256), "training/inference patch edge in voxels (cube)")
-    refinement: str = _option("voxel", parse_choice("voxel", "volume", "none"), "stage-two pseudo-label correction")
+    refinement: str = _option("voxel", parse_choice(*REFINEMENTS), "stage-two pseudo-label correction")
     publish: str = _option(
-        "network_entropy", parse_choice("last", "agreement_with_stage_one", "network_entropy", "template_dice", "labels_agreement_with_stage_one"),
+        "network_entropy", parse_choice(*PUBLISH),
         "stage two: the round whose network is served: the last, or the best by a label-free signal (then rounds stop early once one is not the best)",
     )
     pseudo_templates: int = _option(
@@ -202,7 +227,7 @@ class AppConfig:
         "stage two: the network trains and predicts on each image shrunk to at most this many voxels (finest axes first; 0 = the image's grid)",
     )
     ensemble: str = _option(
-        "mean", parse_choice("mean", "anchored", "network"),
+        "mean", parse_choice(*ENSEMBLES),
         "stage two: a round's soft labels: mean = of stage one's and every round's network so far (temporal ensemble); "
         "anchored = stage one's and the mean of the rounds' networks half and half; network = the round's network alone",
     )

@@ -24,7 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from semisam_o1.config import ENCODERS
 from semisam_o1.volumes import sha256
+
+#: ``segment_anything`` variants, from the ``sam_<variant>`` names of :data:`~semisam_o1.config.ENCODERS`
+SAM_VARIANTS = tuple(n.removeprefix("sam_") for n in ENCODERS if n.startswith("sam_"))
 
 
 class EncoderError(RuntimeError):
@@ -200,15 +204,15 @@ class SAMEncoder(SliceEncoder):
     """SAM ViT-B/L/H image encoder from ``segment_anything`` (1024 px input, 64x64x256 output).
 
     Args:
-        variant: ``vit_b``, ``vit_l`` or ``vit_h``.
+        variant: one of :data:`SAM_VARIANTS` (``vit_b``, ``vit_l``, ``vit_h``).
         checkpoint: path to the official checkpoint; ``None`` builds random weights (shape tests only).
     """
 
     def __init__(self, variant: str = "vit_b", checkpoint: str | None = None, axes: Sequence[int] = (0, 1, 2), batch_size: int = 4):
         from segment_anything import sam_model_registry
 
-        if variant not in ("vit_b", "vit_l", "vit_h"):
-            raise EncoderError(f"unknown SAM variant '{variant}' (vit_b, vit_l, vit_h)")
+        if variant not in SAM_VARIANTS:
+            raise EncoderError(f"unknown SAM variant '{variant}' ({', '.join(SAM_VARIANTS)})")
         if checkpoint is None:
             digest = "random" + hashlib.sha256(variant.encode()).hexdigest()
         else:
@@ -239,7 +243,7 @@ class EncoderSpec:
     """What ``--conf encoder ...`` asks for; its :attr:`id` is known without loading any weights.
 
     Args:
-        name: ``litemedsam`` (default), ``sam_vit_b``, ``sam_vit_l`` or ``sam_vit_h``.
+        name: one of :data:`~semisam_o1.config.ENCODERS`: ``litemedsam`` (default), ``sam_vit_b``, ``sam_vit_l`` or ``sam_vit_h``.
         checkpoint: SAM checkpoint path (required for ``sam_*``).
         image_size: LiteMedSAM input size in pixels (multiple of 32); SAM always uses 1024.
         axes: slice orientations encoded and fused (volume axes 0, 1, 2).
@@ -251,8 +255,8 @@ class EncoderSpec:
     axes: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self):
-        if self.name != "litemedsam" and self.name not in ("sam_vit_b", "sam_vit_l", "sam_vit_h"):
-            raise EncoderError(f"unknown encoder '{self.name}' (litemedsam, sam_vit_b, sam_vit_l, sam_vit_h)")
+        if self.name not in ENCODERS:
+            raise EncoderError(f"unknown encoder '{self.name}' ({', '.join(ENCODERS)})")
         if self.name.startswith("sam_") and not self.checkpoint:
             raise EncoderError(f"--conf encoder {self.name} needs --conf encoder_checkpoint PATH (official SAM weights)")
         if self.name == "litemedsam" and (self.image_size % 32 or self.image_size < 32):
@@ -276,4 +280,4 @@ class EncoderSpec:
         """The encoder with its weights, on ``device``."""
         if self.name == "litemedsam":
             return LiteMedSAMEncoder(image_size=self.image_size, axes=self.axes).to(device)
-        return SAMEncoder(variant=self.name[4:], checkpoint=self.checkpoint, axes=self.axes).to(device)
+        return SAMEncoder(variant=self.name.removeprefix("sam_"), checkpoint=self.checkpoint, axes=self.axes).to(device)

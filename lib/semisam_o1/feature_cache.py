@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from filelock import FileLock
@@ -45,6 +46,19 @@ from semisam_o1.plan import Plan, check_memory, with_cpu_fallback
 from semisam_o1.volumes import Volume, atomic_write, remove_interrupted_writes, sha256
 
 logger = logging.getLogger(__name__)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` of shape (..., C) as a new float32 array whose length-C vectors have unit L2 norm (FAISS
+    ``normalize_L2``; a zero vector stays zero). Every feature comparison uses this cosine geometry: the dot
+    product of two unit rows is their cosine similarity. ``x`` itself is left unchanged.
+
+    Example: ``unit_rows([[3, 4], [0, 0]])`` is ``[[0.6, 0.8], [0, 0]]``.
+    """
+    shape = np.shape(x)
+    rows = np.array(x, dtype=np.float32, order="C").reshape(-1, shape[-1])
+    faiss.normalize_L2(rows)
+    return rows.reshape(shape)
 
 CACHE_DIR = Path(".semisam") / "features"
 #: Voxels of the lattice the PCA basis is fitted on (about; the lattice is regular).
@@ -263,7 +277,7 @@ class FeatureCache:
                     block[start : start + len(feats)] = feats.cpu().numpy()
                 parts.append(np.moveaxis(np.moveaxis(block, 1, -1), 0, axis))  # (l0, l1, l2, 256)
         flat = np.concatenate(parts, -1).reshape(-1, enc.channels)
-        flat = flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-6)  # cosine geometry before PCA
+        flat = unit_rows(flat)  # cosine geometry before PCA
         mean = flat.mean(0)
         _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
         dims = min(self.dims, vt.shape[0])

@@ -28,7 +28,7 @@ import torch
 from monai.transforms import KeepLargestConnectedComponent
 from scipy import ndimage
 
-from semisam_o1.feature_cache import as_grid
+from semisam_o1.feature_cache import as_grid, unit_rows
 
 __all__ = ["PropagationParams", "TemplateBank", "build_bank", "propagate", "mapping_consistency", "consistent_mappings",
            "window_radius", "single_component_classes",
@@ -149,10 +149,6 @@ def class_quota(counts: dict[int, int], budget: int) -> dict[int, int]:
     return {c: quota[c] for c in counts}
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-    return (x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)).astype(np.float32)
-
-
 def build_bank(
     image: np.ndarray,
     label: np.ndarray,
@@ -193,7 +189,7 @@ def build_bank(
         keep = np.sort(np.concatenate(keep))
         sel, lab = sel[keep], lab[keep]
     coords = np.stack(np.unravel_index(sel, label.shape), -1).astype(np.float32)
-    feats = _l2n(as_grid(features).at_flat(sel))
+    feats = unit_rows(as_grid(features).at_flat(sel))
     return TemplateBank(feats, coords, lab, dist.reshape(-1)[sel] <= p.margin_mm, tuple(label.shape), spacing, single_component_classes(label))
 
 
@@ -275,7 +271,7 @@ def mapping_consistency(bank: TemplateBank, features, coords, shape: tuple[int, 
     if len(roi) == 0:
         return float("nan")
     pick = np.unique(np.linspace(0, len(roi) - 1, min(samples, len(roi))).astype(np.int64))
-    query = torch.from_numpy(_l2n(as_grid(features).at_flat(roi[pick])))
+    query = torch.from_numpy(unit_rows(as_grid(features).at_flat(roi[pick])))
     best = _bank_votes(bank, query, base[pick], r, step)[0]
     best = best[torch.isfinite(best)]
     return float(best.mean()) if len(best) else float("nan")
@@ -379,7 +375,7 @@ def _fuse_votes(banks: list[TemplateBank], regions, windows, features: FeatureGr
         for s in range(0, len(roi), QUERY_CHUNK):
             at = to_box(roi[s : s + QUERY_CHUNK])
             searched[at] = True
-            query = torch.from_numpy(_l2n(features.at_flat(roi[s : s + QUERY_CHUNK])))
+            query = torch.from_numpy(unit_rows(features.at_flat(roi[s : s + QUERY_CHUNK])))
             smax, sims, labels_of = _bank_votes(bank, query, base[s : s + QUERY_CHUNK], r, step)
             new_best = torch.maximum(best[at], smax)
             scale = torch.exp((best[at] - new_best) / h).nan_to_num(0.0)
@@ -436,8 +432,8 @@ def class_prototypes(features, label: np.ndarray, n_classes: int) -> np.ndarray:
     sums = np.zeros((n_classes, grid.channels), np.float64)
     for start in range(0, len(label), SLAB_VOXELS):
         idx = np.arange(start, min(len(label), start + SLAB_VOXELS))
-        np.add.at(sums, label[idx], _l2n(grid.at_flat(idx)))
-    return _l2n(sums.astype(np.float32))
+        np.add.at(sums, label[idx], unit_rows(grid.at_flat(idx)))
+    return unit_rows(sums.astype(np.float32))
 
 
 def propagate_prototypes(prototypes: list[np.ndarray], features, shape: tuple[int, ...], h: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -454,7 +450,7 @@ def propagate_prototypes(prototypes: list[np.ndarray], features, shape: tuple[in
     confidence = np.empty(n, np.float32)
     for start in range(0, n, SLAB_VOXELS):
         idx = np.arange(start, min(n, start + SLAB_VOXELS))
-        sims = np.einsum("nc,tkc->tnk", _l2n(grid.at_flat(idx)), protos).max(0)  # (N, K): best template per class
+        sims = np.einsum("nc,tkc->tnk", unit_rows(grid.at_flat(idx)), protos).max(0)  # (N, K): best template per class
         label[idx] = sims.argmax(1)
         w = np.exp((sims - sims.max(1, keepdims=True)) / h)
         confidence[idx] = (w.max(1) / w.sum(1)).astype(np.float32)

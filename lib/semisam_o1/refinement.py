@@ -28,7 +28,7 @@ import numpy as np
 from monai.transforms import ResizeWithPadOrCrop
 from scipy import ndimage
 
-from semisam_o1.feature_cache import FeatureGrid, as_grid
+from semisam_o1.feature_cache import FeatureGrid, as_grid, unit_rows
 
 
 #: At most this many voxels (every n-th of the pool) estimate the pool-wide entropy quantile.
@@ -59,7 +59,7 @@ class RefineCase:
 
     def vectors(self, voxels: np.ndarray, position_weight: float) -> np.ndarray:
         """Search vectors of the flat voxel indices ``voxels``: (N, C) unit features [+ (N, 3) weighted position]."""
-        feats = _unit_rows(self.features.at_flat(voxels))
+        feats = unit_rows(self.features.at_flat(voxels))
         if self.position is None or position_weight == 0:
             return feats
         return np.ascontiguousarray(np.concatenate([feats, position_weight * self.position.at_flat(voxels)], 1), np.float32)
@@ -90,12 +90,6 @@ class RefineResult:
     uncertain_voxels: int
     #: Voxels whose label changed, per new class value.
     changed_per_class: dict[int, int] = field(default_factory=dict)
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    faiss.normalize_L2(x)
-    return x
 
 
 def entropy_threshold(cases: list[RefineCase], params: RefineParams) -> float:
@@ -167,8 +161,7 @@ def refine_voxels(cases: list[RefineCase], params: RefineParams = RefineParams()
 
 def _global_descriptor(features: FeatureGrid) -> np.ndarray:
     """(C,) mean of the stored features, L2-normalised."""
-    v = features.sample().mean(0)
-    return v / (np.linalg.norm(v) + 1e-8)
+    return unit_rows(features.sample().mean(0))
 
 
 def refine_volumes(cases: list[RefineCase], fraction: float = 0.1, sink: Callable[[int, np.ndarray], None] | None = None) -> RefineResult:

@@ -8,8 +8,8 @@ Conventions
   point (mm) -- the ITK convention, so ``sitk.Resample(moving_label, fixed, T, ...)`` warps the
   template label onto the target.
 - Arrays are in **nibabel order** ``(D, H, W)`` = nibabel array axes 0, 1, 2 = SimpleITK index
-  ``(x, y, z)``. (``sitk.GetArrayFromImage`` returns the transposed ``(z, y, x)`` order; it is
-  transposed back here, so callers never see it.) Both libraries keep the file's voxel order, so
+  ``(x, y, z)``. (``sitk.GetArrayFromImage`` returns the transposed ``(z, y, x)`` order;
+  :func:`~semisam_o1.volumes.sitk_to_dhw` transposes it back, so callers never see it.) Both libraries keep the file's voxel order, so
   nibabel ``arr[i, j, k]`` is SimpleITK index ``(i, j, k)``.
 """
 
@@ -23,13 +23,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from semisam_o1.volumes import atomic_write, read_sitk
+from semisam_o1.volumes import atomic_write, read_sitk, sitk_to_dhw
 
 __all__ = ["affine_register", "demons_register", "syn_register", "map_voxels", "shrink", "warp_label", "read_image",
-           "save_transform", "load_transform", "REGISTRATIONS"]
-
-#: Registration methods of stage one's spatial prior (``--conf registration``).
-REGISTRATIONS = ("demons", "syn")
+           "save_transform", "load_transform"]
 
 
 @contextmanager
@@ -260,7 +257,8 @@ def map_voxels(fixed: sitk.Image, transform: sitk.Transform, moving: sitk.Image,
     field = sitk.TransformToDisplacementField(
         transform, sitk.sitkVectorFloat64, size, origin, fixed.GetSpacing(), fixed.GetDirection()
     )
-    disp = sitk.GetArrayViewFromImage(field).transpose(2, 1, 0, 3)  # (z,y,x,3) -> (D,H,W,3) = (x,y,z,3)
+    disp = sitk_to_dhw(field)  # (D, H, W, 3) = (x, y, z, 3)
+    del field
     idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in size], indexing="ij"), -1)
     idx[..., 0] += start
     phys = np.asarray(fixed.GetOrigin()) + (idx * fspacing) @ fdir.T
@@ -281,4 +279,4 @@ def warp_label(label: sitk.Image, fixed: sitk.Image, transform: sitk.Transform) 
     grid alone: :func:`~semisam_o1.volumes.read_sitk_grid`): ``(D, H, W)`` uint8, nibabel order."""
     out = sitk.Resample(label, fixed.GetSize(), transform, sitk.sitkNearestNeighbor, fixed.GetOrigin(), fixed.GetSpacing(),
                         fixed.GetDirection(), 0, sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(out).transpose(2, 1, 0).copy()
+    return np.ascontiguousarray(sitk_to_dhw(out))

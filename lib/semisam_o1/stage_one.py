@@ -27,13 +27,14 @@ import numpy as np
 import SimpleITK as sitk
 from filelock import FileLock
 
+from semisam_o1.config import PROPAGATIONS, REGISTRATIONS
 from semisam_o1.feature_cache import FeatureCache, FeatureGrid, stored_grid
 from semisam_o1.plan import check_memory
 from semisam_o1.propagation import (
     PropagationParams, TemplateBank, build_bank, class_prototypes, consistent_mappings, mapping_consistency, propagate, propagate_prototypes,
 )
 from semisam_o1.registration import (
-    REGISTRATIONS, affine_register, demons_register, load_transform, map_voxels, read_image, save_transform, shrink, syn_register, warp_label,
+    affine_register, demons_register, load_transform, map_voxels, read_image, save_transform, shrink, syn_register, warp_label,
 )
 from semisam_o1.volumes import sha256
 from semisam_o1.templates import Template
@@ -49,10 +50,6 @@ def nib_geometry(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     header = nib.load(str(path)).header
     return tuple(int(n) for n in header.get_data_shape()[:3]), tuple(float(z) for z in header.get_zooms()[:3])
 
-
-#: ``fusion``: registration-guided feature label fusion (default); ``prototype``: the paper's one
-#: masked-mean prototype per class, cosine similarity, arg-max (ablation).
-PROPAGATIONS = ("fusion", "prototype")
 
 
 class NoTemplateError(InputError):
@@ -156,7 +153,7 @@ class StageOne:
         cache: feature cache of the datastore.
         label_values: allowed label values (from the label map); template labels are checked against it.
         label_names: the label map ``{name: value}``: every class must have voxels in every template.
-        registration: the spatial prior: one of :data:`~semisam_o1.registration.REGISTRATIONS`, or
+        registration: the spatial prior: one of :data:`~semisam_o1.config.REGISTRATIONS`, or
             several joined by ``+`` (e.g. ``demons+syn``: every template is registered by each, and each
             mapping votes as if it were another template).
         params: propagation parameters; ``floor``: the safety floor's.

@@ -73,35 +73,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from semisam_o1.config import ENSEMBLES, PUBLISH, REFINEMENTS, SIGNALS
 from semisam_o1.evaluation import class_dice
 from semisam_o1.feature_cache import FeatureGrid
 from semisam_o1.normalize import normalize
 from semisam_o1.plan import check_memory, shrink_factors, with_cpu_fallback
 from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
-from semisam_o1.volumes import sha256
 from semisam_o1.segmenter import (
     TrainParams, entropy, image_to_grid, label_to_grid, load_network, mirror_axes, predict_with_uncertainty, probs_to_grid, save_network,
     shrunk_shape, train_network,
 )
 from semisam_o1.stage_one import NoTemplateError, StageOne, registration_floor
 from semisam_o1.templates import Template
-from semisam_o1.volumes import Volume, atomic_write, load_image, load_label, load_map, read_geometry, save_label
+from semisam_o1.volumes import Volume, atomic_write, load_image, load_label, load_map, read_geometry, save_label, sha256
 
 logger = logging.getLogger(__name__)
-
-#: "voxel" (the paper), "volume" (the published code, ablation) or "none" (plain self-training).
-REFINEMENTS = ("voxel", "volume", "none")
-
-#: Label-free signals of a round network's quality, recorded in every round's stats, with their sign
-#: (+1: higher is better): its mean Dice against stage one's labels on the pool, the mean entropy of its
-#: own flip/MC-dropout prediction, its Dice on the real templates (its training data), and the mean Dice
-#: of the round's refined labels (what it publishes) against stage one's.
-SIGNALS = {"agreement_with_stage_one": +1, "network_entropy": -1, "template_dice": +1, "labels_agreement_with_stage_one": +1}
-#: A round's soft labels (``--conf ensemble``): the temporal ensemble with stage one, stage one against the
-#: rounds' networks half and half, or the round's network alone (:func:`ensemble_weights`).
-ENSEMBLES = ("mean", "anchored", "network")
-#: How the published network is chosen (``--conf publish``): the last round, or the round best by a signal.
-PUBLISH = ("last", *SIGNALS)
 
 
 def choose_round(rounds: list[dict], publish: str) -> dict:
@@ -128,9 +114,11 @@ class StageTwoParams:
     rounds: int = 3
     train: TrainParams = TrainParams()
     refine: RefineParams = RefineParams()
+    #: one of :data:`~semisam_o1.config.REFINEMENTS`: "voxel" (the paper), "volume" (the published code,
+    #: ablation) or "none" (plain self-training)
     refinement: str = "voxel"
     mc_samples: int = 2
-    #: see :data:`PUBLISH`; with a signal, rounds also stop early once a round is not the best so far.
+    #: see :data:`~semisam_o1.config.PUBLISH`; with a signal, rounds also stop early once a round is not the best so far.
     #: Default: the round network's own mean entropy (lowest wins). It falls nearly every round, so it
     #: publishes the last round unless a round's network grows less certain, which then also stops the
     #: rounds; which round each signal would pick is in ``benchmarks/results/{stage2,chaos}.json``.

@@ -154,7 +154,7 @@ def _load_itk_label(path: Path, image: Volume) -> np.ndarray:
     for name, got, want, tol in checks:
         if not np.allclose(got, want, atol=tol):
             raise InputError(f"{path}: label {name} {tuple(round(v, 4) for v in got)} does not match image {image.path.name} {tuple(round(v, 4) for v in want)}")
-    return sitk.GetArrayFromImage(label).transpose(2, 1, 0)  # sitk (z, y, x) -> (D, H, W)
+    return sitk_to_dhw(label)
 
 
 #: The ImageIO SimpleITK reads each file suffix with. Named explicitly so ITK never probes a file with its
@@ -188,6 +188,28 @@ def read_sitk_grid(path: Path | str):
     reader.SetImageIO(_itk_reader(path))
     reader.ReadImageInformation()
     return reader
+
+
+def sitk_to_dhw(image) -> np.ndarray:
+    """The voxels of SimpleITK ``image`` in this package's (D, H, W) order, the (x, y, z) index order in which
+    nibabel reads NIfTI (``SimpleITK.GetArrayFromImage`` gives (z, y, x)); a vector image keeps its
+    components last, (D, H, W, C). A transposed view of a new array: ``image`` may be freed afterwards.
+
+    Example: an image of ``GetSize() == (4, 3, 2)`` gives shape ``(4, 3, 2)``, and ``[i, j, k]`` is
+    ``image.GetPixel(i, j, k)``.
+    """
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)
+    return array.transpose(2, 1, 0, *range(3, array.ndim))
+
+
+def dhw_to_sitk(array: np.ndarray):
+    """A scalar SimpleITK image of ``array`` (D, H, W), the inverse of :func:`sitk_to_dhw`; its origin,
+    spacing and direction are SimpleITK's defaults until set (``CopyInformation``)."""
+    import SimpleITK as sitk
+
+    return sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)))
 
 
 def sha256(path: Path | str) -> str:
@@ -236,7 +258,7 @@ def save_label(label: np.ndarray, image: Volume, path: Path | str, dtype=np.uint
     if not path.name.endswith((".nii", ".nii.gz")):
         import SimpleITK as sitk
 
-        out = sitk.GetImageFromArray(label.astype(dtype).transpose(2, 1, 0))  # (D,H,W) -> sitk (z,y,x)
+        out = dhw_to_sitk(label.astype(dtype))
         out.CopyInformation(read_sitk(image.path))
         return atomic_write(path, lambda tmp: sitk.WriteImage(out, str(tmp), True))
     header = image.header.copy()
