@@ -2,7 +2,7 @@
 
 One template (its label the datastore's only ``final`` label), the other volumes the pool. On the
 same cases, in one run: stage one (:class:`~semisam_o1.stage_one.StageOne`, each registration
-method of :data:`~semisam_o1.config.REGISTRATIONS` and all of them voting together; Dice before and after the safety floor),
+method of :data:`~semisam_o1.choices.REGISTRATIONS` and all of them voting together; Dice before and after the safety floor),
 the registration-only warp of the template label (our affine + demons), and ANTs SyN single-atlas
 (``ants.registration(type_of_transform="SyN")`` at full resolution, template label warped nearest
 neighbour); seconds per volume of each, feature extraction cost. The JSON is rewritten after every
@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from common import RESULTS, peak_rss_bytes, write_result
 
-from semisam_o1.config import REGISTRATIONS, SIGNALS, AppConfig
+from semisam_o1.choices import REGISTRATIONS, SIGNALS
+from semisam_o1.config import AppConfig
 from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.registration import read_image, warp_label
 from semisam_o1.stage_one import StageOne

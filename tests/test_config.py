@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from semisam_o1.config import ENCODERS, AppConfig, ConfError, parse_label_map
+from semisam_o1.choices import ENCODERS
+from semisam_o1.config import AppConfig, ConfError, parse_label_map
 
 
 def test_label_map_parses_names_and_indices():
@@ -58,7 +59,7 @@ def test_options_parse_without_loading_torch_or_an_implementation():
     code = ("import sys; from semisam_o1.config import AppConfig; AppConfig.from_conf({'encoder': 'litemedsam', 'ensemble': 'anchored'}); "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('semisam_o1.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['semisam_o1.config']"
+    assert out.strip() == "['semisam_o1.choices', 'semisam_o1.config']"
 
 
 @pytest.mark.parametrize("name", ENCODERS)

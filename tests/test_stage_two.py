@@ -250,7 +250,7 @@ def test_a_round_replaces_the_previous_labels_only_where_it_is_confident(tiny_st
 
 
 def test_published_round_is_chosen_by_a_label_free_signal_and_rounds_stop_early(tiny_studies):
-    from semisam_o1.config import SIGNALS
+    from semisam_o1.choices import SIGNALS
     from semisam_o1.stage_two import choose_round
 
     rounds = [{"round": 1, "network_entropy": 0.30}, {"round": 2, "network_entropy": 0.20}, {"round": 3, "network_entropy": 0.25}]

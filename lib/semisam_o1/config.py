@@ -11,30 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
-# The names each pluggable step accepts, one list per step. The options below validate against them and
-# the modules that implement the steps import them from here, so that parsing options loads neither
-# torch nor an implementation.
-
-#: foundation image encoders (:class:`~semisam_o1.encoders.EncoderSpec`); ``sam_<variant>`` builds
-#: ``segment_anything``'s ``sam_model_registry[<variant>]``
-ENCODERS = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h")
-#: stage one's registration methods (:mod:`~semisam_o1.registration`); several joined by ``+`` vote together
-REGISTRATIONS = ("demons", "syn")
-#: stage one's label propagation: registration-guided feature label fusion, or the paper's per-class prototypes
-PROPAGATIONS = ("fusion", "prototype")
-#: stage two's pseudo-label correction (:mod:`~semisam_o1.refinement`): per voxel, per volume, or none
-REFINEMENTS = ("voxel", "volume", "none")
-#: a round's soft labels (:func:`~semisam_o1.stage_two.ensemble_weights`): the temporal ensemble with stage one,
-#: stage one against the rounds' networks half and half, or the round's network alone
-ENSEMBLES = ("mean", "anchored", "network")
-#: label-free signals of a round network's quality, recorded in every round's stats, with their sign
-#: (+1: higher is better): its mean Dice against stage one's labels on the pool, the mean entropy of its
-#: own flip/MC-dropout prediction, its Dice on the real templates (its training data), and the mean Dice
-#: of the round's refined labels (what it publishes) against stage one's
-SIGNALS = {"agreement_with_stage_one": +1, "network_entropy": -1, "template_dice": +1, "labels_agreement_with_stage_one": +1}
-#: how stage two's published network is chosen (:func:`~semisam_o1.stage_two.choose_round`): the last round, or
-#: the round best by a signal
-PUBLISH = ("last", *SIGNALS)
+from semisam_o1.choices import ENCODERS, ENSEMBLES, PROPAGATIONS, PUBLISH, REFINEMENTS, REGISTRATIONS
 
 
 def is_dicomweb(studies) -> bool:

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from semisam_o1.config import ENCODERS
+from semisam_o1.choices import ENCODERS
 from semisam_o1.volumes import sha256
 
-#: ``segment_anything`` variants, from the ``sam_<variant>`` names of :data:`~semisam_o1.config.ENCODERS`
+#: ``segment_anything`` variants, from the ``sam_<variant>`` names of :data:`~semisam_o1.choices.ENCODERS`
 SAM_VARIANTS = tuple(n.removeprefix("sam_") for n in ENCODERS if n.startswith("sam_"))
 
 
@@ -243,7 +243,7 @@ class EncoderSpec:
     """What ``--conf encoder ...`` asks for; its :attr:`id` is known without loading any weights.
 
     Args:
-        name: one of :data:`~semisam_o1.config.ENCODERS`: ``litemedsam`` (default), ``sam_vit_b``, ``sam_vit_l`` or ``sam_vit_h``.
+        name: one of :data:`~semisam_o1.choices.ENCODERS`: ``litemedsam`` (default), ``sam_vit_b``, ``sam_vit_l`` or ``sam_vit_h``.
         checkpoint: SAM checkpoint path (required for ``sam_*``).
         image_size: LiteMedSAM input size in pixels (multiple of 32); SAM always uses 1024.
         axes: slice orientations encoded and fused (volume axes 0, 1, 2).

@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 from filelock import FileLock
 
-from semisam_o1.config import PROPAGATIONS, REGISTRATIONS
+from semisam_o1.choices import PROPAGATIONS, REGISTRATIONS
 from semisam_o1.feature_cache import FeatureCache, FeatureGrid, stored_grid
 from semisam_o1.plan import check_memory
 from semisam_o1.propagation import (
@@ -153,7 +153,7 @@ class StageOne:
         cache: feature cache of the datastore.
         label_values: allowed label values (from the label map); template labels are checked against it.
         label_names: the label map ``{name: value}``: every class must have voxels in every template.
-        registration: the spatial prior: one of :data:`~semisam_o1.config.REGISTRATIONS`, or
+        registration: the spatial prior: one of :data:`~semisam_o1.choices.REGISTRATIONS`, or
             several joined by ``+`` (e.g. ``demons+syn``: every template is registered by each, and each
             mapping votes as if it were another template).
         params: propagation parameters; ``floor``: the safety floor's.

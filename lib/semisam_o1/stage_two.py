@@ -73,7 +73,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from semisam_o1.config import ENSEMBLES, PUBLISH, REFINEMENTS, SIGNALS
+from semisam_o1.choices import ENSEMBLES, PUBLISH, REFINEMENTS, SIGNALS
 from semisam_o1.evaluation import class_dice
 from semisam_o1.feature_cache import FeatureGrid
 from semisam_o1.normalize import normalize
@@ -114,11 +114,11 @@ class StageTwoParams:
     rounds: int = 3
     train: TrainParams = TrainParams()
     refine: RefineParams = RefineParams()
-    #: one of :data:`~semisam_o1.config.REFINEMENTS`: "voxel" (the paper), "volume" (the published code,
+    #: one of :data:`~semisam_o1.choices.REFINEMENTS`: "voxel" (the paper), "volume" (the published code,
     #: ablation) or "none" (plain self-training)
     refinement: str = "voxel"
     mc_samples: int = 2
-    #: see :data:`~semisam_o1.config.PUBLISH`; with a signal, rounds also stop early once a round is not the best so far.
+    #: see :data:`~semisam_o1.choices.PUBLISH`; with a signal, rounds also stop early once a round is not the best so far.
     #: Default: the round network's own mean entropy (lowest wins). It falls nearly every round, so it
     #: publishes the last round unless a round's network grows less certain, which then also stops the
     #: rounds; which round each signal would pick is in ``benchmarks/results/{stage2,chaos}.json``.
