@@ -152,7 +152,7 @@ def ensemble_weights(ensemble: str, round_: int) -> tuple[float, float, float]:
     - ``"network"``: ``net_r`` alone
 
     Example: round 2 gives ``(1/3, 2/3, 0)`` (mean), ``(1/4, 1/2, 1/4)`` (anchored), ``(1, 0, 0)`` (network);
-    round 1 is ``(1/2, 1/2, 0)`` for both mean and anchored.
+    round 1 is half network, half stage one for both mean ``(1/2, 1/2, 0)`` and anchored ``(1/2, 0, 1/2)``.
 
     Returns:
         ``(w_net, w_prev, w_stage1)``, summing to 1.
