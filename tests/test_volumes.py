@@ -115,3 +115,4 @@ def test_sitk_arrays_come_in_the_index_order_nibabel_reads():
         assert array[i, j, k] == itk.GetPixel(i, j, k)
         np.testing.assert_allclose(vectors[i, j, k], field.GetPixel(i, j, k))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(dhw_to_sitk(array)), sitk.GetArrayFromImage(itk))
+    np.testing.assert_array_equal(sitk_to_dhw(field, view=True), vectors)  # the same, without a copy

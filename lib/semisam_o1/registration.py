@@ -257,8 +257,7 @@ def map_voxels(fixed: sitk.Image, transform: sitk.Transform, moving: sitk.Image,
     field = sitk.TransformToDisplacementField(
         transform, sitk.sitkVectorFloat64, size, origin, fixed.GetSpacing(), fixed.GetDirection()
     )
-    disp = sitk_to_dhw(field)  # (D, H, W, 3) = (x, y, z, 3)
-    del field
+    disp = sitk_to_dhw(field, view=True)  # (D, H, W, 3) = (x, y, z, 3); field stays alive below
     idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in size], indexing="ij"), -1)
     idx[..., 0] += start
     phys = np.asarray(fixed.GetOrigin()) + (idx * fspacing) @ fdir.T

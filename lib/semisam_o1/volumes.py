@@ -190,17 +190,18 @@ def read_sitk_grid(path: Path | str):
     return reader
 
 
-def sitk_to_dhw(image) -> np.ndarray:
+def sitk_to_dhw(image, view: bool = False) -> np.ndarray:
     """The voxels of SimpleITK ``image`` in this package's (D, H, W) order, the (x, y, z) index order in which
     nibabel reads NIfTI (``SimpleITK.GetArrayFromImage`` gives (z, y, x)); a vector image keeps its
-    components last, (D, H, W, C). A transposed view of a new array: ``image`` may be freed afterwards.
+    components last, (D, H, W, C). A transposed view of a new array, so ``image`` may be freed afterwards;
+    ``view=True``: of ``image``'s own buffer (no copy, read-only), valid only while ``image`` lives.
 
     Example: an image of ``GetSize() == (4, 3, 2)`` gives shape ``(4, 3, 2)``, and ``[i, j, k]`` is
     ``image.GetPixel(i, j, k)``.
     """
     import SimpleITK as sitk
 
-    array = sitk.GetArrayFromImage(image)
+    array = sitk.GetArrayViewFromImage(image) if view else sitk.GetArrayFromImage(image)
     return array.transpose(2, 1, 0, *range(3, array.ndim))
 
 
