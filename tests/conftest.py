@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,22 @@ from child_process import ChildProcess
 
 from semisam_o1.distributed import free_port
 from semisam_o1.sample_data import SampleDataError, download_msd, find_local_source, populate
+
+
+@pytest.fixture()
+def thread_switches_in_gc():
+    """While the test runs, every garbage collection yields the GIL and collections come every few
+    allocations: another thread then runs inside C code that allocates (numpy's header parse, the AST
+    builder) far more often than under a real server's load, so races there show within a second."""
+    threshold = gc.get_threshold()
+    yield_gil = lambda phase, info: time.sleep(0) if phase == "start" else None  # noqa: E731
+    gc.callbacks.append(yield_gil)
+    gc.set_threshold(5, 10, 10)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(yield_gil)
+        gc.set_threshold(*threshold)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ def test_a_stored_registration_maps_every_voxel_as_the_original(sample_source, t
         assert not any(p.suffix == ".h5" for p in tmp_path.iterdir())
 
 
-def test_many_threads_read_registrations_and_images_at_once(sample_source, tmp_path):
+def test_many_threads_read_registrations_and_images_at_once(sample_source, tmp_path, thread_switches_in_gc):
     fixed, moving = _pair(sample_source)
     transform = demons_register(fixed, moving, affine_register(fixed, moving), iterations=5)
     paths = [save_transform(transform, tmp_path / f"t{i}.npz") for i in range(4)]

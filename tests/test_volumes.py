@@ -1,11 +1,13 @@
 """Bad input is refused with the file's name; labels keep the image's exact geometry."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from semisam_o1.volumes import InputError, dhw_to_sitk, load_image, load_label, save_label, sitk_to_dhw
+from semisam_o1.volumes import InputError, dhw_to_sitk, load_array, load_arrays, load_image, load_label, save_label, sitk_to_dhw
 
 QUIRKS = "hippocampus-quirks"
 
@@ -116,3 +118,20 @@ def test_sitk_arrays_come_in_the_index_order_nibabel_reads():
         np.testing.assert_allclose(vectors[i, j, k], field.GetPixel(i, j, k))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(dhw_to_sitk(array)), sitk.GetArrayFromImage(itk))
     np.testing.assert_array_equal(sitk_to_dhw(field, view=True), vectors)  # the same, without a copy
+
+
+def test_arrays_read_from_many_threads_at_once_come_back_whole(tmp_path, thread_switches_in_gc):
+    """The server reads cached arrays from many request threads. numpy parses every header with
+    ``ast.literal_eval``, which CPython 3.11 cannot run on two threads at once (a bare ``np.load`` here
+    fails with "AST constructor recursion depth mismatch" within a fraction of a second): the package's
+    readers never fail and return every array whole, memory-mapped or in memory."""
+    np.save(tmp_path / "a.npy", np.arange(12, dtype=np.float16).reshape(3, 4))
+    np.savez(tmp_path / "b.npz", mean=np.ones(5), components=np.eye(3, dtype=np.float32))
+
+    def work(_):
+        for _ in range(200):
+            mapped, whole, members = load_array(tmp_path / "a.npy"), load_array(tmp_path / "a.npy", mmap=False), load_arrays(tmp_path / "b.npz")
+        return isinstance(mapped, np.memmap) and mapped.sum() == whole.sum() == 66 and members["components"].trace() == 3
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(8)))

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from semisam_o1.encoders import EncoderSpec, SliceEncoder
 from semisam_o1.normalize import normalization_id, normalize
 from semisam_o1.plan import Plan, check_memory, with_cpu_fallback
-from semisam_o1.volumes import Volume, atomic_write, remove_interrupted_writes, sha256
+from semisam_o1.volumes import Volume, atomic_write, load_array, load_arrays, remove_interrupted_writes, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class FeatureCache:
         if not path.exists():
             return None
         stride = self.stride(image)
-        values = np.load(path, mmap_mode="r")
+        values = load_array(path)
         expected = (*[len(a) for a in stored_grid(image.array.shape, stride)], self.dims)
         if values.shape != expected:
             logger.warning(f"{path}: cached shape {values.shape} does not fit {image.path} ({expected}); encoding again")
@@ -259,8 +259,8 @@ class FeatureCache:
                     mean, components = self._fit_basis(volume, grid, progress)
                     remove_interrupted_writes(basis_path)
                     atomic_write(basis_path, lambda tmp: np.savez(tmp, mean=mean, components=components))
-            with np.load(basis_path) as z:
-                self._basis = (z["mean"].astype(np.float32), z["components"].astype(np.float32))
+            z = load_arrays(basis_path)
+            self._basis = (z["mean"].astype(np.float32), z["components"].astype(np.float32))
         return self._basis
 
     def _fit_basis(self, volume: torch.Tensor, grid: list[np.ndarray], progress: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from semisam_o1.volumes import atomic_write, read_sitk, sitk_to_dhw
+from semisam_o1.volumes import atomic_write, load_arrays, read_sitk, sitk_to_dhw
 
 __all__ = ["affine_register", "demons_register", "syn_register", "map_voxels", "shrink", "warp_label", "read_image",
            "save_transform", "load_transform"]
@@ -105,22 +105,22 @@ def save_transform(transform: sitk.Transform, path: Path) -> Path:
 
 def load_transform(path: Path) -> sitk.Transform:
     """The transform :func:`save_transform` wrote (one part as itself, several as a composite)."""
-    with np.load(str(path)) as data:
-        parts = []
-        for i in range(int(data["count"])):
-            name = str(data[f"{i}_name"])
-            if name == "DisplacementFieldTransform":
-                field = sitk.GetImageFromArray(data[f"{i}_field"].astype(np.float64), isVector=True)
-                grid = data[f"{i}_grid"]
-                field.SetOrigin(tuple(grid[:3]))
-                field.SetSpacing(tuple(grid[3:6]))
-                field.SetDirection(tuple(grid[6:]))
-                parts.append(sitk.DisplacementFieldTransform(field))
-            else:
-                t = _PARAMETRIC[name](3)
-                t.SetFixedParameters(tuple(data[f"{i}_fixed"]))
-                t.SetParameters(tuple(data[f"{i}_params"]))
-                parts.append(t)
+    data = load_arrays(path)
+    parts = []
+    for i in range(int(data["count"])):
+        name = str(data[f"{i}_name"])
+        if name == "DisplacementFieldTransform":
+            field = sitk.GetImageFromArray(data[f"{i}_field"].astype(np.float64), isVector=True)
+            grid = data[f"{i}_grid"]
+            field.SetOrigin(tuple(grid[:3]))
+            field.SetSpacing(tuple(grid[3:6]))
+            field.SetDirection(tuple(grid[6:]))
+            parts.append(sitk.DisplacementFieldTransform(field))
+        else:
+            t = _PARAMETRIC[name](3)
+            t.SetFixedParameters(tuple(data[f"{i}_fixed"]))
+            t.SetParameters(tuple(data[f"{i}_params"]))
+            parts.append(t)
     if len(parts) == 1:
         return parts[0]
     out = sitk.CompositeTransform(3)

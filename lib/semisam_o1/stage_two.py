@@ -85,7 +85,7 @@ from semisam_o1.segmenter import (
 )
 from semisam_o1.stage_one import NoTemplateError, StageOne, registration_floor
 from semisam_o1.templates import Template
-from semisam_o1.volumes import Volume, atomic_write, load_image, load_label, load_map, read_geometry, save_label, sha256
+from semisam_o1.volumes import Volume, atomic_write, load_array, load_image, load_label, load_map, read_geometry, save_label, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ class StageTwo:
         path = self.labels_dir(round_) / f"{image_id}.npy"
         if not path.exists():
             _save_array(path, self._read_label(self.labels_dir(round_) / f"{image_id}.nii.gz", grid))
-        return np.load(path, mmap_mode="r")
+        return load_array(path)
 
     def _save_refined(self, round_: int, image_id: str, label: np.ndarray, grid: Volume) -> None:
         """Write round ``round_``'s label of ``image_id``; with ``teacher_floor``, each class that drifted
@@ -430,7 +430,7 @@ class StageTwo:
                 _save_array(values, grid.values)
                 atomic_write(meta, lambda tmp: tmp.write_text(json.dumps({"stride": grid.stride, "shape": grid.shape})))
             info = json.loads(meta.read_text())
-            out[i] = FeatureGrid(np.load(values, mmap_mode="r"), tuple(info["stride"]), tuple(info["shape"]))
+            out[i] = FeatureGrid(load_array(values), tuple(info["stride"]), tuple(info["shape"]))
         return out
 
     @staticmethod
@@ -444,7 +444,7 @@ class StageTwo:
         modality = self.stage_one.cache.modality
         shape = lambda image: self.network_shape(image, self.params.network_voxels)  # noqa: E731
         xs = [image_to_grid(normalize(img.array, modality), shape(img)) for img, _ in finals]
-        xs += [np.load(self.image_array_path(i), mmap_mode="r") for i in current]
+        xs += [load_array(self.image_array_path(i)) for i in current]
         ys = [label_to_grid(lab, shape(img), n_classes) for (img, _), lab in zip(finals, final_labels)]
         ys += [label_to_grid(np.asarray(lab), shape(grids[i]), n_classes) for i, lab in current.items()]
         self.progress.iterations = self.params.train.iterations
@@ -484,7 +484,7 @@ class StageTwo:
                 prob *= w_net
                 for r, w in ((round_ - 1, w_prev), (0, w_stage1)):
                     if w > 0:
-                        other = np.load(self.probs_path(r, i), mmap_mode="r")
+                        other = load_array(self.probs_path(r, i))
                         for c in range(len(prob)):  # class by class: one float32 (D, H, W) temporary
                             prob[c] += w * other[c].astype(np.float32)
                         del other
@@ -508,7 +508,7 @@ class StageTwo:
         """Refine round ``round_dir``'s predicted labels (read from disk) and write the round's labels."""
         round_ = int(round_dir.name.split("_")[1])
         ids = list(pool)
-        predicted = {i: np.load(round_dir / "predicted" / f"{i}.npy", mmap_mode="r") for i in ids}
+        predicted = {i: load_array(round_dir / "predicted" / f"{i}.npy") for i in ids}
         if self.params.refinement == "none":
             for i in ids:
                 self._save_refined(round_, i, predicted[i], grids[i])
@@ -519,7 +519,7 @@ class StageTwo:
                  for (img, t), lab in zip(finals, final_labels)]
         features = lambda i: cache.get(grids[i]) or cache.get_or_compute(load_image(pool[i]))  # noqa: E731 (stage one cached them)
         cases += [RefineCase(features(i), predicted[i],
-                             np.load(round_dir / "uncertainty" / f"{i}.npy", mmap_mode="r"), position=where(i)) for i in ids]
+                             load_array(round_dir / "uncertainty" / f"{i}.npy"), position=where(i)) for i in ids]
         sink = lambda n, label: self._save_refined(round_, ids[n - len(finals)], label, grids[ids[n - len(finals)]])  # noqa: E731
         if self.params.refinement == "voxel":
             result = refine_voxels(cases, self.params.refine, sink=sink)
@@ -680,7 +680,7 @@ def choose_pseudo_templates(records: dict[str, dict | float | None], k: int, tol
 
 
 def _save_array(path: Path, array: np.ndarray) -> Path:
-    """``np.save`` to ``path`` atomically (memory-mapped later with ``np.load(path, mmap_mode="r")``)."""
+    """``np.save`` to ``path`` atomically (memory-mapped later with ``load_array(path)``)."""
     return atomic_write(path, lambda tmp: np.save(tmp, np.ascontiguousarray(array)))
 
 

@@ -2,6 +2,8 @@
 
 Arrays stay in the file's own voxel order (nibabel's ``(i, j, k)`` = ``(D, H, W)`` here): nothing is
 reoriented, so a label written with :func:`save_label` has exactly the image's affine and header.
+The package's own caches (``.npy``/``.npz``) are read through :func:`load_array`/:func:`load_arrays`,
+which many threads may call at once.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,6 +222,27 @@ def sha256(path: Path | str) -> str:
     from monailabel.utils.others.generic import file_checksum  # (heavy import: only when hashing)
 
     return file_checksum(str(path), "SHA256").split(":", 1)[1]
+
+
+#: numpy parses each ``.npy`` header (every ``.npz`` member's too) with ``ast.literal_eval``, and
+#: CPython 3.11 keeps the AST builder's recursion counter per interpreter, not per thread: two threads
+#: parsing at once (a garbage collection inside one parse can switch threads) fail with
+#: ``SystemError: AST constructor recursion depth mismatch`` (python/cpython#106905). The server reads
+#: caches from many request threads, so every array read of this package holds this lock.
+_NUMPY_HEADER_LOCK = threading.Lock()
+
+
+def load_array(path: Path | str, mmap: bool = True) -> np.ndarray:
+    """The array of an ``.npy`` file: read-only memory map (``mmap=True``, only the header is read now)
+    or in memory; safe to call from many threads at once (see ``_NUMPY_HEADER_LOCK``)."""
+    with _NUMPY_HEADER_LOCK:
+        return np.load(str(path), mmap_mode="r" if mmap else None)
+
+
+def load_arrays(path: Path | str) -> dict[str, np.ndarray]:
+    """Every member of an ``.npz`` file, in memory, by name; safe to call from many threads at once."""
+    with _NUMPY_HEADER_LOCK, np.load(str(path)) as data:
+        return {name: data[name] for name in data.files}
 
 
 def atomic_write(path: Path, write) -> Path:
