@@ -64,13 +64,14 @@ def main() -> int:
     state = json.loads(state_path.read_text())
     ensemble, n_classes = state["inputs"]["params"].get("ensemble", "mean"), int(state["n_classes"])
     rounds = len(state["rounds"])
+    used = ["", *(stats.get("ensemble", ensemble) for stats in state["rounds"])]  # each round's ensemble ("auto" resolved)
     rows: dict[int, list[dict]] = {r: [] for r in range(rounds + 1)}
     for case in tqdm(state["inputs"]["pool"], desc="images", unit="image"):
         truth = load_label(DATASETS[args.name] / f"{case}.nii.gz", load_image(studies / f"{case}.nii.gz"))
         soft = []
         for r in range(rounds + 1):
             soft.append(np.load(work / f"round_{r}" / "probs" / f"{case}.npy").astype(np.float32))
-            rows[r].append(sources_of_round(soft, np.load(work / f"round_{r}" / "labels" / f"{case}.npy"), truth, ensemble, n_classes))
+            rows[r].append(sources_of_round(soft, np.load(work / f"round_{r}" / "labels" / f"{case}.npy"), truth, used[r], n_classes))
     per_round = [{"round": r, **{k: round(float(np.mean([row[k] for row in rows[r]])), 4) for k in rows[r][0]}} for r in rows]
     result = {"dataset": args.name, "ensemble": ensemble, "pool_size": len(state["inputs"]["pool"]), "published": state.get("published"),
               "per_round": per_round}

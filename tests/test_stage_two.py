@@ -13,7 +13,7 @@ from semisam_o1.normalize import normalize
 from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.segmenter import TrainParams, build_network, load_network, predict_with_uncertainty, save_network
 from semisam_o1.server import APP_DIR
-from semisam_o1.stage_two import StageTwo, ensemble_weights
+from semisam_o1.stage_two import AUTO_VOLUME_CHANGE, StageTwo, ensemble_weights, resolve_ensemble, volume_change
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image
 
@@ -454,3 +454,49 @@ def test_with_ensemble_anchored_stage_one_keeps_half_the_say_in_round_two(tiny_s
     soft = [np.load(two.probs_path(r, "hippocampus_003")).astype(np.float32) for r in (0, 1, 2)]
     np.testing.assert_allclose(soft[1], (soft[0] + net1) / 2, atol=2e-3)
     np.testing.assert_allclose(soft[2], soft[0] / 2 + (net1 + net2) / 4, atol=3e-3)
+
+
+def test_volume_change_and_the_auto_ensemble_it_chooses():
+    """``auto`` anchors stage one only after a round-1 network that grew or shrank its training labels'
+    class volumes by more than 10 % (summed over classes, so one class growing while another shrinks
+    counts both); without round 1's measure it keeps the mean ensemble."""
+    assert volume_change({"1": 115}, {"1": 100}) == 0.15  # LA's network: 1.15 x its labels
+    assert volume_change({"1": 98, "2": 100}, {"1": 100, "2": 100}) == 0.01
+    assert volume_change({"1": 120, "2": 80}, {"1": 100, "2": 100}) == 0.2  # the total is unchanged, the classes are not
+    assert volume_change({"1": 5}, {"1": 0}) is None
+    assert AUTO_VOLUME_CHANGE == 0.10
+    for change, expected in {0.15: "anchored", 0.10: "mean", 0.02: "mean", None: "mean"}.items():
+        assert resolve_ensemble("auto", [{"network_volume_change": change}]) == expected, change
+    assert resolve_ensemble("auto", []) == "mean"
+    assert resolve_ensemble("auto", [{}]) == "mean"  # a round recorded before the measure existed
+    assert all(resolve_ensemble(e, [{"network_volume_change": 0.5}]) == e for e in ("mean", "anchored", "network"))
+
+
+def test_auto_ensemble_records_the_networks_volume_change_and_weighs_round_two_by_it(tiny_studies):
+    config = AppConfig.from_conf({**FAST, "rounds": "2", "ensemble": "auto", "teacher_floor": "false"})
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    ids = ["hippocampus_003", "hippocampus_008"]
+    rounds = two.run(find_templates(datastore), {i: datastore.get_image_uri(i) for i in ids})["rounds"]
+
+    patch = config.stage_two_params().train.patch
+    nets = [load_network(two.work / f"round_{r}" / "model.pt") for r in (1, 2)]
+    network, labels, soft = {"1": 0, "2": 0}, {"1": 0, "2": 0}, {}
+    for i in ids:
+        image = load_image(datastore.get_image_uri(i))
+        pred = [predict_with_uncertainty(net, normalize(image.array), patch, mc_samples=2)[0] for net in nets]
+        soft[i] = pred
+        trained_on = np.load(two.labels_dir(0) / f"{i}.npy")
+        for c in network:
+            network[c] += int((pred[0].argmax(0) == int(c)).sum())
+            labels[c] += int((trained_on == int(c)).sum())
+    assert rounds[0]["ensemble"] == "mean"
+    assert abs(rounds[0]["network_volume_change"] - volume_change(network, labels)) < 0.02
+    assert rounds[0]["network_volume_ratio"].keys() == {"1", "2"}
+    used = rounds[1]["ensemble"]
+    assert used == resolve_ensemble("auto", rounds[:1])
+    net1, net2 = soft["hippocampus_003"]
+    s = [np.load(two.probs_path(r, "hippocampus_003")).astype(np.float32) for r in (0, 1, 2)]
+    expected = s[0] / 2 + (net1 + net2) / 4 if used == "anchored" else (s[0] + net1 + net2) / 3
+    np.testing.assert_allclose(s[2], expected, atol=3e-3)

@@ -15,8 +15,9 @@ PROPAGATIONS = ("fusion", "prototype")
 #: stage two's pseudo-label correction (:mod:`~semisam_o1.refinement`): per voxel, per volume, or none
 REFINEMENTS = ("voxel", "volume", "none")
 #: a round's soft labels (:func:`~semisam_o1.stage_two.ensemble_weights`): the temporal ensemble with stage one,
-#: stage one against the rounds' networks half and half, or the round's network alone
-ENSEMBLES = ("mean", "anchored", "network")
+#: stage one against the rounds' networks half and half, the round's network alone, or mean / anchored chosen
+#: after round 1 by its network's volume change (:func:`~semisam_o1.stage_two.resolve_ensemble`)
+ENSEMBLES = ("mean", "anchored", "network", "auto")
 #: label-free signals of a round network's quality, recorded in every round's stats, with their sign
 #: (+1: higher is better): its mean Dice against stage one's labels on the pool, the mean entropy of its
 #: own flip/MC-dropout prediction, its Dice on the real templates (its training data), and the mean Dice

@@ -21,7 +21,9 @@ stage one's soft labels and the softmax (flip + MC-dropout mean) of every round'
 ``(r * previous + network_r) / (r + 1)`` (``ensemble="mean"``); with ``ensemble="anchored"`` they are the
 mean of stage one's soft labels and the mean of every round's network so far, so stage one keeps half the
 say in every round (:func:`ensemble_weights`); with ``ensemble="network"`` they are the round's network's
-softmax alone. With the mean every source (stage one, each round's network) keeps an equal say, so no
+softmax alone; ``ensemble="auto"`` is ``mean``, or ``anchored`` from round 2 on when round 1's network
+changed the class volumes of its training labels by more than 10 % (:func:`resolve_ensemble`; each
+round's stats record the ensemble it used and ``network_volume_change``). With the mean every source (stage one, each round's network) keeps an equal say, so no
 single network's errors take over the labels; with ``anchored`` the networks, which learn from each
 other's labels and share their errors, together weigh as much as stage one. The entropy of the soft labels is
 the voxel-wise uncertainty; the refinement relabels the most uncertain voxels of their argmax. With
@@ -137,9 +139,52 @@ class StageTwoParams:
     #: instead of 20 mm, and prediction touches 8x fewer voxels.
     network_voxels: int | None = 1_000_000
     #: a round's soft labels: ``"mean"`` of stage one's and every round's network so far (temporal
-    #: ensemble), ``"anchored"``: stage one's and the mean of the rounds' networks half and half, or
-    #: ``"network"``: this round's network alone (:func:`ensemble_weights`)
+    #: ensemble), ``"anchored"``: stage one's and the mean of the rounds' networks half and half,
+    #: ``"network"``: this round's network alone (:func:`ensemble_weights`), or ``"auto"``: ``"mean"``,
+    #: or ``"anchored"`` from round 2 on when round 1's network changed its training labels' class
+    #: volumes by more than :data:`AUTO_VOLUME_CHANGE` (:func:`resolve_ensemble`)
     ensemble: str = "mean"
+
+
+#: ``ensemble="auto"`` anchors stage one when round 1's network's class volumes on the pool differ from
+#: its training labels' by more than this fraction of their foreground (:func:`volume_change`)
+AUTO_VOLUME_CHANGE = 0.10
+
+
+def volume_change(network_voxels: dict[str, int], label_voxels: dict[str, int]) -> float | None:
+    """How much a network's prediction changes the class volumes of the labels it trained on, over the
+    pool: ``sum_c |N_c - L_c| / sum_c L_c`` over the foreground classes ``c`` (``N_c``: voxels the
+    network's argmax gives class ``c``, ``L_c``: voxels of class ``c`` in its training labels);
+    ``None`` without foreground. Label-free: both counts come from the pool, none from ground truth.
+
+    >>> volume_change({"1": 115}, {"1": 100})
+    0.15
+    >>> volume_change({"1": 90, "2": 110}, {"1": 100, "2": 100})
+    0.1
+    """
+    total = sum(label_voxels.values())
+    if total == 0:
+        return None
+    return round(sum(abs(network_voxels.get(c, 0) - n) for c, n in label_voxels.items()) / total, 6)
+
+
+def resolve_ensemble(ensemble: str, rounds: list[dict]) -> str:
+    """The ensemble the next round uses, given the stats of the rounds finished so far.
+
+    Every ensemble but ``"auto"`` is itself. ``"auto"`` is ``"mean"`` in round 1 (where ``mean`` and
+    ``anchored`` weigh the same, :func:`ensemble_weights`) and later ``"anchored"`` if round 1's network
+    changed its training labels' volumes by more than :data:`AUTO_VOLUME_CHANGE`
+    (``rounds[0]["network_volume_change"]``), else ``"mean"``: a network that grows or shrinks what it
+    learnt from is extrapolating its teacher's errors, and its votes then weigh against stage one's
+    half and half instead of outvoting it round by round.
+
+    >>> resolve_ensemble("auto", []), resolve_ensemble("auto", [{"network_volume_change": 0.15}])
+    ('mean', 'anchored')
+    """
+    if ensemble != "auto":
+        return ensemble
+    change = rounds[0].get("network_volume_change") if rounds else None
+    return "anchored" if change is not None and change > AUTO_VOLUME_CHANGE else "mean"
 
 
 def ensemble_weights(ensemble: str, round_: int) -> tuple[float, float, float]:
@@ -163,7 +208,7 @@ def ensemble_weights(ensemble: str, round_: int) -> tuple[float, float, float]:
         return 1 / (2 * round_), (round_ - 1) / round_, 1 / (2 * round_)
     if ensemble == "network":
         return 1.0, 0.0, 0.0
-    raise ValueError(f"ensemble must be one of {ENSEMBLES}, got '{ensemble}'")
+    raise ValueError(f"ensemble must be one of {ENSEMBLES} ('auto' through resolve_ensemble), got '{ensemble}'")
 
 
 @dataclass
@@ -268,7 +313,8 @@ class StageTwo:
 
             self.progress.phase = "predict"
             notify(self.progress)
-            mean_entropy, kept, criteria = self._predict_round(net, round_, pool, grids, n_classes, round_dir, progress)
+            ensemble = resolve_ensemble(self.params.ensemble, state["rounds"])
+            mean_entropy, kept, criteria, volumes = self._predict_round(net, round_, ensemble, pool, grids, n_classes, round_dir, progress)
 
             self.progress.phase = "refine"
             notify(self.progress)
@@ -283,6 +329,10 @@ class StageTwo:
                 "mean_entropy": float(np.mean(mean_entropy)),
                 "kept_previous_fraction": float(np.mean(kept)),  # voxels whose new label was not confident enough
                 "returned_to_stage_one": dict(self._returned),  # {class: images} (teacher floor)
+                "ensemble": ensemble,
+                # the network's class volumes on the pool against its training labels' (label-free)
+                "network_volume_ratio": {c: round(volumes["network"][c] / n, 4) for c, n in volumes["labels"].items() if n},
+                "network_volume_change": volume_change(volumes["network"], volumes["labels"]),
                 # label-free signals of the round network's quality (recorded to find which predicts Dice)
                 **{name: float(np.mean(values)) for name, values in criteria.items()},
                 "labels_agreement_with_stage_one": float(np.mean(self._agreement)),
@@ -462,24 +512,30 @@ class StageTwo:
         bar.close()
         return net
 
-    def _predict_round(self, net: torch.nn.Module, round_: int, pool: dict[str, Path], grids: dict[str, Volume], n_classes: int,
-                       round_dir: Path, progress: bool) -> tuple[list[float], list[float], dict[str, list[float]]]:
+    def _predict_round(self, net: torch.nn.Module, round_: int, ensemble: str, pool: dict[str, Path], grids: dict[str, Volume],
+                       n_classes: int, round_dir: Path, progress: bool) -> tuple[list[float], list[float], dict[str, list[float]], dict]:
         """Round ``round_``'s soft labels of every pool image, one image at a time: the network's softmax,
-        ensembled (``ensemble``) with the previous soft labels, saved as ``probs``; their entropy
+        ensembled (``ensemble``, resolved) with the previous soft labels, saved as ``probs``; their entropy
         (``uncertainty/``) and the hard labels that replace the previous ones where confident
         (``predicted/``, :func:`confident_replacement`), the refinement's inputs.
 
         Returns:
             per image, the mean entropy of the soft labels and the fraction of voxels that kept their previous
-            label; and the label-free signals ``{"network_entropy", "agreement_with_stage_one"}``, one value per image.
+            label; the label-free signals ``{"network_entropy", "agreement_with_stage_one"}``, one value per image;
+            and the pool's voxels per foreground class, ``{"network": {class: n}, "labels": {class: n}}``, of
+            the network's argmax and of the labels it trained on (round ``round_ - 1``'s).
         """
         mean_entropy, kept, criteria = [], [], {"network_entropy": [], "agreement_with_stage_one": []}
-        w_net, w_prev, w_stage1 = ensemble_weights(self.params.ensemble, round_)
+        counts = {"network": np.zeros(n_classes, np.int64), "labels": np.zeros(n_classes, np.int64)}
+        w_net, w_prev, w_stage1 = ensemble_weights(ensemble, round_)
         for i, path in tqdm(pool.items(), desc=f"round {round_}: predict", disable=not progress, leave=False):
             prob, network_entropy = self._predict(net, load_image(path), self.params.mc_samples)
+            network_label = prob.argmax(0)
             criteria["network_entropy"].append(float(network_entropy.mean()))
-            criteria["agreement_with_stage_one"].append(float(class_dice(prob.argmax(0), self._label_array(0, i, grids[i]), n_classes).mean()))
-            del network_entropy
+            criteria["agreement_with_stage_one"].append(float(class_dice(network_label, self._label_array(0, i, grids[i]), n_classes).mean()))
+            counts["network"] += np.bincount(network_label.ravel(), minlength=n_classes)[:n_classes]
+            counts["labels"] += np.bincount(np.asarray(self._label_array(round_ - 1, i, grids[i])).ravel(), minlength=n_classes)[:n_classes]
+            del network_entropy, network_label
             if w_net < 1:
                 prob *= w_net
                 for r, w in ((round_ - 1, w_prev), (0, w_stage1)):
@@ -497,7 +553,8 @@ class StageTwo:
             kept.append(float(keep.mean()))
             _save_array(round_dir / "predicted" / f"{i}.npy", predicted)
             del prob, uncertainty, predicted, keep
-        return mean_entropy, kept, criteria
+        volumes = {k: {str(c): int(v[c]) for c in range(1, n_classes)} for k, v in counts.items()}
+        return mean_entropy, kept, criteria, volumes
 
     def train_params(self, final_labels: list[np.ndarray], n_classes: int) -> TrainParams:
         """The training parameters, mirroring only along axes where the templates' classes map onto
