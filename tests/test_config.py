@@ -71,3 +71,17 @@ def test_every_encoder_option_is_one_the_encoder_spec_accepts(name, tmp_path):
     assert EncoderSpec(name=name, checkpoint=str(checkpoint) if name.startswith("sam_") else None).name == name
     with pytest.raises(ConfError, match="encoder"):
         AppConfig.from_conf({"encoder": name + "x"})
+
+
+def test_every_command_prints_its_help_with_every_option_described():
+    """``main.py <command> --help`` lists every ``--conf`` option (argparse %-formats help text: an option
+    whose description holds a ``%`` once made ``pipeline --help`` crash)."""
+    from semisam_o1.cli import build_parser
+    from semisam_o1.config import OPTIONS
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in commands:
+        text = commands[name].format_help()
+        if name in ("serve", "pipeline"):
+            assert all(key in text for key, _ in OPTIONS), name

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="SemiSAM-O1 Label: one template -> a labelled study pool.")
     sub = parser.add_subparsers(dest="command")
 
-    conf_help = "app option (repeatable): " + "; ".join(f"{k}: {h}" for k, h in OPTIONS)
+    conf_help = ("app option (repeatable): " + "; ".join(f"{k}: {h}" for k, h in OPTIONS)).replace("%", "%%")  # argparse %-formats help
     serve = sub.add_parser("serve", help="start the MONAI Label server (default command)")
     serve.add_argument("--studies", default=str(SAMPLE_DATASTORE), help="datastore folder or DICOMweb URL")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only; any other address needs MONAI_LABEL_AUTH_ENABLE or --insecure)")
