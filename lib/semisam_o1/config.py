@@ -204,7 +204,7 @@ class AppConfig:
         "stage two: the network trains and predicts on each image shrunk to at most this many voxels (finest axes first; 0 = the image's grid)",
     )
     ensemble: str = _option(
-        "mean", parse_choice(*ENSEMBLES),
+        "auto", parse_choice(*ENSEMBLES),
         "stage two: a round's soft labels: mean = of stage one's and every round's network so far (temporal ensemble); "
         "anchored = stage one's and the mean of the rounds' networks half and half; network = the round's network alone; "
         "auto = mean, or anchored from round 2 on when round 1's network changed its training labels' class volumes by more than 10%",

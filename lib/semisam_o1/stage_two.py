@@ -21,7 +21,7 @@ stage one's soft labels and the softmax (flip + MC-dropout mean) of every round'
 ``(r * previous + network_r) / (r + 1)`` (``ensemble="mean"``); with ``ensemble="anchored"`` they are the
 mean of stage one's soft labels and the mean of every round's network so far, so stage one keeps half the
 say in every round (:func:`ensemble_weights`); with ``ensemble="network"`` they are the round's network's
-softmax alone; ``ensemble="auto"`` is ``mean``, or ``anchored`` from round 2 on when round 1's network
+softmax alone; ``ensemble="auto"`` (the default) is ``mean``, or ``anchored`` from round 2 on when round 1's network
 changed the class volumes of its training labels by more than 10 % (:func:`resolve_ensemble`; each
 round's stats record the ensemble it used and ``network_volume_change``). With the mean every source (stage one, each round's network) keeps an equal say, so no
 single network's errors take over the labels; with ``anchored`` the networks, which learn from each
@@ -143,7 +143,7 @@ class StageTwoParams:
     #: ``"network"``: this round's network alone (:func:`ensemble_weights`), or ``"auto"``: ``"mean"``,
     #: or ``"anchored"`` from round 2 on when round 1's network changed its training labels' class
     #: volumes by more than :data:`AUTO_VOLUME_CHANGE` (:func:`resolve_ensemble`)
-    ensemble: str = "mean"
+    ensemble: str = "auto"
 
 
 #: ``ensemble="auto"`` anchors stage one when round 1's network's class volumes on the pool differ from
