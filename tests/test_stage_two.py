@@ -120,7 +120,7 @@ def test_a_changed_pool_starts_again_instead_of_resuming(tiny_studies):
 
 
 def test_soft_pseudo_labels_are_the_mean_of_stage_one_and_every_round(tiny_studies):
-    config = AppConfig.from_conf({**FAST, "rounds": "2", "teacher_floor": "false"})
+    config = AppConfig.from_conf({**FAST, "rounds": "2", "ensemble": "mean", "teacher_floor": "false"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     templates = find_templates(datastore)
