@@ -31,7 +31,7 @@ TARGET_SECONDS = 20 * 60
 
 
 def timed(command: list[str]) -> tuple[float, str]:
-    """Run ``command`` in the project root; (wall seconds, its stdout + stderr). Raises on a failed command."""
+    """Run ``command`` in the project root; (wall seconds, its stdout + stderr). A failed command ends the benchmark (exit naming it, with its stderr)."""
     start = time.perf_counter()
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
