@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from common import RESULTS, peak_rss_bytes, write_result
 from semisam_o1.choices import REGISTRATIONS, SIGNALS
 from semisam_o1.config import AppConfig
 from semisam_o1.pool import build_stage_one, open_datastore
-from semisam_o1.registration import read_image, warp_label
+from semisam_o1.registration import deterministic_ants, read_image, warp_label
 from semisam_o1.stage_one import StageOne
 from semisam_o1.stage_two import StageTwo
 from semisam_o1.templates import find_templates
@@ -73,12 +74,17 @@ def mean_over(cases: list[dict], key: str, classes: dict[str, int]) -> tuple[flo
 
 
 def ants_syn(fixed: Path, template: Path, template_label: Path) -> np.ndarray:
-    """ANTs SyN single-atlas: the template label warped onto ``fixed`` (nearest neighbour), (D, H, W) uint8."""
+    """ANTs SyN single-atlas: the template label warped onto ``fixed`` (nearest neighbour), (D, H, W) uint8.
+
+    Seeded and on one thread (:func:`~semisam_o1.registration.deterministic_ants`, seed 1 as
+    :func:`~semisam_o1.registration.syn_register`), so the peer's Dice is the same in every run; ANTs'
+    transform files go to a temporary folder removed afterwards (by default it leaves them in /tmp)."""
     import ants
 
-    f, m = ants.image_read(str(fixed)), ants.image_read(str(template))
-    reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN")
-    warped = ants.apply_transforms(f, ants.image_read(str(template_label)), reg["fwdtransforms"], interpolator="nearestNeighbor")
+    with deterministic_ants(seed=1), tempfile.TemporaryDirectory(prefix="semisam-peer-") as tmp:  # ANTs' own files go there
+        f, m = ants.image_read(str(fixed)), ants.image_read(str(template))
+        reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN", outprefix=str(Path(tmp) / "syn_"))
+        warped = ants.apply_transforms(f, ants.image_read(str(template_label)), reg["fwdtransforms"], interpolator="nearestNeighbor")
     return np.rint(warped.numpy()).astype(np.uint8)
 
 

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from semisam_o1.volumes import atomic_write, load_arrays, read_sitk, sitk_to_dhw
 
-__all__ = ["affine_register", "demons_register", "syn_register", "map_voxels", "shrink", "warp_label", "read_image",
+__all__ = ["affine_register", "demons_register", "syn_register", "deterministic_ants", "map_voxels", "shrink", "warp_label", "read_image",
            "save_transform", "load_transform"]
 
 
@@ -41,21 +41,34 @@ def _single_thread():
 
 
 @contextmanager
-def _ants_single_thread():
-    """ANTs' ITK splits the metric's random samples across threads non-deterministically (SyN fields of
-    the same pair differ by up to ~1 mm run to run on 2 threads; on 1 thread they are identical). That
-    ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when first used: set it to 1 around the
-    calls, after SimpleITK (which reads the same variable once) has read the user's value."""
+def deterministic_ants(seed: int = 1):
+    """Run ``antspyx`` calls inside this block reproducibly: ``ANTS_RANDOM_SEED`` = ``seed`` (the affine
+    metric's random sampling) and one ITK thread (ANTs' ITK splits the metric's random samples across
+    threads non-deterministically: SyN fields of the same pair differ by up to ~1 mm run to run on 2
+    threads; on 1 thread they are identical). Both variables are restored on exit.
+
+    That ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when first used, so every ANTs call of
+    a process must run inside this block for the guarantee to hold (:func:`syn_register` and the
+    benchmarks' ANTs peer do). SimpleITK reads the same variable once too: it settles its own thread
+    count (the user's value) before the variable is changed.
+
+    Example::
+
+        with deterministic_ants(seed=1):
+            reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN")
+    """
     sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()  # SimpleITK settles its own thread count first
-    old = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+    names = ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "ANTS_RANDOM_SEED")
+    old = {name: os.environ.get(name) for name in names}
+    os.environ.update({names[0]: "1", names[1]: str(int(seed))})
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", None)
-        else:
-            os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def read_image(path: str) -> sitk.Image:
@@ -205,15 +218,13 @@ def syn_register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> sitk.T
     """ANTs SyN (``antspyx``: ``ants.registration(type_of_transform="SyN")``, its own affine first) of
     ``moving`` (template) to ``fixed`` (target), composed into one displacement field on the fixed grid.
 
-    ``seed`` goes to ``ANTS_RANDOM_SEED`` (affine metric sampling); ANTs runs on one thread
-    (:func:`_ants_single_thread`), so the same pair gives the same field in every process (server, jobs,
-    Ray workers) as long as ANTs was first used here.
+    Runs under :func:`deterministic_ants` (``seed``, one thread), so the same pair gives the same field
+    in every process (server, jobs, Ray workers) as long as the process's first ANTs call ran under it.
 
     Returns:
         ``sitk.DisplacementFieldTransform`` mapping fixed physical points (mm) to moving physical points (mm).
     """
-    os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
-    with _ants_single_thread(), tempfile.TemporaryDirectory(prefix="semisam-syn-") as tmp:
+    with deterministic_ants(seed), tempfile.TemporaryDirectory(prefix="semisam-syn-") as tmp:
         import ants
 
         tmp = Path(tmp)
