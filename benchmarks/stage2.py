@@ -1,6 +1,6 @@
 """Stage-two benchmark: one-label self-training vs its lower and upper bounds, in one run.
 
-    python benchmarks/stage2.py [--rounds 3] [--iterations N] [--test 15] [--pool 30] [--variants voxel,volume]
+    python benchmarks/stage2.py [--rounds 3] [--iterations N] [--test 15] [--pool 30] [--variants voxel,volume] [--seed 0]
                                 [--conf KEY VALUE ...] [--out benchmarks/results/stage2.json]
 
 MSD Task04 hippocampus, template hippocampus_001; the last ``--test`` volumes (sorted ids) are a
@@ -53,7 +53,9 @@ def main(argv=None) -> int:
     p = parser(__doc__, "stage2")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iterations", default="auto", help="training iterations (default: the app's, planned: 1000 for these crops)")
-    p.add_argument("--variants", default="voxel,volume", help="refinements run: voxel (the app's), volume (the published code's, ablation)")
+    p.add_argument("--variants", default="voxel,volume",
+                   help="refinements run, the first is the one reported per round: voxel (the app's), volume (the published code's, ablation), none")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every network in the run (repeat with others to measure the spread)")
     p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), default=[], help="app option, e.g. pseudo_templates 3")
     args = p.parse_args(argv)
 
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
     test = {i: load(i) for i in test_ids}
     pool = {i: load(i) for i in pool_ids}
     params = config.stage_two_params()
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, seed=args.seed))
     patch = params.train.patch
     result: dict = {"template": args.template, "test_ids": test_ids, "pool_size": len(pool_ids), "params": dataclasses.asdict(params)}
 
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
     tpl_img = load_image(templates[0].image_path)
     tpl_lab = load_label(templates[0].label_path, tpl_img)
     start = time.perf_counter()
-    train = StageTwo(studies, stage_one, params).train_params([tpl_lab], 1 + len(CLASSES))  # the same network: stage two's flips
+    train = StageTwo(studies, stage_one, params).train_params([tpl_lab], 1 + len(CLASSES), tpl_img)  # the same network: stage two's flips and rotations
     net = train_network([normalize(tpl_img.array)], [tpl_lab], 1 + len(CLASSES), train)
     result["dice_template_only"] = network_dice(net, test, patch)
     net = train_network([normalize(tpl_img.array)] + [normalize(i.array) for i, _ in pool.values()], [tpl_lab] + [t for _, t in pool.values()], 1 + len(CLASSES), train)
@@ -111,22 +114,24 @@ def main(argv=None) -> int:
             print(refinement, json.dumps(entry))
         variants[refinement] = per_round
 
-    rounds = variants["voxel"]
+    main_variant = args.variants.split(",")[0]
+    rounds = variants[main_variant]
     result.update(
         {
             "dice_per_round": [r["test_dice"] for r in rounds[1:]],
             "pool_dice_per_round": [r["pool_pseudo_label_dice"] for r in rounds],
-            "dice_volume_level_ablation": variants["volume"][-1]["test_dice"] if "volume" in variants else None,
+            "refinement": main_variant,
+            "dice_volume_level_ablation": variants["volume"][-1]["test_dice"] if "volume" in variants and main_variant != "volume" else None,
             "volume_level_per_round": variants.get("volume"),
             "voxel_level_per_round": rounds,
             "seconds_per_round": [r["seconds"] for r in rounds[1:]],
             "peak_rss_bytes": peak_rss_bytes(),
         }
     )
-    result["published"] = states["voxel"].get("published")
-    result["pseudo_templates"] = states["voxel"].get("pseudo_templates", [])
+    result["published"] = states[main_variant].get("published")
+    result["pseudo_templates"] = states[main_variant].get("pseudo_templates", [])
     result["conf"] = dict(args.conf)
-    published = StageTwo.published(states["voxel"])
+    published = StageTwo.published(states[main_variant])
     result["dice_final"] = rounds[published]["test_dice"]  # the published model's test Dice
     result["ratio_to_full_supervision"] = result["dice_final"] / result["dice_full_supervision"]
     result["ratio_to_stage1"] = result["dice_final"] / result["dice_stage1"]

@@ -225,6 +225,16 @@ def test_training_patches_come_from_memory_maps_aligned_and_mostly_on_foreground
     padded = sampler[1]  # 10 voxels deep: zero-padded evenly to the patch
     assert padded["label"].shape == (1, 16, 16, 16) and padded["label"].sum() == 1
     assert padded["label"][0, :3].sum() == 0 and padded["label"][0, 13:].sum() == 0
+    # with context (augment="affine" rotates about it): the same patch, with its surroundings around it
+    wide = PatchSampler([np.load(tmp_path / "image.npy", mmap_mode="r"), np.zeros(small.shape, np.float32)],
+                        [np.load(tmp_path / "label.npy", mmap_mode="r"), small], (16, 16, 16), seed=0, context=(8, 8, 8))
+    plain = PatchSampler([np.load(tmp_path / "image.npy", mmap_mode="r"), np.zeros(small.shape, np.float32)],
+                         [np.load(tmp_path / "label.npy", mmap_mode="r"), small], (16, 16, 16), seed=0)
+    for i in [0] * 50 + [1] * 5:
+        a, b = wide[i], plain[i]
+        assert a["label"].shape == (1, 32, 32, 32)
+        np.testing.assert_array_equal(a["label"][:, 8:24, 8:24, 8:24], b["label"])
+        np.testing.assert_array_equal(a["image"][:, 8:24, 8:24, 8:24], b["image"])
 
 
 def test_a_round_replaces_the_previous_labels_only_where_it_is_confident(tiny_studies):
@@ -500,3 +510,56 @@ def test_auto_ensemble_records_the_networks_volume_change_and_weighs_round_two_b
     s = [np.load(two.probs_path(r, "hippocampus_003")).astype(np.float32) for r in (0, 1, 2)]
     expected = s[0] / 2 + (net1 + net2) / 4 if used == "anchored" else (s[0] + net1 + net2) / 3
     np.testing.assert_allclose(s[2], expected, atol=3e-3)
+
+
+def test_affine_augmentation_moves_image_and_label_together_and_never_blends_label_values():
+    """``--conf augment affine``: a patch read 1.5x larger is rotated and scaled about its centre and cut to the
+    patch size; image and label move as one, labels keep their values, and half the patches are left as they are."""
+    from semisam_o1.segmenter import augmentation, sampled_patch
+
+    params = TrainParams(patch=(16, 16, 16), augment="affine", flip_axes=())
+    size = sampled_patch(params)
+    assert size == (24, 24, 24)
+    label = np.zeros(size, np.uint8)
+    label[6:14, 8:18, 5:12], label[14:19, 8:18, 5:12] = 1, 2  # two touching classes, off-centre
+    image = label.astype(np.float32) / 2  # image intensity marks the class
+    transform = augmentation(params)
+    centre = label[4:20, 4:20, 4:20]
+    moved = 0
+    for _ in range(40):
+        out = transform({"image": image[None].copy(), "label": label[None].copy()})
+        x, y = np.asarray(out["image"][0]), np.asarray(out["label"][0])
+        assert x.shape == y.shape == (16, 16, 16)
+        assert set(np.unique(y).tolist()) <= {0, 1, 2}  # nearest for labels: no class in between
+        agree = np.mean(np.abs(x * 2 - y) < 0.5)  # the image's class at each voxel is the label's
+        assert agree > 0.95
+        moved += not np.array_equal(y, centre)
+    assert 10 < moved < 35  # the affine is drawn with probability 0.5 (intensity jitter does not touch labels)
+
+
+def test_on_thick_slices_affine_augmentation_turns_and_scales_in_plane_only(tmp_path):
+    """A thick-slice grid (CHAOS T2: 7.7 mm slices, 2.5 mm in-plane on the network grid) is rotated about its slice
+    axis and scaled in-plane: every output slice is one input slice, never a blend of two."""
+    import dataclasses
+
+    from semisam_o1.segmenter import augmentation, sampled_patch
+
+    params = TrainParams(patch=(16, 16, 16), augment="affine", flip_axes=(), slice_axis=0)
+    size = sampled_patch(params)
+    image = np.broadcast_to((np.arange(size[0]) % 2).astype(np.float32)[:, None, None], size).copy()  # slices 0, 1, 0, 1, ...
+    transform = augmentation(params)
+    for _ in range(20):
+        x = np.asarray(transform({"image": image[None].copy(), "label": np.zeros((1, *size), np.uint8)})["image"][0])
+        # intensity jitter maps 0 and 1 to two levels; a blend of neighbouring slices would make a third
+        assert len(np.unique(np.round(x, 4))) == 2
+        assert all(len(np.unique(np.round(s, 4))) == 1 for s in x)  # each output slice is one input slice
+    # stage two finds the slice axis on the template's network grid
+    affine = np.diag([1.25, 1.25, 7.7, 1.0])
+    volume = np.random.default_rng(0).random((64, 64, 12), dtype=np.float32)
+    nib.save(nib.Nifti1Image(volume, affine), tmp_path / "thick.nii.gz")
+    thick = load_image(tmp_path / "thick.nii.gz")
+    labels = [np.zeros(thick.array.shape, np.uint8)]
+    two = StageTwo.__new__(StageTwo)
+    two.params = dataclasses.replace(AppConfig.from_conf({"augment": "affine"}).stage_two_params(), network_voxels=8000)
+    train = two.train_params(labels, 2, thick)
+    assert train.augment == "affine" and train.slice_axis == thick.spacing.index(max(thick.spacing))

@@ -14,6 +14,9 @@ REGISTRATIONS = ("demons", "syn")
 PROPAGATIONS = ("fusion", "prototype")
 #: stage two's pseudo-label correction (:mod:`~semisam_o1.refinement`): per voxel, per volume, or none
 REFINEMENTS = ("voxel", "volume", "none")
+#: stage two's training augmentation (:func:`~semisam_o1.segmenter.augmentation`): mirroring and intensity
+#: jitter, or those and random rotation and scaling
+AUGMENTATIONS = ("flip", "affine")
 #: a round's soft labels (:func:`~semisam_o1.stage_two.ensemble_weights`): the temporal ensemble with stage one,
 #: stage one against the rounds' networks half and half, the round's network alone, or mean / anchored chosen
 #: after round 1 by its network's volume change (:func:`~semisam_o1.stage_two.resolve_ensemble`)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
-from semisam_o1.choices import ENCODERS, ENSEMBLES, PROPAGATIONS, PUBLISH, REFINEMENTS, REGISTRATIONS
+from semisam_o1.choices import AUGMENTATIONS, ENCODERS, ENSEMBLES, PROPAGATIONS, PUBLISH, REFINEMENTS, REGISTRATIONS
 
 
 def is_dicomweb(studies) -> bool:
@@ -182,6 +182,11 @@ class AppConfig:
         None, parse_auto_int(1, 100000), "training iterations per round (batch of 4 patches); auto = planned: 1000 for crops, 3000 for scans"
     )
     patch: int = _option(32, parse_int(16, 256), "training/inference patch edge in voxels (cube)")
+    augment: str = _option(
+        "flip", parse_choice(*AUGMENTATIONS),
+        "stage two's training augmentation: flip (mirroring where no class mirrors onto another, intensity jitter) or affine "
+        "(also random rotation up to 15 degrees, in-plane on thick slices, and scaling by up to 15 percent)",
+    )
     refinement: str = _option("voxel", parse_choice(*REFINEMENTS), "stage-two pseudo-label correction")
     publish: str = _option(
         "network_entropy", parse_choice(*PUBLISH),
@@ -227,7 +232,7 @@ class AppConfig:
 
         return StageTwoParams(
             rounds=self.rounds,
-            train=TrainParams(patch=(self.patch,) * 3, iterations=self.iterations, processes=self.train_processes),
+            train=TrainParams(patch=(self.patch,) * 3, iterations=self.iterations, processes=self.train_processes, augment=self.augment),
             refine=RefineParams(uncertain_quantile=self.uncertain_quantile, k=self.knn, position_weight=self.position_weight),
             refinement=self.refinement,
             publish=self.publish,

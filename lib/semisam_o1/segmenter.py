@@ -2,7 +2,8 @@
 
 - :func:`build_network`: MONAI ``UNet`` with dropout (dropout also drives MC-dropout uncertainty).
 - :func:`train_network`: patches read straight from (memory-mapped) volumes by :class:`PatchSampler`
-  (2 of 3 centred on foreground), MONAI dictionary transforms on each patch (flips, intensity jitter),
+  (2 of 3 centred on foreground), MONAI dictionary transforms on each patch (flips, intensity jitter;
+  with ``TrainParams.augment="affine"`` also random rotation and scaling, :func:`augmentation`),
   Dice + cross-entropy loss, Adam; a fixed number of iterations, sized for CPU. Only the patches are
   ever in memory, so the pool may be ``np.load(..., mmap_mode="r")`` arrays of any size.
   With ``TrainParams.processes`` > 1 it trains as torch ``DistributedDataParallel`` processes (one per GPU,
@@ -31,7 +32,16 @@ from monai.data import DataLoader, Dataset
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
-from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+
+from semisam_o1.choices import AUGMENTATIONS
+
+#: ``augment="affine"``: each patch is rotated about each axis (in-plane only on thick slices) by up to this many
+#: degrees and scaled by up to this fraction (1 +/- 0.15), with probability :data:`AFFINE_PROB`
+ROTATE_DEGREES, SCALE, AFFINE_PROB = 15.0, 0.15, 0.5
+#: ``augment="affine"``: patches are read this much larger than ``TrainParams.patch`` and the affine resamples the
+#: centre at the patch size, so rotated and shrunk patches show anatomy in their corners, not padding
+AFFINE_MARGIN = 1.5
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,13 @@ class TrainParams:
     #: an axis along which the labels come in mirror pairs (left/right kidney) must be left out, see
     #: :func:`mirror_axes`
     flip_axes: tuple[int, ...] = (0, 1, 2)
+    #: one of :data:`~semisam_o1.choices.AUGMENTATIONS`: "flip" (mirroring along ``flip_axes`` and intensity
+    #: jitter) or "affine" (and random rotation and scaling, :func:`augmentation`)
+    augment: str = "flip"
+    #: with ``augment="affine"``: the thick-slice axis of the network's grid (of D, H, W), or None on a near-isotropic
+    #: grid; with a slice axis patches are rotated about it and scaled along the other two only, so slices never mix
+    #: (:func:`slice_axis`)
+    slice_axis: int | None = None
     #: Training processes (torch DistributedDataParallel, see :func:`train_network`); None = auto: on CUDA the
     #: most visible GPUs that divide ``batch_size`` (one process each), else 1. ``batch_size`` must be a multiple of it.
     processes: int | None = None
@@ -104,14 +121,18 @@ class PatchSampler(Sequence):
     else on a background voxel, moved so that it lies inside the volume; a volume smaller than the patch
     is zero-padded evenly on both sides. Candidate centres: a uniform sample of at most ``max_points``
     foreground and as many background voxels per case, found slab by slab (never a whole-volume copy).
+    With ``context`` (voxels per side and axis) the patch comes with that much of its surroundings, zero
+    outside the volume: ``patch + 2 * context`` voxels whose centre is exactly the patch it would be without
+    (what ``augment="affine"`` rotates and scales about).
 
     Args:
         images: (D, H, W) arrays in [0, 1] (``np.memmap`` welcome); labels: (D, H, W) integer arrays.
     """
 
     def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], patch: Sequence[int],
-                 pos: int = 2, neg: int = 1, seed: int = 0, max_points: int = 20000):
+                 pos: int = 2, neg: int = 1, seed: int = 0, max_points: int = 20000, context: Sequence[int] = (0, 0, 0)):
         self.images, self.labels, self.patch = list(images), list(labels), tuple(int(p) for p in patch)
+        self.context = tuple(int(m) for m in context)
         self.p_pos = pos / (pos + neg)
         self.rng = np.random.default_rng(seed)
         self.points = [self._centres(lab, max_points) for lab in self.labels]
@@ -137,10 +158,13 @@ class PatchSampler(Sequence):
         fg, bg = self.points[i]
         pool = fg if (len(fg) and self.rng.random() < self.p_pos) or not len(bg) else bg
         centre = np.unravel_index(int(pool[self.rng.integers(len(pool))]), label.shape)
-        start = [min(max(c - p // 2, 0), max(n - p, 0)) for c, p, n in zip(centre, self.patch, label.shape)]
-        box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
+        # the patch's first voxel per axis: inside the volume, or (volume smaller than the patch) centred on it
+        start = [min(max(c - p // 2, 0), n - p) if n >= p else -((p - n) // 2) for c, p, n in zip(centre, self.patch, label.shape)]
+        lo = [s - m for s, m in zip(start, self.context)]
+        hi = [s + p + m for s, p, m in zip(start, self.patch, self.context)]
+        box = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, label.shape))
         x, y = np.asarray(image[box], np.float32), np.asarray(label[box], np.uint8)
-        pad = [((p - n) // 2, p - n - (p - n) // 2) for p, n in zip(self.patch, x.shape)]
+        pad = [(max(0, -a), max(0, b - n)) for a, b, n in zip(lo, hi, label.shape)]
         if any(sum(w) for w in pad):
             x, y = np.pad(x, pad), np.pad(y, pad)
         return {"image": x[None], "label": y[None]}
@@ -276,19 +300,76 @@ def train_network_replicas(
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _prepare(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_classes: int, params: TrainParams) -> tuple[DataLoader, UNet]:
-    """The seeded batches and fresh network of one training run (identical wherever it runs)."""
-    torch.manual_seed(params.seed)
+def augmentation(params: TrainParams) -> Compose:
+    """The random transforms of every training patch ``{"image": (1, D, H, W) float32, "label": (1, D, H, W)}``.
+
+    ``augment="flip"``: mirroring along each of ``params.flip_axes`` (probability 0.5 each) and intensity
+    scaling and shifting (+/- 0.1, probability 0.5 each); the patch keeps its size. ``augment="affine"``: first,
+    with probability :data:`AFFINE_PROB`, a rotation by up to :data:`ROTATE_DEGREES` about each axis and a
+    scaling by 1 +/- :data:`SCALE` along each axis (with ``params.slice_axis``: rotation about that axis only and
+    scaling along the other two, so each output slice is one input slice), MONAI ``RandAffined`` (image
+    trilinear, label nearest, zeros outside) resampling the centre at ``params.patch``'s size: the patches it gets
+    come with :func:`patch_context` around them (:func:`sampled_patch` in all), and without the affine the patch
+    itself is cut out unchanged. Label values are never interpolated.
+
+    >>> params = TrainParams(augment="affine")
+    >>> patch = {"image": np.zeros((1, *sampled_patch(params)), np.float32), "label": np.zeros((1, *sampled_patch(params)), np.uint8)}
+    >>> sampled_patch(params), tuple(augmentation(params)(patch)["label"].shape)
+    ((48, 48, 48), (1, 32, 32, 32))
+    """
+    if params.augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {params.augment!r}")
     keys = ["image", "label"]
+    spatial = []
+    if params.augment == "affine":
+        turn, axis = math.radians(ROTATE_DEGREES), params.slice_axis
+        rotate = [turn if axis is None or a == axis else 0.0 for a in range(3)]
+        scale = [SCALE if axis is None or a != axis else 0.0 for a in range(3)]
+        spatial.append(RandAffined(keys, spatial_size=params.patch, prob=AFFINE_PROB, mode=("bilinear", "nearest"), padding_mode="zeros",
+                                   rotate_range=rotate, scale_range=scale))
     transform = Compose(
         [
+            *spatial,
             *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in params.flip_axes),
             RandScaleIntensityd("image", factors=0.1, prob=0.5),
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         ]
     )
     transform.set_random_state(seed=params.seed)
-    patches = PatchSampler(images, labels, params.patch, seed=params.seed)
+    return transform
+
+
+def patch_context(params: TrainParams) -> tuple[int, ...]:
+    """Voxels of surroundings read on each side of a training patch: none, or with ``augment="affine"`` enough
+    for a patch :data:`AFFINE_MARGIN` x as large (8 per side of a 32-voxel patch)."""
+    if params.augment != "affine":
+        return (0,) * len(params.patch)
+    return tuple(int(math.ceil(p * (AFFINE_MARGIN - 1) / 2)) for p in params.patch)
+
+
+def sampled_patch(params: TrainParams) -> tuple[int, ...]:
+    """The size training patches are read at, :func:`augmentation`'s input: ``params.patch`` plus
+    :func:`patch_context` on both sides."""
+    return tuple(p + 2 * m for p, m in zip(params.patch, patch_context(params)))
+
+
+def slice_axis(spacing: Sequence[float], anisotropy: float = 2.0) -> int | None:
+    """The thick-slice axis of a grid with voxel ``spacing`` (mm, per axis of D, H, W): its coarsest axis when that is
+    more than ``anisotropy`` x its finest, else None (near-isotropic). ``augment="affine"`` rotates and scales only in
+    the plane of the other two axes there (as nnU-Net does for anisotropic data).
+
+    >>> slice_axis((1.0, 1.0, 1.0)), slice_axis((7.7, 2.5, 2.5)), slice_axis((1.25, 1.25, 2.0))
+    (None, 0, None)
+    """
+    spacing = [float(s) for s in spacing]
+    return int(np.argmax(spacing)) if max(spacing) > anisotropy * min(spacing) else None
+
+
+def _prepare(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_classes: int, params: TrainParams) -> tuple[DataLoader, UNet]:
+    """The seeded batches and fresh network of one training run (identical wherever it runs)."""
+    torch.manual_seed(params.seed)
+    transform = augmentation(params)
+    patches = PatchSampler(images, labels, params.patch, seed=params.seed, context=patch_context(params))
     loader = DataLoader(Dataset(patches, transform), batch_size=params.batch_size, shuffle=True, num_workers=0,
                         generator=torch.Generator().manual_seed(params.seed))
     return loader, build_network(n_classes, params)

@@ -83,7 +83,7 @@ from semisam_o1.plan import check_memory, shrink_factors, with_cpu_fallback
 from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
 from semisam_o1.segmenter import (
     TrainParams, entropy, image_to_grid, label_to_grid, load_network, mirror_axes, predict_with_uncertainty, probs_to_grid, save_network,
-    shrunk_shape, train_network,
+    shrunk_shape, slice_axis, train_network,
 )
 from semisam_o1.stage_one import NoTemplateError, StageOne, registration_floor
 from semisam_o1.templates import Template
@@ -306,7 +306,7 @@ class StageTwo:
             self.progress.round, self.progress.phase = round_, "train"
             notify(self.progress)
             current = {i: self._label_array(round_ - 1, i, grids[i]) for i in pool}
-            train = self.train_params(final_labels, n_classes)
+            train = self.train_params(final_labels, n_classes, finals[0][0])
             net = self._train(finals, final_labels, current, grids, n_classes, train, progress, notify)
             round_dir = self.work / f"round_{round_}"
             save_network(net, n_classes, round_dir / "model.pt", train, self.params.network_voxels)
@@ -556,10 +556,16 @@ class StageTwo:
         volumes = {k: {str(c): int(v[c]) for c in range(1, n_classes)} for k, v in counts.items()}
         return mean_entropy, kept, criteria, volumes
 
-    def train_params(self, final_labels: list[np.ndarray], n_classes: int) -> TrainParams:
+    def train_params(self, final_labels: list[np.ndarray], n_classes: int, template: Volume | None = None) -> TrainParams:
         """The training parameters, mirroring only along axes where the templates' classes map onto
-        themselves (:func:`~semisam_o1.segmenter.mirror_axes`)."""
-        return replace(self.params.train, flip_axes=tuple(a for a in self.params.train.flip_axes if a in mirror_axes(final_labels, n_classes)))
+        themselves (:func:`~semisam_o1.segmenter.mirror_axes`), with ``slice_axis`` the thick-slice axis of
+        ``template``'s network grid (its spacing times the shrink factors, :func:`~semisam_o1.segmenter.slice_axis`;
+        None without a ``template``): ``augment="affine"`` rotates and scales only in-plane there."""
+        train = replace(self.params.train, flip_axes=tuple(a for a in self.params.train.flip_axes if a in mirror_axes(final_labels, n_classes)))
+        if template is not None:
+            factors = shrink_factors(template.array.shape, template.spacing, self.params.network_voxels)
+            train = replace(train, slice_axis=slice_axis([s * f for s, f in zip(template.spacing, factors)]))
+        return train
 
     def _refine(self, finals, final_labels, pool: dict[str, Path], round_dir: Path, positions, grids: dict[str, Volume]) -> dict:
         """Refine round ``round_dir``'s predicted labels (read from disk) and write the round's labels."""
