@@ -187,7 +187,11 @@ class AppConfig:
         "stage two's training augmentation: flip (mirroring where no class mirrors onto another, intensity jitter) or affine "
         "(also random rotation up to 15 degrees, in-plane on thick slices, and scaling by up to 15 percent)",
     )
-    refinement: str = _option("voxel", parse_choice(*REFINEMENTS), "stage-two pseudo-label correction")
+    refinement: str = _option(
+        "none", parse_choice(*REFINEMENTS),
+        "stage two's pseudo-label correction after each round: none (the round's soft labels' argmax), voxel (the paper's kNN "
+        "relabelling of the most uncertain voxels in feature space) or volume (the published code's)",
+    )
     publish: str = _option(
         "network_entropy", parse_choice(*PUBLISH),
         "stage two: the round whose network is served: the last, or the best by a label-free signal (then rounds stop early once one is not the best)",

@@ -1,4 +1,4 @@
-"""Stage two: rounds of train-from-scratch -> predict with uncertainty -> feature-space refinement.
+"""Stage two: rounds of train-from-scratch -> predict with uncertainty -> (optional) feature-space refinement.
 
 Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net style)::
 
@@ -26,7 +26,9 @@ changed the class volumes of its training labels by more than 10 % (:func:`resol
 round's stats record the ensemble it used and ``network_volume_change``). With the mean every source (stage one, each round's network) keeps an equal say, so no
 single network's errors take over the labels; with ``anchored`` the networks, which learn from each
 other's labels and share their errors, together weigh as much as stage one. The entropy of the soft labels is
-the voxel-wise uncertainty; the refinement relabels the most uncertain voxels of their argmax. With
+the voxel-wise uncertainty; the round's labels are their argmax, and with ``refinement="voxel"`` (the paper's
+step; off by default) the most uncertain voxels of the argmax take the vote of their nearest confident voxels in
+feature space (:func:`~semisam_o1.refinement.refine_voxels`). With
 ``replace_confidence`` > 0 the argmax replaces the previous round's label only where its top class holds
 at least that probability (:func:`confident_replacement`); the refinement then sees that label. With
 ``teacher_floor`` (default) each refined class of each image that fails the safety floor's check against
@@ -116,9 +118,10 @@ class StageTwoParams:
     rounds: int = 3
     train: TrainParams = TrainParams()
     refine: RefineParams = RefineParams()
-    #: one of :data:`~semisam_o1.choices.REFINEMENTS`: "voxel" (the paper), "volume" (the published code,
-    #: ablation) or "none" (plain self-training)
-    refinement: str = "voxel"
+    #: one of :data:`~semisam_o1.choices.REFINEMENTS`: "none" (the soft labels' argmax), "voxel" (the paper's
+    #: kNN relabelling of the most uncertain voxels; it lowered LA's and CHAOS's pool labels, see the README) or
+    #: "volume" (the published code, ablation)
+    refinement: str = "none"
     mc_samples: int = 2
     #: see :data:`~semisam_o1.choices.PUBLISH`; with a signal, rounds also stop early once a round is not the best so far.
     #: Default: the round network's own mean entropy (lowest wins). It falls nearly every round, so it
