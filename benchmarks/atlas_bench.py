@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -181,19 +182,22 @@ def run(name: str, images: Path, labels: Path, template: str, classes: dict[str,
         cases[case] = row
         print(f"[{n + 1}/{len(pool)}] {case}: " + json.dumps({k: v for k, v in row.items() if not k.endswith("_floor")}), flush=True)
         write(name, cases, classes, default, timing, bytes_per_voxel([template, *cases]), args, template, pool_size)
-    stage_two = stage_two_result(studies, base, config, templates, {c: studies / f"{c}.nii.gz" for c in pool}, labels, classes) if args.stage2 else None
+    stage_two = stage_two_result(studies, base, config, templates, {c: studies / f"{c}.nii.gz" for c in pool}, labels, classes,
+                                 args.seed) if args.stage2 else None
     if cases:  # (a resumed run may have measured nothing new)
         write(name, cases, classes, default, timing, bytes_per_voxel([template, *cases]), args, template, pool_size, stage_two)
     return 0
 
 
 def stage_two_result(studies: Path, stage_one: StageOne, config: AppConfig, templates, pool: dict[str, Path], labels: Path,
-                     classes: dict[str, int]) -> dict:
-    """Stage two from scratch on ``pool``; per round the mean pool Dice of its pseudo-labels (per class)."""
+                     classes: dict[str, int], seed: int = 0) -> dict:
+    """Stage two from scratch on ``pool`` (every network trained with ``seed``); per round the mean pool Dice of its
+    pseudo-labels (per class)."""
     work = studies / ".semisam" / "bench-stage2"
     if work.exists():
         shutil.rmtree(work)
-    two = StageTwo(studies, stage_one, config.stage_two_params(), work=work)
+    params = config.stage_two_params()
+    two = StageTwo(studies, stage_one, replace(params, train=replace(params.train, seed=seed)), work=work)
     start = time.perf_counter()
     state = two.run(templates, pool, progress=True)
     seconds = time.perf_counter() - start
@@ -220,7 +224,7 @@ def stage_two_result(studies: Path, stage_one: StageOne, config: AppConfig, temp
             "stage2_per_round": per_round, "stage2_published": state.get("published"), "stage2_stopped_early": state.get("stopped_early"),
             "stage2_pseudo_templates": state.get("pseudo_templates", []), "stage2_seconds": round(seconds, 1),
             "stage2_params": {"rounds": config.rounds, "iterations": two.params.train.iterations, "publish": config.publish,
-                              "pseudo_templates": config.pseudo_templates, "network_voxels": config.network_voxels}}
+                              "pseudo_templates": config.pseudo_templates, "network_voxels": config.network_voxels, "seed": seed}}
 
 
 def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, template, pool_size, stage_two=None) -> None:
@@ -280,5 +284,6 @@ def parser(doc: str, name: str, limit: int | None = None):
     p.add_argument("--resume", action="store_true", help="keep the cases of the output JSON that have every column (same data, same code)")
     p.add_argument("--stop-after", type=int, default=None, help="evaluate only the first N cases of the pool (the pool size reported stays --limit)")
     p.add_argument("--stage2", action="store_true", help="then run stage two on the pool (final_dice)")
+    p.add_argument("--seed", type=int, default=0, help="with --stage2: training seed of every round's network (repeat with others to measure the spread)")
     p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), default=[])
     return p
