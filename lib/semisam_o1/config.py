@@ -198,7 +198,7 @@ class AppConfig:
     )
     pseudo_templates: int = _option(
         0, parse_int(0, 20), "stage two: pool images whose stage-one labels are most trusted (label-free) join the templates for round 0 "
-        "(3 measured best on hippocampus; 8 and 15 lowered the labels, see the README)"
+        "(off by default: it helped hippocampus and CHAOS and lowered LA, and more than 3 lowered hippocampus's labels; see the README)"
     )
     replace_confidence: float = _option(
         0.0, parse_float(0.0, 1.0),
