@@ -222,7 +222,9 @@ def stage_two_result(studies: Path, stage_one: StageOne, config: AppConfig, temp
                  for best in [max(per_round[1:], key=lambda e: sign * (e.get(name) if e.get(name) is not None else -np.inf))]}
     return {"stage2_round_chosen_by": chosen_by, "stage2_process_peak_rss_bytes": peak_rss_bytes(), "final_dice": per_round[published]["pool_dice"], "final_dice_per_class": per_round[published]["pool_dice_per_class"],
             "stage2_per_round": per_round, "stage2_published": state.get("published"), "stage2_stopped_early": state.get("stopped_early"),
-            "stage2_pseudo_templates": state.get("pseudo_templates", []), "stage2_seconds": round(seconds, 1),
+            "stage2_pseudo_templates": state.get("pseudo_templates", []),
+            "stage2_pseudo_templates_volume_change": state.get("pseudo_templates_volume_change"),
+            "stage2_pseudo_templates_note": state.get("pseudo_templates_note"), "stage2_seconds": round(seconds, 1),
             "stage2_params": {"rounds": config.rounds, "iterations": two.params.train.iterations, "publish": config.publish,
                               "pseudo_templates": config.pseudo_templates, "network_voxels": config.network_voxels, "seed": seed}}
 

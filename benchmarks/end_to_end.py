@@ -7,7 +7,7 @@ WORK`` (fills a new folder: 20 MSD hippocampus crops, template ``hippocampus_001
 pipeline --studies WORK --truth WORK/truth --report WORK/report`` (encoding, stage one, every stage-two
 round with the app's defaults). No cache is shared with the other benchmarks, so the time is a cold
 start's. Reports wall seconds of each command, the largest peak RSS of the two, the stage-one time
-from ``WORK/.semisam/stage1.json``, each round's seconds and ensemble, the published round and the pool Dice per
+from ``WORK/.semisam/stage1.json``, each round's seconds and ensemble, the published round, the pseudo-templates and the pool Dice per
 round (from the report's ``rounds.json``), and whether the run stayed within the 20 min target.
 """
 
@@ -66,6 +66,9 @@ def main(argv=None) -> int:
         "round_seconds": [r.get("seconds") for r in rounds["rounds"]],
         "round_ensembles": [r.get("ensemble") for r in rounds["rounds"]],
         "published": rounds.get("published"),
+        "pseudo_templates": rounds.get("pseudo_templates"),
+        "pseudo_templates_volume_change": rounds.get("pseudo_templates_volume_change"),
+        "pseudo_templates_note": rounds.get("pseudo_templates_note"),
         "pool_dice_per_round": rounds.get("pool_dice_per_round"),
         "children_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "report_files": sorted(f.name for f in report.iterdir()),
@@ -75,6 +78,7 @@ def main(argv=None) -> int:
         f"(target {TARGET_SECONDS // 60} min: {'met' if result['within_target'] else 'NOT met'}); stage one {result['stage_one_seconds']} s, "
         f"rounds {result['round_seconds']} s ({result['round_ensembles']})",
         f"pool Dice per round {result['pool_dice_per_round']}; published {result['published']}; "
+        f"pseudo-templates {result['pseudo_templates']} (volume change {result['pseudo_templates_volume_change']}); "
         f"peak RSS {result['children_peak_rss_bytes'] / 2**30:.2f} GiB",
     ])
     return 0

@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     )
     result["published"] = states[main_variant].get("published")
     result["pseudo_templates"] = states[main_variant].get("pseudo_templates", [])
+    result["pseudo_templates_volume_change"] = states[main_variant].get("pseudo_templates_volume_change")
+    result["pseudo_templates_note"] = states[main_variant].get("pseudo_templates_note")
     result["conf"] = dict(args.conf)
     published = StageTwo.published(states[main_variant])
     result["dice_final"] = rounds[published]["test_dice"]  # the published model's test Dice

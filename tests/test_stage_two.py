@@ -286,18 +286,24 @@ def test_published_round_is_chosen_by_a_label_free_signal_and_rounds_stop_early(
 
 
 def test_pseudo_templates_join_round_zero_but_are_never_final_labels(tiny_studies):
-    """``--conf pseudo_templates 1``: the pool image stage one trusts most becomes a template for the
-    others' round-0 labels (never for itself), is listed in the state, and no ``final`` label is written."""
+    """``pseudo_templates 1`` (the default): the pool image stage one trusts most becomes a template for the
+    others' round-0 labels (never for itself), is listed in the state with how much it changed the pool's
+    class volumes, and no ``final`` label is written."""
+    from dataclasses import replace
+
     from semisam_o1.stage_two import stage_one_trust
     from semisam_o1.templates import Template
+    from semisam_o1.volumes import label_array
 
-    config = AppConfig.from_conf({**FAST, "pseudo_templates": "1"})
+    config = AppConfig.from_conf(FAST)
+    assert config.stage_two_params().pseudo_templates == 1
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     templates = find_templates(datastore)
     finals_before = sorted(p.name for p in (tiny_studies / "labels" / "final").iterdir())
     pool = {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]}
-    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    # (any volume change accepted here: the dropping is the next test's)
+    two = StageTwo(tiny_studies, stage_one, replace(config.stage_two_params(), pseudo_templates_volume_change=1.0))
     state = two.run(templates, pool)
 
     trust = {i: stage_one_trust(stage_one.predict(p, templates)) for i, p in pool.items()}
@@ -312,8 +318,38 @@ def test_pseudo_templates_join_round_zero_but_are_never_final_labels(tiny_studie
     # the chosen image itself is labelled from the real templates only
     own = nib.load(str(two.labels_dir(0) / f"{chosen}.nii.gz")).get_fdata().astype(np.uint8)
     np.testing.assert_array_equal(own, stage_one.predict(pool[chosen], templates).label)
+    # the recorded volume change is the pool's, with against without the pseudo-template
+    count = lambda where: {str(c): sum(int((label_array(two.work / where / "labels" / f"{i}.nii.gz") == c).sum()) for i in pool)  # noqa: E731
+                           for c in (1, 2)}
+    assert state["pseudo_templates_volume_change"] == volume_change(count("pseudo"), count("stage1")) > 0
+    assert StageTwo.summary(state)["pseudo_templates_volume_change"] == state["pseudo_templates_volume_change"]
     assert sorted(p.name for p in (tiny_studies / "labels" / "final").iterdir()) == finals_before
     assert find_templates(open_datastore(tiny_studies)) == templates
+
+
+def test_pseudo_templates_that_change_the_pools_class_volumes_are_dropped(tiny_studies):
+    """Pseudo-templates that change the pool's stage-one class volumes by more than the limit (0.10 by default;
+    here 0, so any change) are dropped: round 0 is stage one from the real templates alone, labels and soft
+    labels, and the state says why."""
+    from dataclasses import replace
+
+    config = AppConfig.from_conf(FAST)
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    templates = find_templates(datastore)
+    pool = {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]}
+    two = StageTwo(tiny_studies, stage_one, replace(config.stage_two_params(), pseudo_templates_volume_change=0.0))
+    state = two.run(templates, pool)
+
+    assert state["pseudo_templates"] == [] and state["pseudo_templates_volume_change"] > 0
+    assert "changed the pool's stage-one class volumes" in state["pseudo_templates_note"] and "real templates only" in state["pseudo_templates_note"]
+    for i, path in pool.items():
+        round0 = nib.load(str(two.labels_dir(0) / f"{i}.nii.gz")).get_fdata().astype(np.uint8)
+        np.testing.assert_array_equal(round0, stage_one.predict(path, templates).label)
+        np.testing.assert_array_equal(np.load(two.work / "round_0" / "probs" / f"{i}.npy"), np.load(two.work / "stage1" / "probs" / f"{i}.npy"))
+    # the labels with the pseudo-template differ from round 0 (else the change would be 0)
+    assert any((nib.load(str(two.work / "pseudo" / "labels" / f"{i}.nii.gz")).get_fdata() != nib.load(str(two.labels_dir(0) / f"{i}.nii.gz")).get_fdata()).any()
+               for i in pool)
 
 
 def test_a_clearly_wrong_pool_image_is_never_a_pseudo_template_and_without_any_the_real_templates_stand_alone(tiny_studies):
@@ -324,13 +360,16 @@ def test_a_clearly_wrong_pool_image_is_never_a_pseudo_template_and_without_any_t
     image = nib.load(str(tiny_studies / "hippocampus_003.nii.gz"))
     shuffled = np.random.default_rng(0).permutation(image.get_fdata().ravel()).reshape(image.shape)
     nib.save(nib.Nifti1Image(shuffled.astype(np.float32), image.affine, image.header), str(tiny_studies / "hippocampus_900.nii.gz"))
+    from dataclasses import replace
+
     config = AppConfig.from_conf({**FAST, "pseudo_templates": "2"})
+    params = replace(config.stage_two_params(), pseudo_templates_volume_change=1.0)  # (the choice only: no volume check)
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     templates = find_templates(datastore)
     pool = {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008", "hippocampus_900"]}
 
-    two = StageTwo(tiny_studies, stage_one, config.stage_two_params(), work=tiny_studies / "two-a")
+    two = StageTwo(tiny_studies, stage_one, params, work=tiny_studies / "two-a")
     state = two.run(templates, pool)
     records = {i: json.loads((two.work / "stage1" / "trust" / f"{i}.json").read_text()) for i in pool}
     assert records["hippocampus_900"]["consistency"] < records["hippocampus_008"]["consistency"] - 0.2
@@ -340,7 +379,7 @@ def test_a_clearly_wrong_pool_image_is_never_a_pseudo_template_and_without_any_t
     assert "hippocampus_900" in sorted(pool, key=lambda i: -records[i]["trust"])[:2]
     assert chosen == choose_pseudo_templates(records, 2, stage_one.params.mapping_tolerance)[0]
 
-    two = StageTwo(tiny_studies, stage_one, config.stage_two_params(), work=tiny_studies / "two-b")
+    two = StageTwo(tiny_studies, stage_one, params, work=tiny_studies / "two-b")
     alone = {i: pool[i] for i in ["hippocampus_003", "hippocampus_900"]}
     records = {i: json.loads((tiny_studies / "two-a" / "stage1" / "trust" / f"{i}.json").read_text()) for i in alone}
     assert choose_pseudo_templates(records, 1, stage_one.params.mapping_tolerance)[0] == []  # (003 falls back: see below)

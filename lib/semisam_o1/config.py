@@ -197,8 +197,8 @@ class AppConfig:
         "stage two: the round whose network is served: the last, or the best by a label-free signal (then rounds stop early once one is not the best)",
     )
     pseudo_templates: int = _option(
-        0, parse_int(0, 20), "stage two: pool images whose stage-one labels are most trusted (label-free) join the templates for round 0 "
-        "(off by default: it helped hippocampus and CHAOS and lowered LA, and more than 3 lowered hippocampus's labels; see the README)"
+        1, parse_int(0, 20), "stage two: pool images whose stage-one labels are most trusted (label-free) join the templates for round 0, "
+        "unless that changes the pool's class volumes by more than 10 percent (0 = off; more than 3 lowered hippocampus's labels; see the README)"
     )
     replace_confidence: float = _option(
         0.0, parse_float(0.0, 1.0),

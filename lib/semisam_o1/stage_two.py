@@ -5,7 +5,10 @@ Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net s
     state.json                  params, finished rounds and their stats (resume point)
     round_0/labels/<id>.nii.gz  stage-one pseudo-labels (the starting point; ``trust/<id>.json``: :func:`stage_one_trust`)
     stage1/labels/<id>.nii.gz   with pseudo-templates only: stage one from the real templates alone, from
-                                which the pseudo-templates are chosen (their template labels)
+                                which the pseudo-templates are chosen (their template labels); also
+                                ``probs/``, ``trust/``
+    pseudo/labels/<id>.nii.gz   with pseudo-templates only: stage one from real + pseudo templates (also
+                                ``probs/``, ``trust/``); round 0 is a copy of this folder or of ``stage1/``
     round_0/probs/<id>.npy      stage-one soft pseudo-labels (C, D, H, W) float16 from its confidence
     round_<r>/model.pt          the network trained in round r
     round_<r>/probs/<id>.npy    soft pseudo-labels after round r (see below)
@@ -43,10 +46,12 @@ axes where no class of the templates' labels mirrors onto another (:func:`~semis
 a mirrored left kidney looks like a right one). The checkpoint records both (``grid_voxels``,
 ``flip_axes``): a served network predicts as it was trained.
 
-Pseudo-templates (``pseudo_templates`` k > 0): :func:`choose_pseudo_templates` picks the k pool images
-whose stage-one labels are most trusted among those that qualify (no class fell back to the
-registration, feature consistency near the pool's median); none qualifying means the real templates
-alone, and the state says why (``pseudo_templates_note``).
+Pseudo-templates (``pseudo_templates`` k > 0, default 1): :func:`choose_pseudo_templates` picks the k pool
+images whose stage-one labels are most trusted among those that qualify (no class fell back to the
+registration, feature consistency near the pool's median). Round 0 is stage one from the real and pseudo
+templates unless that changes the pool's class volumes against the real templates' stage one by more than
+``pseudo_templates_volume_change`` (0.10, as :data:`AUTO_VOLUME_CHANGE`; the measured change is in the state); then, or when none
+qualifies, it is the real templates' stage one, and the state says why (``pseudo_templates_note``).
 
 Memory: no step holds the pool. Training reads patches from memory-mapped arrays
 (:class:`~semisam_o1.segmenter.PatchSampler`); prediction holds one image at a time and writes its
@@ -67,6 +72,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -89,7 +95,7 @@ from semisam_o1.segmenter import (
 )
 from semisam_o1.stage_one import NoTemplateError, StageOne, registration_floor
 from semisam_o1.templates import Template
-from semisam_o1.volumes import Volume, atomic_write, load_array, load_image, load_label, load_map, read_geometry, save_label, sha256
+from semisam_o1.volumes import Volume, atomic_write, label_array, load_array, load_image, load_label, load_map, read_geometry, save_label, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +119,13 @@ def choose_round(rounds: list[dict], publish: str) -> dict:
             "reason": f"{word} {publish} of rounds 1-{len(rounds)}"}
 
 
+#: A label source that changes the pool's class volumes by more than this fraction of their foreground
+#: (:func:`volume_change`) extrapolates its teacher's errors: ``ensemble="auto"`` then anchors stage one
+#: (round 1's network against its training labels), and pseudo-templates are dropped (stage one with them
+#: against stage one from the real templates alone, :meth:`StageTwo._starting_labels`)
+AUTO_VOLUME_CHANGE = 0.10
+
+
 @dataclass(frozen=True)
 class StageTwoParams:
     rounds: int = 3
@@ -128,8 +141,10 @@ class StageTwoParams:
     #: publishes the last round unless a round's network grows less certain, which then also stops the
     #: rounds; which round each signal would pick is in ``benchmarks/results/{stage2,chaos}.json``.
     publish: str = "network_entropy"
-    #: pool images promoted to pseudo-templates for round 0 (0 = off): see :meth:`StageTwo._starting_labels`
-    pseudo_templates: int = 0
+    #: pool images promoted to pseudo-templates for round 0 (0 = off), dropped when they change the pool's
+    #: class volumes by more than ``pseudo_templates_volume_change``: see :meth:`StageTwo._starting_labels`
+    pseudo_templates: int = 1
+    pseudo_templates_volume_change: float = AUTO_VOLUME_CHANGE
     #: a round's label replaces the previous round's only where the top class of its soft label holds at
     #: least this probability (0 = everywhere); see :func:`confident_replacement`
     replace_confidence: float = 0.0
@@ -149,16 +164,12 @@ class StageTwoParams:
     ensemble: str = "auto"
 
 
-#: ``ensemble="auto"`` anchors stage one when round 1's network's class volumes on the pool differ from
-#: its training labels' by more than this fraction of their foreground (:func:`volume_change`)
-AUTO_VOLUME_CHANGE = 0.10
-
-
 def volume_change(network_voxels: dict[str, int], label_voxels: dict[str, int]) -> float | None:
-    """How much a network's prediction changes the class volumes of the labels it trained on, over the
-    pool: ``sum_c |N_c - L_c| / sum_c L_c`` over the foreground classes ``c`` (``N_c``: voxels the
-    network's argmax gives class ``c``, ``L_c``: voxels of class ``c`` in its training labels);
-    ``None`` without foreground. Label-free: both counts come from the pool, none from ground truth.
+    """How much a network's prediction (or any new labels) changes the class volumes of the labels it trained
+    on (the labels it replaces), over the pool: ``sum_c |N_c - L_c| / sum_c L_c`` over the foreground classes
+    ``c`` (``N_c``: voxels the network's argmax gives class ``c``, ``L_c``: voxels of class ``c`` in its
+    training labels); ``None`` without foreground. Label-free: both counts come from the pool, none from
+    ground truth.
 
     >>> volume_change({"1": 115}, {"1": 100})
     0.15
@@ -301,7 +312,7 @@ class StageTwo:
         final_labels = [load_label(t.label_path, img, allowed=self.stage_one.label_values).astype(np.uint8) for img, t in finals]
         n_classes = 1 + max(int(lab.max()) for lab in final_labels)
 
-        pseudo, pseudo_note = self._starting_labels(templates, pool, n_classes, progress)
+        round_zero = self._starting_labels(templates, pool, n_classes, progress)
         self._write_images(pool, progress)
         positions = self._positions(templates, pool)
         for round_ in range(len(state["rounds"]) + 1, self.params.rounds + 1):
@@ -346,8 +357,7 @@ class StageTwo:
             rounds = [*state["rounds"], stats]
             published = choose_round(rounds, self.params.publish)
             atomic_write(self.model_path, lambda tmp: shutil.copyfile(self.work / f"round_{published['round']}" / "model.pt", tmp))
-            state = {"inputs": inputs, "n_classes": n_classes, "rounds": rounds, "published": published, "pseudo_templates": pseudo,
-                     **({"pseudo_templates_note": pseudo_note} if pseudo_note else {})}
+            state = {"inputs": inputs, "n_classes": n_classes, "rounds": rounds, "published": published, **round_zero}
             if published["round"] < round_ < self.params.rounds:  # this round did not improve on the best: stop
                 state["stopped_early"] = f"round {round_} was not better than round {published['round']} by {published['by']}"
             self._commit(state)
@@ -375,57 +385,89 @@ class StageTwo:
 
     def _reset(self) -> None:
         """Forget every round (the published model stays until a new round replaces it)."""
-        for path in [*self.work.glob("round_*"), self.work / "stage1", self.work / "images", self.work / "positions"]:
+        for path in [*self.work.glob("round_*"), self.work / "stage1", self.work / "pseudo", self.work / "images", self.work / "positions"]:
             if path.exists():
                 shutil.rmtree(path)
         (self.work / "state.json").unlink(missing_ok=True)
 
-    def _starting_labels(self, templates, pool: dict[str, Path], n_classes: int, progress: bool) -> tuple[list[dict], str | None]:
-        """Round 0, the labels round 1 trains on; returns the pseudo-templates used (``[]`` when off or
-        when no pool image qualifies) and, when none qualified, why.
+    def _starting_labels(self, templates, pool: dict[str, Path], n_classes: int, progress: bool) -> dict:
+        """Round 0, the labels round 1 trains on; returns what the state records of it:
+        ``pseudo_templates`` (the pseudo-templates used, ``[]`` when off or dropped), with them
+        ``pseudo_templates_volume_change``, and ``pseudo_templates_note`` when they were dropped and why.
 
         Without pseudo-templates: stage one from the real templates. With ``k`` of them: stage one from the
         real templates first (``stage1/``), then the ``k`` pool images :func:`choose_pseudo_templates`
         picks (no ground truth) join the templates with those labels, and stage one runs again from real
-        + pseudo templates for every pool image (an image is never its own template). Pseudo-templates
-        live in the work folder only: never written as ``final``. The choice is a function of the
-        ``stage1/trust`` records, so a run resumed after a crash makes the same one.
+        + pseudo templates for every pool image (``pseudo/``; an image is never its own template). Round 0
+        is ``pseudo/`` unless the pseudo-templates changed the pool's class volumes against ``stage1/`` by
+        more than ``params.pseudo_templates_volume_change`` (:func:`volume_change`, label-free; 0.10 like
+        :data:`AUTO_VOLUME_CHANGE`), or none qualified: then it
+        is ``stage1/``, the real templates alone. Pseudo-templates live in the work folder only: never
+        written as ``final``. Every choice is a function of files in ``stage1/`` and ``pseudo/``, so a run
+        resumed after a crash makes the same one.
         """
         k = min(self.params.pseudo_templates, len(pool) - 1)
         if k <= 0:
             self._stage_one_labels(templates, pool, 0, n_classes, progress)
-            return [], None
-        records = self._stage_one_labels(templates, pool, "stage1", n_classes, progress, soft=False)
+            return {"pseudo_templates": []}
+        records = self._stage_one_labels(templates, pool, "stage1", n_classes, progress, score_mappings=True)
         chosen, excluded = choose_pseudo_templates(records, k, self.stage_one.params.mapping_tolerance)
         if not chosen:
             note = f"no pool image passed the pseudo-template criterion ({json.dumps(excluded)}): real templates only"
             logger.info(f"stage 2: {note}")
-            self._stage_one_labels(templates, pool, 0, n_classes, progress)
-            return [], note
+            self._copy_round_zero("stage1", pool)
+            return {"pseudo_templates": [], "pseudo_templates_note": note}
         pseudo = [Template(i, pool[i], self.work / "stage1" / "labels" / f"{i}.nii.gz") for i in chosen]
         for i, path in tqdm(pool.items(), desc=f"stage 1 + {len(chosen)} pseudo-templates", disable=not progress, leave=False):
-            self._stage_one_labels([*templates, *(t for t in pseudo if t.image_id != i)], {i: path}, 0, n_classes, progress=False)
-        logger.info(f"stage 2: pseudo-templates {chosen} (stage-one trust {[round(records[i]['trust'], 4) for i in chosen]}); "
-                    f"not eligible: {excluded}")
-        return [{"image": i, "trust": round(records[i]["trust"], 4), "consistency": records[i]["consistency"]} for i in chosen], None
+            self._stage_one_labels([*templates, *(t for t in pseudo if t.image_id != i)], {i: path}, "pseudo", n_classes, progress=False)
+        change = volume_change(*(self._class_voxels(where, pool, n_classes) for where in ("pseudo", "stage1")))
+        entries = [{"image": i, "trust": round(records[i]["trust"], 4), "consistency": records[i]["consistency"]} for i in chosen]
+        logger.info(f"stage 2: pseudo-templates {chosen} (stage-one trust {[e['trust'] for e in entries]}); not eligible: {excluded}; "
+                    f"they change the pool's class volumes by {change}")
+        limit = self.params.pseudo_templates_volume_change
+        if change is not None and change > limit:
+            note = f"pseudo-templates {chosen} changed the pool's stage-one class volumes by {change:.3f} (more than {limit}): real templates only"
+            logger.info(f"stage 2: {note}")
+            self._copy_round_zero("stage1", pool)
+            return {"pseudo_templates": [], "pseudo_templates_volume_change": change, "pseudo_templates_note": note}
+        self._copy_round_zero("pseudo", pool)
+        return {"pseudo_templates": entries, "pseudo_templates_volume_change": change}
 
-    def _stage_one_labels(self, templates, pool: dict[str, Path], where, n_classes: int, progress: bool, soft: bool = True) -> dict[str, dict]:
+    def _class_voxels(self, where: str, pool: dict[str, Path], n_classes: int) -> dict[str, int]:
+        """Voxels per foreground class of the stage-one labels in ``where``, summed over the pool (one image at a time)."""
+        counts = np.zeros(n_classes, np.int64)
+        for i in pool:
+            label = label_array(self.work / where / "labels" / f"{i}.nii.gz")
+            counts += np.bincount(np.asarray(label, np.int64).ravel().clip(0, n_classes - 1), minlength=n_classes)[:n_classes]
+        return {str(c): int(counts[c]) for c in range(1, n_classes)}
+
+    def _copy_round_zero(self, where: str, pool: dict[str, Path]) -> None:
+        """Round 0 = the stage-one labels, soft labels and trust records in ``where`` (files already there are
+        kept): hard links where the file system has them (no second copy of the soft labels on disk; every
+        file is replaced, never changed in place, so the two names never diverge), else copies."""
+        for i in pool:
+            for sub, name in (("labels", f"{i}.nii.gz"), ("probs", f"{i}.npy"), ("trust", f"{i}.json")):
+                target = self.labels_dir(0).parent / sub / name
+                if not target.exists():
+                    atomic_write(target, lambda tmp, src=self.work / where / sub / name: _link_or_copy(src, tmp))
+
+    def _stage_one_labels(self, templates, pool: dict[str, Path], where, n_classes: int, progress: bool,
+                          score_mappings: bool = False) -> dict[str, dict]:
         """Stage one's label of every pool image into ``where`` (a round number or a folder name under the
-        work folder): ``labels/<id>.nii.gz``, its :func:`trust_record` in ``trust/<id>.json`` and, with
-        ``soft``, the soft label (its confidence on the label, the rest shared evenly) in ``probs/<id>.npy``.
-        Images already done are skipped. Returns ``{image id: trust record}``."""
+        work folder): ``labels/<id>.nii.gz``, its :func:`trust_record` in ``trust/<id>.json`` and the soft
+        label (its confidence on the label, the rest shared evenly) in ``probs/<id>.npy``. ``score_mappings``:
+        the trust record holds the feature consistency even of a single mapping (the pseudo-template choice
+        needs it). Images already done are skipped. Returns ``{image id: trust record}``."""
         folder = self.work / (f"round_{where}" if isinstance(where, int) else where)
         records = {}
         for i, image_path in tqdm(pool.items(), desc="stage 1: propagate", disable=not progress, leave=False):
             path, probs, score = folder / "labels" / f"{i}.nii.gz", folder / "probs" / f"{i}.npy", folder / "trust" / f"{i}.json"
-            if not (path.exists() and (probs.exists() if soft else score.exists())):
-                # (the pass without soft labels is the pseudo-template choice's: it needs each mapping's consistency)
-                prediction = self.stage_one.predict(image_path, templates, score_mappings=not soft)
-                if soft:
-                    _save_array(probs, soft_label(prediction.label, prediction.confidence, n_classes))
+            if not (path.exists() and probs.exists() and score.exists()):
+                prediction = self.stage_one.predict(image_path, templates, score_mappings=score_mappings)
+                _save_array(probs, soft_label(prediction.label, prediction.confidence, n_classes))
                 save_label(prediction.label, read_geometry(image_path), path)
                 atomic_write(score, lambda tmp: tmp.write_text(json.dumps(trust_record(prediction))))
-            records[i] = json.loads(score.read_text()) if score.exists() else None
+            records[i] = json.loads(score.read_text())
         return records
 
     def image_array_path(self, image_id: str) -> Path:
@@ -629,9 +671,11 @@ class StageTwo:
     @staticmethod
     def summary(state: dict) -> dict:
         """What a run reports (train status, ``rounds.json``): ``rounds`` (per-round stats), ``published`` (the
-        round served and the signal that chose it), ``stopped_early``, ``pseudo_templates`` and ``pseudo_templates_note``."""
+        round served and the signal that chose it), ``stopped_early``, ``pseudo_templates``, ``pseudo_templates_volume_change``
+        and ``pseudo_templates_note``."""
         return {"rounds": state["rounds"], "published": state.get("published"), "stopped_early": state.get("stopped_early"),
-                "pseudo_templates": state.get("pseudo_templates", []), "pseudo_templates_note": state.get("pseudo_templates_note")}
+                "pseudo_templates": state.get("pseudo_templates", []), "pseudo_templates_volume_change": state.get("pseudo_templates_volume_change"),
+                "pseudo_templates_note": state.get("pseudo_templates_note")}
 
     @staticmethod
     def published(state: dict) -> int:
@@ -743,6 +787,15 @@ def choose_pseudo_templates(records: dict[str, dict | float | None], k: int, tol
             excluded[i] = f"feature consistency {r['consistency']:.3f} below the pool's median - {tolerance} ({floor:.3f})"
     eligible = sorted((i for i in rows if i not in excluded), key=lambda i: (-rows[i]["trust"], i))
     return eligible[:k], excluded
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` (an existing temporary file, replaced) as a hard link to ``src``, or a copy where links fail."""
+    dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _save_array(path: Path, array: np.ndarray) -> Path:
