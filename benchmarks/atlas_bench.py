@@ -24,11 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, peak_rss_bytes, write_result
+from common import RESULTS, peak_rss_bytes, with_training_seed, write_result
 
 from semisam_o1.choices import REGISTRATIONS, SIGNALS
 from semisam_o1.config import AppConfig
@@ -196,8 +195,7 @@ def stage_two_result(studies: Path, stage_one: StageOne, config: AppConfig, temp
     work = studies / ".semisam" / "bench-stage2"
     if work.exists():
         shutil.rmtree(work)
-    params = config.stage_two_params()
-    two = StageTwo(studies, stage_one, replace(params, train=replace(params.train, seed=seed)), work=work)
+    two = StageTwo(studies, stage_one, with_training_seed(config.stage_two_params(), seed), work=work)
     start = time.perf_counter()
     state = two.run(templates, pool, progress=True)
     seconds = time.perf_counter() - start

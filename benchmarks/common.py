@@ -14,6 +14,7 @@ import resource
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,6 +30,11 @@ RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def with_training_seed(params, seed: int):
+    """``params`` (a :class:`~semisam_o1.stage_two.StageTwoParams`) with every network trained with ``seed`` (``--seed``)."""
+    return replace(params, train=replace(params.train, seed=seed))
 
 
 def peak_rss_bytes() -> int:

@@ -23,7 +23,7 @@ import sys
 import time
 
 from atlas_bench import ants_syn
-from common import CLASSES, build_datastore, parser, peak_rss_bytes, source_or_exit, split, write_result
+from common import CLASSES, build_datastore, parser, peak_rss_bytes, source_or_exit, split, with_training_seed, write_result
 from tqdm import tqdm
 
 from semisam_o1.config import AppConfig
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     test = {i: load(i) for i in test_ids}
     pool = {i: load(i) for i in pool_ids}
     params = config.stage_two_params()
-    params = dataclasses.replace(params, train=dataclasses.replace(params.train, seed=args.seed))
+    params = with_training_seed(params, args.seed)
     patch = params.train.patch
     result: dict = {"template": args.template, "test_ids": test_ids, "pool_size": len(pool_ids), "params": dataclasses.asdict(params)}
 

@@ -1,6 +1,7 @@
 """Stage two on a tiny real datastore: rounds through MONAI Label's train endpoint, resume, network infer."""
 
 import json
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -289,8 +290,6 @@ def test_pseudo_templates_join_round_zero_but_are_never_final_labels(tiny_studie
     """``pseudo_templates 1`` (the default): the pool image stage one trusts most becomes a template for the
     others' round-0 labels (never for itself), is listed in the state with how much it changed the pool's
     class volumes, and no ``final`` label is written."""
-    from dataclasses import replace
-
     from semisam_o1.stage_two import stage_one_trust
     from semisam_o1.templates import Template
     from semisam_o1.volumes import label_array
@@ -331,8 +330,6 @@ def test_pseudo_templates_that_change_the_pools_class_volumes_are_dropped(tiny_s
     """Pseudo-templates that change the pool's stage-one class volumes by more than the limit (0.10 by default;
     here 0, so any change) are dropped: round 0 is stage one from the real templates alone, labels and soft
     labels, and the state says why."""
-    from dataclasses import replace
-
     config = AppConfig.from_conf(FAST)
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
@@ -360,8 +357,6 @@ def test_a_clearly_wrong_pool_image_is_never_a_pseudo_template_and_without_any_t
     image = nib.load(str(tiny_studies / "hippocampus_003.nii.gz"))
     shuffled = np.random.default_rng(0).permutation(image.get_fdata().ravel()).reshape(image.shape)
     nib.save(nib.Nifti1Image(shuffled.astype(np.float32), image.affine, image.header), str(tiny_studies / "hippocampus_900.nii.gz"))
-    from dataclasses import replace
-
     config = AppConfig.from_conf({**FAST, "pseudo_templates": "2"})
     params = replace(config.stage_two_params(), pseudo_templates_volume_change=1.0)  # (the choice only: no volume check)
     stage_one = build_stage_one(tiny_studies, config)

@@ -50,8 +50,9 @@ Pseudo-templates (``pseudo_templates`` k > 0, default 1): :func:`choose_pseudo_t
 images whose stage-one labels are most trusted among those that qualify (no class fell back to the
 registration, feature consistency near the pool's median). Round 0 is stage one from the real and pseudo
 templates unless that changes the pool's class volumes against the real templates' stage one by more than
-``pseudo_templates_volume_change`` (0.10, as :data:`AUTO_VOLUME_CHANGE`; the measured change is in the state); then, or when none
-qualifies, it is the real templates' stage one, and the state says why (``pseudo_templates_note``).
+``pseudo_templates_volume_change`` (0.10, as :data:`AUTO_VOLUME_CHANGE`; the measured change is in the
+state); then, or when none qualifies, it is the real templates' stage one, and the state says why
+(``pseudo_templates_note``).
 
 Memory: no step holds the pool. Training reads patches from memory-mapped arrays
 (:class:`~semisam_o1.segmenter.PatchSampler`); prediction holds one image at a time and writes its
@@ -401,8 +402,7 @@ class StageTwo:
         + pseudo templates for every pool image (``pseudo/``; an image is never its own template). Round 0
         is ``pseudo/`` unless the pseudo-templates changed the pool's class volumes against ``stage1/`` by
         more than ``params.pseudo_templates_volume_change`` (:func:`volume_change`, label-free; 0.10 like
-        :data:`AUTO_VOLUME_CHANGE`), or none qualified: then it
-        is ``stage1/``, the real templates alone. Pseudo-templates live in the work folder only: never
+        :data:`AUTO_VOLUME_CHANGE`) or none qualified; then it is ``stage1/``, the real templates alone. Pseudo-templates live in the work folder only: never
         written as ``final``. Every choice is a function of files in ``stage1/`` and ``pseudo/``, so a run
         resumed after a crash makes the same one.
         """
