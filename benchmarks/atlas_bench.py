@@ -222,9 +222,10 @@ def stage_two_result(studies: Path, stage_one: StageOne, config: AppConfig, temp
             "stage2_per_round": per_round, "stage2_published": state.get("published"), "stage2_stopped_early": state.get("stopped_early"),
             "stage2_pseudo_templates": state.get("pseudo_templates", []),
             "stage2_pseudo_templates_volume_change": state.get("pseudo_templates_volume_change"),
-            "stage2_pseudo_templates_note": state.get("pseudo_templates_note"), "stage2_seconds": round(seconds, 1),
+            "stage2_pseudo_templates_note": state.get("pseudo_templates_note"), "stage2_boundary_changed": state.get("boundary_changed"),
+            "stage2_seconds": round(seconds, 1),
             "stage2_params": {"rounds": config.rounds, "iterations": two.params.train.iterations, "publish": config.publish,
-                              "pseudo_templates": config.pseudo_templates, "network_voxels": config.network_voxels, "seed": seed}}
+                              "pseudo_templates": config.pseudo_templates, "boundary": config.boundary, "network_voxels": config.network_voxels, "seed": seed}}
 
 
 def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, template, pool_size, stage_two=None) -> None:

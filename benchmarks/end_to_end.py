@@ -69,6 +69,7 @@ def main(argv=None) -> int:
         "pseudo_templates": rounds.get("pseudo_templates"),
         "pseudo_templates_volume_change": rounds.get("pseudo_templates_volume_change"),
         "pseudo_templates_note": rounds.get("pseudo_templates_note"),
+        "boundary_changed": rounds.get("boundary_changed"),
         "pool_dice_per_round": rounds.get("pool_dice_per_round"),
         "children_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "report_files": sorted(f.name for f in report.iterdir()),

@@ -8,7 +8,10 @@ Steps, each in a fresh process so its peak RSS is its own (``ru_maxrss`` of that
    physical extent; the LA template ``06SR5RBREL16DQ6M8LWS`` with its label is the datastore's
    template. For each size: feature extraction (cache miss -> file), stage-one infer (template
    registration on the plan's registration grid + propagation, features cached), and a network
-   predict (sliding window, flip TTA) -- seconds and peak RSS each, plus cache bytes per voxel.
+   predict (sliding window, flip TTA) -- seconds and peak RSS each, plus cache bytes per voxel; with
+   ``--steps snap``, round 0's border snapping (:func:`~semisam_o1.boundary.snap_to_edges`) of the
+   volume's own label resampled (nearest) to the size, with its soft labels memory-mapped as stage two
+   keeps them.
 2. One stage-two round (``--iterations`` training steps, predict, refine) with a pool of each
    ``--pools`` size of LA volumes: its peak RSS, and the ratio largest / smallest pool.
 
@@ -50,6 +53,19 @@ def resampled(size: tuple[int, int, int], out: Path) -> Path:
     big = sitk.Resample(image, list(size), sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing, image.GetDirection(), 0.0, sitk.sitkFloat32)
     out.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(big, str(out))
+    return out
+
+
+def resampled_label(size: tuple[int, int, int], out: Path) -> Path:
+    """The LA target's label resampled (nearest) onto :func:`resampled`'s grid of ``size`` (written once)."""
+    import SimpleITK as sitk
+
+    if out.exists():
+        return out
+    label = sitk.ReadImage(str(LA / "labels" / f"{TARGET}.nii.gz"), sitk.sitkUInt8)
+    spacing = [sp * n / m for sp, n, m in zip(label.GetSpacing(), label.GetSize(), size)]
+    sitk.WriteImage(sitk.Resample(label, list(size), sitk.Transform(), sitk.sitkNearestNeighbor, label.GetOrigin(), spacing, label.GetDirection(), 0,
+                                  sitk.sitkUInt8), str(out))
     return out
 
 
@@ -104,6 +120,26 @@ def _run_step(name: str, studies: Path, image: str, extra: str, stage_one, resul
         template = Template(TEMPLATE, studies / f"{TEMPLATE}.nii.gz", studies / "labels" / "final" / f"{TEMPLATE}.nii.gz")
         prediction = stage_one.predict(studies / image, [template])
         result["foreground_voxels"] = int((prediction.label > 0).sum())
+    elif name == "snap":
+        from semisam_o1.boundary import snap_to_edges
+        from semisam_o1.normalize import normalize
+        from semisam_o1.stage_two import StageTwoParams, soft_label
+        from semisam_o1.volumes import load_label
+
+        img = load_image(studies / image)
+        label = load_label(WORK / "volumes" / image.replace("la_", "la_label_"), img).astype(np.uint8)
+        probs_path = studies / ".semisam" / "snap-probs.npy"
+        np.save(probs_path, soft_label(label, np.full(label.shape, 0.9, np.float16), 2))  # (unmeasured set-up: stage one writes it)
+        import psutil
+
+        result["rss_before_bytes"] = psutil.Process().memory_info().rss
+        probs = np.load(probs_path, mmap_mode="r+")
+        start = time.perf_counter()
+        snapped = snap_to_edges(normalize(img.array, stage_one.cache.modality), label, img.spacing, probs, StageTwoParams().boundary_beta)
+        probs.flush()
+        result["foreground_voxels"] = int((label > 0).sum())
+        result["changed_fraction"] = round(float((snapped != label).sum() / max((label > 0).sum(), 1)), 4)
+        return start
     elif name == "predict":
         from semisam_o1.normalize import normalize
         from semisam_o1.segmenter import TrainParams, predict_with_uncertainty, train_network
@@ -171,6 +207,8 @@ def main(argv=None) -> int:
     for text in args.sizes:
         size = tuple(int(v) for v in text.split("x"))
         studies = datastore(WORK / f"ct{text}", [resampled(size, WORK / "volumes" / f"la_{text}.nii.gz")])
+        if "snap" in args.steps:
+            resampled_label(size, WORK / "volumes" / f"la_label_{text}.nii.gz")
         image = f"la_{text}.nii.gz"
         for name in args.steps:
             r = run_step(name, str(studies), image, args.device, "-")

@@ -121,7 +121,7 @@ def test_a_changed_pool_starts_again_instead_of_resuming(tiny_studies):
 
 
 def test_soft_pseudo_labels_are_the_mean_of_stage_one_and_every_round(tiny_studies):
-    config = AppConfig.from_conf({**FAST, "rounds": "2", "ensemble": "mean", "teacher_floor": "false", "refinement": "voxel"})
+    config = AppConfig.from_conf({**FAST, "rounds": "2", "ensemble": "mean", "teacher_floor": "false", "refinement": "voxel", "boundary": "none"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     templates = find_templates(datastore)
@@ -294,7 +294,7 @@ def test_pseudo_templates_join_round_zero_but_are_never_final_labels(tiny_studie
     from semisam_o1.templates import Template
     from semisam_o1.volumes import label_array
 
-    config = AppConfig.from_conf(FAST)
+    config = AppConfig.from_conf({**FAST, "boundary": "none"})  # round 0 = stage one's labels as drawn (borders: their own test)
     assert config.stage_two_params().pseudo_templates == 1
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
@@ -330,7 +330,7 @@ def test_pseudo_templates_that_change_the_pools_class_volumes_are_dropped(tiny_s
     """Pseudo-templates that change the pool's stage-one class volumes by more than the limit (0.10 by default;
     here 0, so any change) are dropped: round 0 is stage one from the real templates alone, labels and soft
     labels, and the state says why."""
-    config = AppConfig.from_conf(FAST)
+    config = AppConfig.from_conf({**FAST, "boundary": "none"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     templates = find_templates(datastore)
@@ -357,7 +357,7 @@ def test_a_clearly_wrong_pool_image_is_never_a_pseudo_template_and_without_any_t
     image = nib.load(str(tiny_studies / "hippocampus_003.nii.gz"))
     shuffled = np.random.default_rng(0).permutation(image.get_fdata().ravel()).reshape(image.shape)
     nib.save(nib.Nifti1Image(shuffled.astype(np.float32), image.affine, image.header), str(tiny_studies / "hippocampus_900.nii.gz"))
-    config = AppConfig.from_conf({**FAST, "pseudo_templates": "2"})
+    config = AppConfig.from_conf({**FAST, "pseudo_templates": "2", "boundary": "none"})
     params = replace(config.stage_two_params(), pseudo_templates_volume_change=1.0)  # (the choice only: no volume check)
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
@@ -382,6 +382,42 @@ def test_a_clearly_wrong_pool_image_is_never_a_pseudo_template_and_without_any_t
     assert state["pseudo_templates"] == [] and "real templates only" in state["pseudo_templates_note"]
     round0 = nib.load(str(two.labels_dir(0) / "hippocampus_003.nii.gz")).get_fdata().astype(np.uint8)
     np.testing.assert_array_equal(round0, stage_one.predict(alone["hippocampus_003"], templates).label)
+
+
+def test_round_zero_moves_stage_ones_borders_to_the_images_edges_and_nothing_else(tiny_studies):
+    """``boundary edges`` (the default): round 0 is stage one's label with its class borders moved at most
+    one voxel, toward the image's edges; voxels deeper inside a class or farther outside never change.
+    Its soft labels stay distributions whose argmax is the label, and the state records the fraction
+    of foreground voxels that changed. A resumed run keeps round 0 as it is."""
+    from scipy import ndimage as ndi
+
+    from semisam_o1.volumes import label_array
+
+    config = AppConfig.from_conf({**FAST, "pseudo_templates": "0"})
+    assert config.stage_two_params().boundary == "edges"
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    pool = {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]}
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    state = two.run(find_templates(datastore), pool)
+
+    changed = foreground = 0
+    for i in pool:
+        drawn = np.asarray(label_array(two.work / "stage1" / "labels" / f"{i}.nii.gz"))
+        snapped = np.asarray(label_array(two.labels_dir(0) / f"{i}.nii.gz"))
+        fixed = ~ndi.binary_dilation(drawn > 0)  # outside the dilated foreground ...
+        for c in (1, 2):
+            fixed |= ndi.binary_erosion(drawn == c)  # ... or inside an eroded class: never changed
+        assert not (snapped != drawn)[fixed].any()
+        changed, foreground = changed + int((snapped != drawn).sum()), foreground + int((drawn > 0).sum())
+        soft = np.load(two.probs_path(0, i)).astype(np.float32)
+        np.testing.assert_allclose(soft.sum(0), 1.0, atol=2e-3)
+        assert (soft.argmax(0) == snapped).mean() > 0.999  # (float16 ties)
+    assert changed > 0
+    assert state["boundary_changed"] == round(changed / foreground, 4) == StageTwo.summary(state)["boundary_changed"]
+    before = {p: p.stat().st_mtime_ns for p in (two.work / "round_0").rglob("*.*")}
+    two.run(find_templates(datastore), pool)
+    assert {p: p.stat().st_mtime_ns for p in (two.work / "round_0").rglob("*.*")} == before
 
 
 def test_a_class_that_drifts_from_stage_one_returns_to_stage_ones_label(tiny_studies):

@@ -14,6 +14,9 @@ REGISTRATIONS = ("demons", "syn")
 PROPAGATIONS = ("fusion", "prototype")
 #: stage two's pseudo-label correction (:mod:`~semisam_o1.refinement`): per voxel, per volume, or none
 REFINEMENTS = ("voxel", "volume", "none")
+#: how stage two's round-0 labels meet the image's edges (:mod:`~semisam_o1.boundary`): their borders snapped to
+#: intensity edges within one voxel by a random walker, or left as stage one drew them
+BOUNDARIES = ("edges", "none")
 #: stage two's training augmentation (:func:`~semisam_o1.segmenter.augmentation`): mirroring and intensity
 #: jitter, or those and random rotation and scaling
 AUGMENTATIONS = ("flip", "affine")

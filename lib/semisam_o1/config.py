@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
-from semisam_o1.choices import AUGMENTATIONS, ENCODERS, ENSEMBLES, PROPAGATIONS, PUBLISH, REFINEMENTS, REGISTRATIONS
+from semisam_o1.choices import AUGMENTATIONS, BOUNDARIES, ENCODERS, ENSEMBLES, PROPAGATIONS, PUBLISH, REFINEMENTS, REGISTRATIONS
 
 
 def is_dicomweb(studies) -> bool:
@@ -200,6 +200,11 @@ class AppConfig:
         1, parse_int(0, 20), "stage two: pool images whose stage-one labels are most trusted (label-free) join the templates for round 0, "
         "unless that changes the pool's class volumes by more than 10 percent (0 = off; more than 3 lowered hippocampus's labels; see the README)"
     )
+    boundary: str = _option(
+        "edges", parse_choice(*BOUNDARIES),
+        "stage two: round 0's labels (what round 1 trains on): edges = stage one's class borders moved to the image's intensity "
+        "edges within one voxel (random walker); none = as stage one drew them",
+    )
     replace_confidence: float = _option(
         0.0, parse_float(0.0, 1.0),
         "stage two: a round's label replaces the previous round's only where its soft label's top class holds at least this probability "
@@ -242,6 +247,7 @@ class AppConfig:
             refinement=self.refinement,
             publish=self.publish,
             pseudo_templates=self.pseudo_templates,
+            boundary=self.boundary,
             replace_confidence=self.replace_confidence,
             teacher_floor=self.teacher_floor,
             network_voxels=self.network_voxels or None,

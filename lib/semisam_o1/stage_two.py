@@ -3,13 +3,15 @@
 Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net style)::
 
     state.json                  params, finished rounds and their stats (resume point)
-    round_0/labels/<id>.nii.gz  stage-one pseudo-labels (the starting point; ``trust/<id>.json``: :func:`stage_one_trust`)
-    stage1/labels/<id>.nii.gz   with pseudo-templates only: stage one from the real templates alone, from
-                                which the pseudo-templates are chosen (their template labels); also
-                                ``probs/``, ``trust/``
+    stage1/labels/<id>.nii.gz   stage one from the real templates (with pseudo-templates, they are chosen
+                                from these: their template labels); also ``probs/`` (soft labels
+                                (C, D, H, W) float16 from its confidence), ``trust/<id>.json`` (:func:`stage_one_trust`)
     pseudo/labels/<id>.nii.gz   with pseudo-templates only: stage one from real + pseudo templates (also
-                                ``probs/``, ``trust/``); round 0 is a copy of this folder or of ``stage1/``
-    round_0/probs/<id>.npy      stage-one soft pseudo-labels (C, D, H, W) float16 from its confidence
+                                ``probs/``, ``trust/``)
+    round_0/labels/<id>.nii.gz  the starting point, what round 1 trains on: ``stage1/`` or ``pseudo/``, with
+                                ``boundary="edges"`` (default) their borders snapped to the image's
+                                edges (:func:`~semisam_o1.boundary.snap_to_edges`; ``probs/`` likewise),
+                                else hard links to them; ``trust/`` always links
     round_<r>/model.pt          the network trained in round r
     round_<r>/probs/<id>.npy    soft pseudo-labels after round r (see below)
     round_<r>/uncertainty/<id>.nii.gz   entropy (nats) of those soft pseudo-labels
@@ -54,6 +56,12 @@ templates unless that changes the pool's class volumes against the real template
 state); then, or when none qualifies, it is the real templates' stage one, and the state says why
 (``pseudo_templates_note``).
 
+Borders (``boundary="edges"``, default): stage one's labels sit about a voxel off the anatomy's edges
+(its features are a few voxels apart); round 0 moves each class border to the image's intensity edges
+within one voxel (:func:`~semisam_o1.boundary.snap_to_edges`, a random walker, memory bounded by slabs)
+and the state records the fraction of foreground voxels that changed (``boundary_changed``). The teacher
+floor and ``agreement_with_stage_one`` compare against round 0, the snapped labels.
+
 Memory: no step holds the pool. Training reads patches from memory-mapped arrays
 (:class:`~semisam_o1.segmenter.PatchSampler`); prediction holds one image at a time and writes its
 soft labels, entropy and argmax before the next; the refinement reads those back memory-mapped and
@@ -84,7 +92,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from semisam_o1.choices import ENSEMBLES, PUBLISH, REFINEMENTS, SIGNALS
+from semisam_o1.boundary import SNAP_SLAB_BYTES, snap_to_edges
+from semisam_o1.choices import BOUNDARIES, ENSEMBLES, PUBLISH, REFINEMENTS, SIGNALS
 from semisam_o1.evaluation import class_dice
 from semisam_o1.feature_cache import FeatureGrid
 from semisam_o1.normalize import normalize
@@ -146,6 +155,10 @@ class StageTwoParams:
     #: class volumes by more than ``pseudo_templates_volume_change``: see :meth:`StageTwo._starting_labels`
     pseudo_templates: int = 1
     pseudo_templates_volume_change: float = AUTO_VOLUME_CHANGE
+    #: round 0's borders: "edges" (snapped to the image's intensity edges within one voxel,
+    #: :func:`~semisam_o1.boundary.snap_to_edges` with ``boundary_beta``) or "none" (stage one's as drawn)
+    boundary: str = "edges"
+    boundary_beta: float = 1000.0
     #: a round's label replaces the previous round's only where the top class of its soft label holds at
     #: least this probability (0 = everywhere); see :func:`confident_replacement`
     replace_confidence: float = 0.0
@@ -248,6 +261,8 @@ class StageTwo:
             raise ValueError(f"ensemble must be one of {ENSEMBLES}, got '{params.ensemble}'")
         if params.publish not in PUBLISH:
             raise ValueError(f"publish must be one of {PUBLISH}, got '{params.publish}'")
+        if params.boundary not in BOUNDARIES:
+            raise ValueError(f"boundary must be one of {BOUNDARIES}, got '{params.boundary}'")
         self.studies = Path(studies)
         self.stage_one = stage_one
         if params.train.iterations is None:  # --conf iterations auto: the datastore's plan
@@ -394,9 +409,10 @@ class StageTwo:
     def _starting_labels(self, templates, pool: dict[str, Path], n_classes: int, progress: bool) -> dict:
         """Round 0, the labels round 1 trains on; returns what the state records of it:
         ``pseudo_templates`` (the pseudo-templates used, ``[]`` when off or dropped), with them
-        ``pseudo_templates_volume_change``, and ``pseudo_templates_note`` when they were dropped and why.
+        ``pseudo_templates_volume_change``, ``pseudo_templates_note`` when they were dropped and why, and
+        ``boundary_changed`` (:meth:`_round_zero`).
 
-        Without pseudo-templates: stage one from the real templates. With ``k`` of them: stage one from the
+        Without pseudo-templates: stage one from the real templates (``stage1/``). With ``k`` of them: stage one from the
         real templates first (``stage1/``), then the ``k`` pool images :func:`choose_pseudo_templates`
         picks (no ground truth) join the templates with those labels, and stage one runs again from real
         + pseudo templates for every pool image (``pseudo/``; an image is never its own template). Round 0
@@ -407,16 +423,14 @@ class StageTwo:
         resumed after a crash makes the same one.
         """
         k = min(self.params.pseudo_templates, len(pool) - 1)
+        records = self._stage_one_labels(templates, pool, "stage1", n_classes, progress, score_mappings=k > 0)
         if k <= 0:
-            self._stage_one_labels(templates, pool, 0, n_classes, progress)
-            return {"pseudo_templates": []}
-        records = self._stage_one_labels(templates, pool, "stage1", n_classes, progress, score_mappings=True)
+            return {"pseudo_templates": [], **self._round_zero("stage1", pool, progress)}
         chosen, excluded = choose_pseudo_templates(records, k, self.stage_one.params.mapping_tolerance)
         if not chosen:
             note = f"no pool image passed the pseudo-template criterion ({json.dumps(excluded)}): real templates only"
             logger.info(f"stage 2: {note}")
-            self._copy_round_zero("stage1", pool)
-            return {"pseudo_templates": [], "pseudo_templates_note": note}
+            return {"pseudo_templates": [], "pseudo_templates_note": note, **self._round_zero("stage1", pool, progress)}
         pseudo = [Template(i, pool[i], self.work / "stage1" / "labels" / f"{i}.nii.gz") for i in chosen]
         for i, path in tqdm(pool.items(), desc=f"stage 1 + {len(chosen)} pseudo-templates", disable=not progress, leave=False):
             self._stage_one_labels([*templates, *(t for t in pseudo if t.image_id != i)], {i: path}, "pseudo", n_classes, progress=False)
@@ -428,10 +442,9 @@ class StageTwo:
         if change is not None and change > limit:
             note = f"pseudo-templates {chosen} changed the pool's stage-one class volumes by {change:.3f} (more than {limit}): real templates only"
             logger.info(f"stage 2: {note}")
-            self._copy_round_zero("stage1", pool)
-            return {"pseudo_templates": [], "pseudo_templates_volume_change": change, "pseudo_templates_note": note}
-        self._copy_round_zero("pseudo", pool)
-        return {"pseudo_templates": entries, "pseudo_templates_volume_change": change}
+            return {"pseudo_templates": [], "pseudo_templates_volume_change": change, "pseudo_templates_note": note,
+                    **self._round_zero("stage1", pool, progress)}
+        return {"pseudo_templates": entries, "pseudo_templates_volume_change": change, **self._round_zero("pseudo", pool, progress)}
 
     def _class_voxels(self, where: str, pool: dict[str, Path], n_classes: int) -> dict[str, int]:
         """Voxels per foreground class of the stage-one labels in ``where``, summed over the pool (one image at a time)."""
@@ -441,15 +454,44 @@ class StageTwo:
             counts += np.bincount(np.asarray(label, np.int64).ravel().clip(0, n_classes - 1), minlength=n_classes)[:n_classes]
         return {str(c): int(counts[c]) for c in range(1, n_classes)}
 
-    def _copy_round_zero(self, where: str, pool: dict[str, Path]) -> None:
-        """Round 0 = the stage-one labels, soft labels and trust records in ``where`` (files already there are
-        kept): hard links where the file system has them (no second copy of the soft labels on disk; every
-        file is replaced, never changed in place, so the two names never diverge), else copies."""
-        for i in pool:
-            for sub, name in (("labels", f"{i}.nii.gz"), ("probs", f"{i}.npy"), ("trust", f"{i}.json")):
-                target = self.labels_dir(0).parent / sub / name
+    def _round_zero(self, where: str, pool: dict[str, Path], progress: bool) -> dict:
+        """Round 0 from the stage-one labels, soft labels and trust records in ``where`` (images already done
+        are kept). Trust records, and with ``boundary="none"`` labels and soft labels too, are hard links where
+        the file system has them (no second copy on disk; every file is replaced, never changed in place, so
+        the two names never diverge), else copies. With ``boundary="edges"`` each label and soft label is
+        :func:`~semisam_o1.boundary.snap_to_edges`'s, one image at a time. Returns ``{"boundary_changed":
+        fraction of the pool's stage-one foreground voxels whose class changed}`` (``None`` with ``"none"``)."""
+        changed = foreground = 0
+        round_dir = self.labels_dir(0).parent
+        for i, image_path in tqdm(pool.items(), desc=f"round 0: borders ({self.params.boundary})", disable=not progress, leave=False):
+            source = {sub: self.work / where / sub / name for sub, name in (("labels", f"{i}.nii.gz"), ("probs", f"{i}.npy"), ("trust", f"{i}.json"))}
+            if self.params.boundary == "edges":
+                image = load_image(image_path)
+                before = self._read_label(source["labels"], image)
+                if not (round_dir / "labels" / f"{i}.nii.gz").exists():
+                    # the image, its normalised copy, the label in and out, the seeds, masks; the slabs' graphs
+                    check_memory(f"{image.path}: round 0 borders", image.array.shape, 4 * 2 + 6, SNAP_SLAB_BYTES)
+                    normalised = normalize(image.array, self.stage_one.cache.modality)
+
+                    def snap(tmp: Path) -> None:  # into a copy of the soft labels, memory-mapped (only band voxels change)
+                        shutil.copyfile(source["probs"], tmp)
+                        probs = np.load(tmp, mmap_mode="r+")
+                        save_label(snap_to_edges(normalised, before, image.spacing, probs, self.params.boundary_beta), image,
+                                   round_dir / "labels" / f".{i}.snapped.nii.gz")
+                        probs.flush()
+                        del probs
+
+                    atomic_write(round_dir / "probs" / f"{i}.npy", snap)
+                    os.replace(round_dir / "labels" / f".{i}.snapped.nii.gz", round_dir / "labels" / f"{i}.nii.gz")
+                    del normalised
+                after = self._read_label(round_dir / "labels" / f"{i}.nii.gz", image)
+                changed, foreground = changed + int((after != before).sum()), foreground + int((before > 0).sum())
+                del image, before, after
+            for sub, src in source.items():
+                target = round_dir / sub / src.name
                 if not target.exists():
-                    atomic_write(target, lambda tmp, src=self.work / where / sub / name: _link_or_copy(src, tmp))
+                    atomic_write(target, lambda tmp, src=src: _link_or_copy(src, tmp))
+        return {"boundary_changed": round(changed / max(foreground, 1), 4) if self.params.boundary == "edges" else None}
 
     def _stage_one_labels(self, templates, pool: dict[str, Path], where, n_classes: int, progress: bool,
                           score_mappings: bool = False) -> dict[str, dict]:
@@ -671,11 +713,11 @@ class StageTwo:
     @staticmethod
     def summary(state: dict) -> dict:
         """What a run reports (train status, ``rounds.json``): ``rounds`` (per-round stats), ``published`` (the
-        round served and the signal that chose it), ``stopped_early``, ``pseudo_templates``, ``pseudo_templates_volume_change``
-        and ``pseudo_templates_note``."""
+        round served and the signal that chose it), ``stopped_early``, ``pseudo_templates``, ``pseudo_templates_volume_change``,
+        ``pseudo_templates_note`` and ``boundary_changed`` (round 0's snapped borders, :meth:`_round_zero`)."""
         return {"rounds": state["rounds"], "published": state.get("published"), "stopped_early": state.get("stopped_early"),
                 "pseudo_templates": state.get("pseudo_templates", []), "pseudo_templates_volume_change": state.get("pseudo_templates_volume_change"),
-                "pseudo_templates_note": state.get("pseudo_templates_note")}
+                "pseudo_templates_note": state.get("pseudo_templates_note"), "boundary_changed": state.get("boundary_changed")}
 
     @staticmethod
     def published(state: dict) -> int:

@@ -25,7 +25,7 @@ from semisam_o1.templates import find_templates
 logger = logging.getLogger(__name__)
 
 #: Request keys that override ``--conf`` for one training run.
-OPTIONS = ("rounds", "iterations", "refinement", "publish", "pseudo_templates", "replace_confidence")
+OPTIONS = ("rounds", "iterations", "refinement", "publish", "pseudo_templates", "boundary", "replace_confidence")
 
 
 class SelfTraining(TrainTask):
@@ -36,7 +36,7 @@ class SelfTraining(TrainTask):
     def config(self):
         p = self.stage_two.params
         return {"rounds": p.rounds, "iterations": p.train.iterations, "refinement": p.refinement, "publish": p.publish,
-                "pseudo_templates": p.pseudo_templates, "replace_confidence": p.replace_confidence}
+                "pseudo_templates": p.pseudo_templates, "boundary": p.boundary, "replace_confidence": p.replace_confidence}
 
     def stats(self):
         state = self.stage_two.state()
@@ -59,7 +59,7 @@ class SelfTraining(TrainTask):
         train = dataclasses.replace(p.train, iterations=o.get("iterations", p.train.iterations))
         params = dataclasses.replace(p, rounds=o.get("rounds", p.rounds), train=train, refinement=o.get("refinement", p.refinement),
                                      publish=o.get("publish", p.publish), pseudo_templates=o.get("pseudo_templates", p.pseudo_templates),
-                                     replace_confidence=o.get("replace_confidence", p.replace_confidence))
+                                     boundary=o.get("boundary", p.boundary), replace_confidence=o.get("replace_confidence", p.replace_confidence))
         return StageTwo(self.stage_two.studies, self.stage_two.stage_one, params)
 
     def __call__(self, request, datastore: Datastore):
