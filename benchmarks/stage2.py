@@ -6,7 +6,8 @@
 MSD Task04 hippocampus, template hippocampus_001; the last ``--test`` volumes (sorted ids) are a
 fixed test set never used for training labels; the rest is the unlabelled pool. With the same
 network and training budget it reports test Dice of: the template-only network (lower bound),
-stage one's propagation (and the paper's prototype stage one, same features), the single-atlas
+stage one's propagation (also with its borders snapped as stage two's round 0 snaps them, and the
+paper's prototype stage one, same features), the single-atlas
 peer ANTs SyN, SemiSAM-O1 after each round (plus the pool Dice of its pseudo-labels) with the
 app's default (no refinement), the paper's voxel-level refinement and the published code's
 volume-level refinement (ablations, ``--variants``), and full supervision on the pool's ground truth
