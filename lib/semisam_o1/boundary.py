@@ -84,13 +84,11 @@ def snap_to_edges(image: np.ndarray, label: np.ndarray, spacing=None, probs: np.
         if s.all():
             continue
         values = np.unique(s[s > 0])
-        if len(values) == 1:  # one class's seeds reach this slab's band: nothing to decide between
-            s = s.copy()
-            s[s == 0] = values[0]
-        # a direct solve ("bf"): at this beta the band's system is ill-conditioned, and the iterative solvers'
-        # class probabilities stop short of summing to one
         core = slice(z0 - lo, z1 - lo)
         decided = seeds[z0:z1] == 0
+        # one class's seeds alone reach this slab's band: nothing to decide between. Else a direct solve
+        # ("bf"): at this beta the band's system is ill-conditioned, and the iterative solvers' class
+        # probabilities stop short of summing to one
         prob = (random_walker(np.asarray(img[lo:hi], np.float64), s.astype(np.int32), beta=beta, mode="bf", spacing=rel_spacing,
                               return_full_prob=True) if len(values) > 1 else np.ones((1, *s.shape)))
         snapped = (values[prob[:, core].argmax(0)] - 1).astype(np.uint8)

@@ -468,23 +468,25 @@ class StageTwo:
             if self.params.boundary == "edges":
                 image = load_image(image_path)
                 before = self._read_label(source["labels"], image)
-                if not (round_dir / "labels" / f"{i}.nii.gz").exists():
+                label_path = round_dir / "labels" / f"{i}.nii.gz"
+                if label_path.exists():
+                    after = self._read_label(label_path, image)
+                else:
                     # the image, its normalised copy, the label in and out, the seeds, masks; the slabs' graphs
                     check_memory(f"{image.path}: round 0 borders", image.array.shape, 4 * 2 + 6, SNAP_SLAB_BYTES)
                     normalised = normalize(image.array, self.stage_one.cache.modality)
 
                     def snap(tmp: Path) -> None:  # into a copy of the soft labels, memory-mapped (only band voxels change)
+                        nonlocal after
                         shutil.copyfile(source["probs"], tmp)
                         probs = np.load(tmp, mmap_mode="r+")
-                        save_label(snap_to_edges(normalised, before, image.spacing, probs, self.params.boundary_beta), image,
-                                   round_dir / "labels" / f".{i}.snapped.nii.gz")
+                        after = snap_to_edges(normalised, before, image.spacing, probs, self.params.boundary_beta)
                         probs.flush()
                         del probs
 
-                    atomic_write(round_dir / "probs" / f"{i}.npy", snap)
-                    os.replace(round_dir / "labels" / f".{i}.snapped.nii.gz", round_dir / "labels" / f"{i}.nii.gz")
+                    atomic_write(round_dir / "probs" / f"{i}.npy", snap)  # the soft labels first: the label marks the image done
+                    save_label(after, image, label_path)
                     del normalised
-                after = self._read_label(round_dir / "labels" / f"{i}.nii.gz", image)
                 changed, foreground = changed + int((after != before).sum()), foreground + int((before > 0).sum())
                 del image, before, after
             for sub, src in source.items():
@@ -493,14 +495,14 @@ class StageTwo:
                     atomic_write(target, lambda tmp, src=src: _link_or_copy(src, tmp))
         return {"boundary_changed": round(changed / max(foreground, 1), 4) if self.params.boundary == "edges" else None}
 
-    def _stage_one_labels(self, templates, pool: dict[str, Path], where, n_classes: int, progress: bool,
+    def _stage_one_labels(self, templates, pool: dict[str, Path], where: str, n_classes: int, progress: bool,
                           score_mappings: bool = False) -> dict[str, dict]:
-        """Stage one's label of every pool image into ``where`` (a round number or a folder name under the
-        work folder): ``labels/<id>.nii.gz``, its :func:`trust_record` in ``trust/<id>.json`` and the soft
+        """Stage one's label of every pool image into the work folder's ``where`` (``stage1`` or ``pseudo``):
+        ``labels/<id>.nii.gz``, its :func:`trust_record` in ``trust/<id>.json`` and the soft
         label (its confidence on the label, the rest shared evenly) in ``probs/<id>.npy``. ``score_mappings``:
         the trust record holds the feature consistency even of a single mapping (the pseudo-template choice
         needs it). Images already done are skipped. Returns ``{image id: trust record}``."""
-        folder = self.work / (f"round_{where}" if isinstance(where, int) else where)
+        folder = self.work / where
         records = {}
         for i, image_path in tqdm(pool.items(), desc="stage 1: propagate", disable=not progress, leave=False):
             path, probs, score = folder / "labels" / f"{i}.nii.gz", folder / "probs" / f"{i}.npy", folder / "trust" / f"{i}.json"
