@@ -388,7 +388,7 @@ def test_round_zero_moves_stage_ones_borders_to_the_images_edges_and_nothing_els
     """``boundary edges`` (the default): round 0 is stage one's label with its class borders moved at most
     one voxel, toward the image's edges; voxels deeper inside a class or farther outside never change.
     Its soft labels stay distributions whose argmax is the label, and the state records the fraction
-    of foreground voxels that changed. A resumed run keeps round 0 as it is."""
+    of foreground voxels that changed. A run resumed for more rounds keeps round 0 as it is, and its count."""
     from scipy import ndimage as ndi
 
     from semisam_o1.volumes import label_array
@@ -416,7 +416,8 @@ def test_round_zero_moves_stage_ones_borders_to_the_images_edges_and_nothing_els
     assert changed > 0
     assert state["boundary_changed"] == round(changed / foreground, 4) == StageTwo.summary(state)["boundary_changed"]
     before = {p: p.stat().st_mtime_ns for p in (two.work / "round_0").rglob("*.*")}
-    two.run(find_templates(datastore), pool)
+    more = StageTwo(tiny_studies, stage_one, replace(config.stage_two_params(), rounds=2)).run(find_templates(datastore), pool)
+    assert [r["round"] for r in more["rounds"]] == [1, 2] and more["boundary_changed"] == state["boundary_changed"]
     assert {p: p.stat().st_mtime_ns for p in (two.work / "round_0").rglob("*.*")} == before
 
 

@@ -10,8 +10,9 @@ Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net s
                                 ``probs/``, ``trust/``)
     round_0/labels/<id>.nii.gz  the starting point, what round 1 trains on: ``stage1/`` or ``pseudo/``, with
                                 ``boundary="edges"`` (default) their borders snapped to the image's
-                                edges (:func:`~semisam_o1.boundary.snap_to_edges`; ``probs/`` likewise),
-                                else hard links to them; ``trust/`` always links
+                                edges (:func:`~semisam_o1.boundary.snap_to_edges`; ``probs/`` likewise;
+                                ``borders/<id>.json`` counts the voxels that changed), else hard links
+                                to them; ``trust/`` always links
     round_<r>/model.pt          the network trained in round r
     round_<r>/probs/<id>.npy    soft pseudo-labels after round r (see below)
     round_<r>/uncertainty/<id>.nii.gz   entropy (nats) of those soft pseudo-labels
@@ -459,22 +460,23 @@ class StageTwo:
         are kept). Trust records, and with ``boundary="none"`` labels and soft labels too, are hard links where
         the file system has them (no second copy on disk; every file is replaced, never changed in place, so
         the two names never diverge), else copies. With ``boundary="edges"`` each label and soft label is
-        :func:`~semisam_o1.boundary.snap_to_edges`'s, one image at a time. Returns ``{"boundary_changed":
-        fraction of the pool's stage-one foreground voxels whose class changed}`` (``None`` with ``"none"``)."""
+        :func:`~semisam_o1.boundary.snap_to_edges`'s, one image at a time, and ``borders/<id>.json``
+        (``{"changed": voxels whose class changed, "foreground": stage one's foreground voxels}``, written last)
+        marks the image done. Returns ``{"boundary_changed": fraction of the pool's stage-one foreground voxels
+        whose class changed}`` (``None`` with ``"none"``), from those records: a resumed run reads no image."""
         changed = foreground = 0
         round_dir = self.labels_dir(0).parent
         for i, image_path in tqdm(pool.items(), desc=f"round 0: borders ({self.params.boundary})", disable=not progress, leave=False):
             source = {sub: self.work / where / sub / name for sub, name in (("labels", f"{i}.nii.gz"), ("probs", f"{i}.npy"), ("trust", f"{i}.json"))}
             if self.params.boundary == "edges":
-                image = load_image(image_path)
-                before = self._read_label(source["labels"], image)
-                label_path = round_dir / "labels" / f"{i}.nii.gz"
-                if label_path.exists():
-                    after = self._read_label(label_path, image)
-                else:
+                counts = round_dir / "borders" / f"{i}.json"  # written last: marks the image done
+                if not counts.exists():
+                    image = load_image(image_path)
                     # the image, its normalised copy, the label in and out, the seeds, masks; the slabs' graphs
                     check_memory(f"{image.path}: round 0 borders", image.array.shape, 4 * 2 + 6, SNAP_SLAB_BYTES)
+                    before = self._read_label(source["labels"], image)
                     normalised = normalize(image.array, self.stage_one.cache.modality)
+                    after = None
 
                     def snap(tmp: Path) -> None:  # into a copy of the soft labels, memory-mapped (only band voxels change)
                         nonlocal after
@@ -484,11 +486,13 @@ class StageTwo:
                         probs.flush()
                         del probs
 
-                    atomic_write(round_dir / "probs" / f"{i}.npy", snap)  # the soft labels first: the label marks the image done
-                    save_label(after, image, label_path)
-                    del normalised
-                changed, foreground = changed + int((after != before).sum()), foreground + int((before > 0).sum())
-                del image, before, after
+                    atomic_write(round_dir / "probs" / f"{i}.npy", snap)
+                    save_label(after, image, round_dir / "labels" / f"{i}.nii.gz")
+                    record = {"changed": int((after != before).sum()), "foreground": int((before > 0).sum())}
+                    atomic_write(counts, lambda tmp, record=record: tmp.write_text(json.dumps(record)))
+                    del image, before, after, normalised
+                record = json.loads(counts.read_text())
+                changed, foreground = changed + record["changed"], foreground + record["foreground"]
             for sub, src in source.items():
                 target = round_dir / sub / src.name
                 if not target.exists():
