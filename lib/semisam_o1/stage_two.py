@@ -471,26 +471,8 @@ class StageTwo:
             if self.params.boundary == "edges":
                 counts = round_dir / "borders" / f"{i}.json"  # written last: marks the image done
                 if not counts.exists():
-                    image = load_image(image_path)
-                    # the image, its normalised copy, the label in and out, the seeds, masks; the slabs' graphs
-                    check_memory(f"{image.path}: round 0 borders", image.array.shape, 4 * 2 + 6, SNAP_SLAB_BYTES)
-                    before = self._read_label(source["labels"], image)
-                    normalised = normalize(image.array, self.stage_one.cache.modality)
-                    after = None
-
-                    def snap(tmp: Path) -> None:  # into a copy of the soft labels, memory-mapped (only band voxels change)
-                        nonlocal after
-                        shutil.copyfile(source["probs"], tmp)
-                        probs = np.load(tmp, mmap_mode="r+")
-                        after = snap_to_edges(normalised, before, image.spacing, probs, self.params.boundary_beta)
-                        probs.flush()
-                        del probs
-
-                    atomic_write(round_dir / "probs" / f"{i}.npy", snap)
-                    save_label(after, image, round_dir / "labels" / f"{i}.nii.gz")
-                    record = {"changed": int((after != before).sum()), "foreground": int((before > 0).sum())}
+                    record = self._snap_borders(i, image_path, source)
                     atomic_write(counts, lambda tmp, record=record: tmp.write_text(json.dumps(record)))
-                    del image, before, after, normalised
                 record = json.loads(counts.read_text())
                 changed, foreground = changed + record["changed"], foreground + record["foreground"]
             for sub, src in source.items():
@@ -498,6 +480,31 @@ class StageTwo:
                 if not target.exists():
                     atomic_write(target, lambda tmp, src=src: _link_or_copy(src, tmp))
         return {"boundary_changed": round(changed / max(foreground, 1), 4) if self.params.boundary == "edges" else None}
+
+    def _snap_borders(self, image_id: str, image_path: Path, source: dict[str, Path]) -> dict[str, int]:
+        """Round 0's label and soft labels of one image: ``source``'s (``{"labels", "probs"}`` paths) with their
+        borders snapped to the image's edges (:func:`~semisam_o1.boundary.snap_to_edges`), soft labels first
+        (snapped in a memory-mapped copy: only band voxels change). Returns ``{"changed": voxels whose class
+        changed, "foreground": the source label's foreground voxels}``."""
+        round_dir = self.labels_dir(0).parent
+        image = load_image(image_path)
+        # the image, its normalised copy, the label in and out, the seeds, masks; the slabs' graphs
+        check_memory(f"{image.path}: round 0 borders", image.array.shape, 4 * 2 + 6, SNAP_SLAB_BYTES)
+        before = self._read_label(source["labels"], image)
+        normalised = normalize(image.array, self.stage_one.cache.modality)
+        after = None
+
+        def snap(tmp: Path) -> None:
+            nonlocal after
+            shutil.copyfile(source["probs"], tmp)
+            probs = np.load(tmp, mmap_mode="r+")
+            after = snap_to_edges(normalised, before, image.spacing, probs, self.params.boundary_beta)
+            probs.flush()
+            del probs
+
+        atomic_write(round_dir / "probs" / f"{image_id}.npy", snap)
+        save_label(after, image, round_dir / "labels" / f"{image_id}.nii.gz")
+        return {"changed": int((after != before).sum()), "foreground": int((before > 0).sum())}
 
     def _stage_one_labels(self, templates, pool: dict[str, Path], where: str, n_classes: int, progress: bool,
                           score_mappings: bool = False) -> dict[str, dict]:
