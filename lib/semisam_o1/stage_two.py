@@ -470,10 +470,11 @@ class StageTwo:
             source = {sub: self.work / where / sub / name for sub, name in (("labels", f"{i}.nii.gz"), ("probs", f"{i}.npy"), ("trust", f"{i}.json"))}
             if self.params.boundary == "edges":
                 counts = round_dir / "borders" / f"{i}.json"  # written last: marks the image done
-                if not counts.exists():
+                if counts.exists():
+                    record = json.loads(counts.read_text())
+                else:
                     record = self._snap_borders(i, image_path, source)
                     atomic_write(counts, lambda tmp, record=record: tmp.write_text(json.dumps(record)))
-                record = json.loads(counts.read_text())
                 changed, foreground = changed + record["changed"], foreground + record["foreground"]
             for sub, src in source.items():
                 target = round_dir / sub / src.name
