@@ -100,7 +100,7 @@ def run(name: str, images: Path, labels: Path, template: str, classes: dict[str,
     conf = {"labels": ",".join(f"{n}={v}" for n, v in classes.items()), **dict(args.conf)}
     config = AppConfig.from_conf(conf)
     base = build_stage_one(studies, config)
-    stage_ones = {m: StageOne(studies, base.cache, label_names=config.labels, registration=m) for m in PRIORS}
+    stage_ones = {m: StageOne(studies, base.cache, label_names=config.labels, registration=m, params=base.params) for m in PRIORS}
     default = config.registration
     templates = find_templates(open_datastore(studies))
     template_path, template_label = templates[0].image_path, templates[0].label_path

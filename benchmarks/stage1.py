@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         register_seconds.append(time.perf_counter() - start)
 
     # the single-atlas baselines always use affine + demons (stage one's own prior may be another method)
-    demons = stage_one if stage_one.registration == "demons" else StageOne(studies, stage_one.cache, label_names=config.labels, registration="demons")
+    demons = stage_one if stage_one.registration == "demons" else StageOne(studies, stage_one.cache, label_names=config.labels, registration="demons", params=stage_one.params)
     latencies, ours, atlas, atlas_demons, prototype = [], [], [], [], []
     paper = StageOne(studies, stage_one.cache, stage_one.label_values, propagation="prototype")  # the paper's stage one, same features
     template_label = read_image(templates[0].label_path)

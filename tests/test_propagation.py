@@ -6,7 +6,7 @@ from monai.data import create_test_image_3d
 from scipy import ndimage
 
 from semisam_o1.evaluation import class_dice
-from semisam_o1.propagation import build_bank, propagate
+from semisam_o1.propagation import PropagationParams, build_bank, propagate, volume_matched_argmax
 
 SHIFT = np.array([3, 2, -2])
 
@@ -26,11 +26,11 @@ def case():
     return build_bank(None, label, _features(image)), label, target, truth, grid
 
 
-@pytest.mark.parametrize("error", [0, 2])
-def test_propagation_recovers_every_class_even_where_the_registration_is_off(case, error):
+@pytest.mark.parametrize("error,decision", [(0, "argmax"), (2, "argmax"), (2, "volume")])
+def test_propagation_recovers_every_class_even_where_the_registration_is_off(case, error, decision):
     bank, label, target, truth, grid = case
     coords = grid - SHIFT + error  # the template voxel of every target voxel, off by `error` voxels per axis
-    pred, confidence = propagate([bank], target, _features(target), [coords])
+    pred, confidence = propagate([bank], target, _features(target), [coords], PropagationParams(decision=decision))
     warped = ndimage.map_coordinates(label, np.moveaxis(coords, -1, 0), order=0)  # the registration alone
     dice, registration_only = class_dice(pred, truth, 4), class_dice(warped, truth, 4)
     assert pred.shape == truth.shape and pred.dtype == np.uint8
@@ -38,3 +38,21 @@ def test_propagation_recovers_every_class_even_where_the_registration_is_off(cas
     assert dice.min() > 0.88, dice
     if error:
         assert (dice - registration_only).min() > 0.2, (dice, registration_only)
+
+
+def test_volume_decision_keeps_a_thin_class_that_five_jittered_votes_lose_under_argmax():
+    # a 2-voxel slab (class 2) beside a 20-voxel one (class 1), voted by five templates off by -2..2 voxels
+    truth = np.zeros((40, 8, 8), np.int64)
+    truth[10:30], truth[30:32] = 1, 2
+    shares = sum(np.stack([np.roll(truth, s, 0) == c for c in range(3)]).astype(np.float32) / 5 for s in range(-2, 3))
+    shares = np.stack([ndimage.gaussian_filter(s, 1.0) for s in shares])
+    argmax, matched = shares.argmax(0), volume_matched_argmax(shares)
+    assert (argmax == 2).sum() == 0  # no voxel where the thin class holds the most votes
+    assert matched.dtype == np.uint8
+    np.testing.assert_allclose(np.bincount(matched.ravel(), minlength=3), shares.reshape(3, -1).sum(1), rtol=0.01)
+    assert class_dice(matched, truth, 3).min() > 0.95
+    # a bulky class the arg-max does not starve (it gains at a blurred border) is left exactly as the arg-max drew it
+    slab = ndimage.gaussian_filter((truth == 1).astype(np.float32), 2.0)
+    bulky = np.stack([1 - slab, slab])
+    assert (bulky.argmax(0) == 1).sum() >= bulky[1].sum()
+    np.testing.assert_array_equal(volume_matched_argmax(bulky), bulky.argmax(0))

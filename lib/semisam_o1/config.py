@@ -176,6 +176,11 @@ class AppConfig:
         "fusion", parse_choice(*PROPAGATIONS),
         "stage one: fusion (registration-guided feature label fusion) or prototype (the paper's per-class prototypes; ablation)",
     )
+    fusion_decision: str = _option(
+        "argmax", parse_choice("argmax", "volume"),
+        "stage one's label fusion: argmax of the smoothed class votes, or volume (the argmax, except that a class it gives under 95 percent "
+        "of the voxels its vote shares sum to grows to that volume: fused votes starve thin classes, e.g. hippocampus)",
+    )
 
     rounds: int = _option(3, parse_int(1, 20), "stage-two rounds (train, predict with uncertainty, refine)")
     iterations: int | None = _option(

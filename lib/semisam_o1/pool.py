@@ -23,6 +23,7 @@ from semisam_o1.config import AppConfig
 from semisam_o1.distributed import PoolRunner
 from semisam_o1.feature_cache import FeatureCache
 from semisam_o1.plan import load_or_make_plan, resolve_device
+from semisam_o1.propagation import PropagationParams
 from semisam_o1.stage_one import NoTemplateError, StageOne
 from semisam_o1.templates import PSEUDO_TAG, STAGE_ONE_MODEL, find_templates
 from semisam_o1.volumes import InputError, Volume, load_image, save_label
@@ -43,7 +44,8 @@ def build_stage_one(studies: Path, config: AppConfig) -> StageOne:
     plan = load_or_make_plan(studies, images, device, overrides)
     cache = FeatureCache(studies, config.encoder_spec(plan.encoder_image_size), config.feature_dims, config.modality, plan, device)
     return StageOne(studies, cache, label_values=set(config.labels.values()) or None, label_names=config.labels,
-                    registration=config.registration, propagation=config.propagation)
+                    registration=config.registration, propagation=config.propagation,
+                    params=PropagationParams(decision=config.fusion_decision))
 
 
 #: A stage one, or what rebuilds it in a worker process: ``(studies, config)`` (see :func:`stage_one_of`).
