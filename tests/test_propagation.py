@@ -46,7 +46,7 @@ def test_volume_decision_keeps_a_thin_class_that_five_jittered_votes_lose_under_
     truth[10:30], truth[30:32] = 1, 2
     shares = sum(np.stack([np.roll(truth, s, 0) == c for c in range(3)]).astype(np.float32) / 5 for s in range(-2, 3))
     shares = np.stack([ndimage.gaussian_filter(s, 1.0) for s in shares])
-    argmax, matched = shares.argmax(0), volume_matched_argmax(shares)
+    argmax, (matched, _) = shares.argmax(0), volume_matched_argmax(shares)
     assert (argmax == 2).sum() == 0  # no voxel where the thin class holds the most votes
     assert matched.dtype == np.uint8
     np.testing.assert_allclose(np.bincount(matched.ravel(), minlength=3), shares.reshape(3, -1).sum(1), rtol=0.01)
@@ -55,4 +55,9 @@ def test_volume_decision_keeps_a_thin_class_that_five_jittered_votes_lose_under_
     slab = ndimage.gaussian_filter((truth == 1).astype(np.float32), 2.0)
     bulky = np.stack([1 - slab, slab])
     assert (bulky.argmax(0) == 1).sum() >= bulky[1].sum()
-    np.testing.assert_array_equal(volume_matched_argmax(bulky), bulky.argmax(0))
+    np.testing.assert_array_equal(volume_matched_argmax(bulky)[0], bulky.argmax(0))
+
+
+def test_an_unknown_fusion_decision_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="argmax"):
+        PropagationParams(decision="majority")

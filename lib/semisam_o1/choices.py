@@ -12,6 +12,9 @@ ENCODERS = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h")
 REGISTRATIONS = ("demons", "syn")
 #: stage one's label propagation: registration-guided feature label fusion, or the paper's per-class prototypes
 PROPAGATIONS = ("fusion", "prototype")
+#: how the fusion's smoothed class votes become a label (:class:`~semisam_o1.propagation.PropagationParams`): their
+#: arg-max, or the arg-max with the classes it starves grown to their summed votes
+FUSION_DECISIONS = ("argmax", "volume")
 #: stage two's pseudo-label correction (:mod:`~semisam_o1.refinement`): per voxel, per volume, or none
 REFINEMENTS = ("voxel", "volume", "none")
 #: how stage two's round-0 labels meet the image's edges (:mod:`~semisam_o1.boundary`): their borders snapped to

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
-from semisam_o1.choices import AUGMENTATIONS, BOUNDARIES, ENCODERS, ENSEMBLES, PROPAGATIONS, PUBLISH, REFINEMENTS, REGISTRATIONS
+from semisam_o1.choices import (AUGMENTATIONS, BOUNDARIES, ENCODERS, ENSEMBLES, FUSION_DECISIONS, PROPAGATIONS, PUBLISH, REFINEMENTS,
+                                REGISTRATIONS)
 
 
 def is_dicomweb(studies) -> bool:
@@ -177,7 +178,7 @@ class AppConfig:
         "stage one: fusion (registration-guided feature label fusion) or prototype (the paper's per-class prototypes; ablation)",
     )
     fusion_decision: str = _option(
-        "argmax", parse_choice("argmax", "volume"),
+        "argmax", parse_choice(*FUSION_DECISIONS),
         "stage one's label fusion: argmax of the smoothed class votes, or volume (the argmax, except that a class it gives under 95 percent "
         "of the voxels its vote shares sum to grows to that volume: fused votes starve thin classes, e.g. hippocampus)",
     )

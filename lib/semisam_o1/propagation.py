@@ -29,11 +29,12 @@ import torch
 from monai.transforms import KeepLargestConnectedComponent
 from scipy import ndimage
 
+from semisam_o1.choices import FUSION_DECISIONS
 from semisam_o1.feature_cache import as_grid, unit_rows
 
 __all__ = ["PropagationParams", "TemplateBank", "build_bank", "propagate", "mapping_consistency", "consistent_mappings",
            "window_radius", "single_component_classes",
-           "keep_largest_per_class", "class_quota", "class_prototypes", "propagate_prototypes"]
+           "keep_largest_per_class", "class_quota", "class_prototypes", "propagate_prototypes", "volume_matched_argmax"]
 
 
 @dataclass
@@ -58,6 +59,10 @@ class PropagationParams:
     #: class it gives under 95 % of the voxels its shares sum to grows to that volume,
     #: :func:`volume_matched_argmax`: fused votes otherwise starve thin classes)
     decision: str = "argmax"
+
+    def __post_init__(self):
+        if self.decision not in FUSION_DECISIONS:
+            raise ValueError(f"decision must be one of {FUSION_DECISIONS}, got '{self.decision}'")
 
 
 @dataclass
@@ -412,11 +417,7 @@ def _vote_shares(votes: np.ndarray, searched: np.ndarray, box_shape: tuple[int, 
     if sigma is not None:
         for v in votes:
             ndimage.gaussian_filter(v, sigma, output=v)
-    if volume_matched:
-        pred = volume_matched_argmax(votes)
-        top = np.take_along_axis(votes, pred[None].astype(np.intp), 0)[0]
-    else:
-        pred, top = _weighted_argmax(votes, np.ones(len(votes)))
+    pred, top = volume_matched_argmax(votes) if volume_matched else _weighted_argmax(votes, np.ones(len(votes)))
     total = total.reshape(box_shape)
     np.sum(votes, 0, out=total)
     np.maximum(total, 1e-6, out=total)
@@ -442,42 +443,43 @@ def _weighted_argmax(shares: np.ndarray, weights: np.ndarray) -> tuple[np.ndarra
     return pred, (top if value is None else value)
 
 
-def volume_matched_argmax(shares: np.ndarray, starved: float = 0.95, iterations: int = 30, tolerance: float = 0.005) -> np.ndarray:
+def volume_matched_argmax(shares: np.ndarray, starved: float = 0.95, iterations: int = 30,
+                          tolerance: float = 0.005) -> tuple[np.ndarray, np.ndarray]:
     """Arg-max class map of ``(C, ...)`` per-voxel class shares (class 0 = background), in which a foreground
     class the arg-max starves grows to its expected volume (the sum of its shares); no class is shrunk on purpose.
 
     The arg-max of averaged votes gives a class only the voxels where it wins: along a thin class's
     border, where its share is below one half on both sides, it loses more voxels than it gains, so
-    fusing several mappings or templates shrinks thin classes (hippocampus: the arg-max gives its two
-    classes 0.89 x and 0.80 x their expected volumes), while a bulky class gains (CHAOS's liver 1.11 x;
-    its kidneys and spleen 1.00 x). A foreground class is *starved* when the arg-max gives it fewer than
+    fusing several mappings or templates shrinks thin classes, while a bulky class gains (measured per
+    dataset: README, ``fusion_decision``). A foreground class is *starved* when the arg-max gives it fewer than
     ``starved`` x its expected volume (an expected volume under one voxel never is). Only starved classes'
     shares are scaled, by one factor ``w_c >= 1`` each (a class prior shift), before the arg-max; the
     factors are found by fixed-point steps ``w_c <- max(1, w_c * sqrt(expected_c / voxels_c))`` (each ratio
     clipped to [0.5, 2]) until every starved class is within ``tolerance`` (relative) of its expected volume
     or ``iterations`` steps have run. Without a starved class the result is the plain arg-max.
 
-    Returns ``(...)`` uint8: of the steps taken, the map whose worst starved-class volume error is smallest.
+    Returns, as :func:`_weighted_argmax`, ``(...)`` uint8 class map and ``(...)`` float32 share of its class:
+    of the steps taken, the one whose worst starved-class volume error is smallest.
     Example: class 1 shares ``[.45, .4, .3, .1]`` (background the rest) sum to 1.25 voxels, and the arg-max
-    gives it none; here it gets ``[1, 0, 0, 0]``.
+    gives it none; here the map is ``[1, 0, 0, 0]``.
     """
     n_classes = len(shares)
     expected = shares.reshape(n_classes, -1).sum(1, dtype=np.float64)
     weights = np.ones(n_classes)
-    pred, _ = _weighted_argmax(shares, weights)
-    counts = np.bincount(pred.reshape(-1), minlength=n_classes).astype(np.float64)
+    step = _weighted_argmax(shares, weights)
+    counts = np.bincount(step[0].reshape(-1), minlength=n_classes).astype(np.float64)
     grow = (np.arange(n_classes) > 0) & (expected >= 1.0) & (counts < starved * expected)
-    best, best_error = pred, np.inf
+    best, best_error = step, np.inf
     for _ in range(iterations):
         error = float(np.max(np.abs(counts[grow] - expected[grow]) / expected[grow])) if grow.any() else 0.0
         if error < best_error:
-            best, best_error = pred, error
+            best, best_error = step, error
         if error <= tolerance:
             break
         ratio = np.clip(expected / np.maximum(counts, 1.0), 0.5, 2.0)
         weights[grow] = np.maximum(1.0, weights[grow] * np.sqrt(ratio[grow]))
-        pred, _ = _weighted_argmax(shares, weights)
-        counts = np.bincount(pred.reshape(-1), minlength=n_classes).astype(np.float64)
+        step = _weighted_argmax(shares, weights)
+        counts = np.bincount(step[0].reshape(-1), minlength=n_classes).astype(np.float64)
     return best
 
 
