@@ -120,6 +120,28 @@ def test_a_changed_pool_starts_again_instead_of_resuming(tiny_studies):
     assert two.model_version() != first_model
 
 
+def test_stage_one_set_differently_starts_again_instead_of_resuming_on_its_old_labels(tiny_studies):
+    config = AppConfig.from_conf(FAST)
+    datastore = open_datastore(tiny_studies)
+    templates = find_templates(datastore)
+    pool = {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]}
+    two = StageTwo(tiny_studies, build_stage_one(tiny_studies, config), config.stage_two_params())
+    two.run(templates, pool)
+    first_model = two.model_version()
+    assert two.run(templates, pool)["inputs"]["stage_one"]["params"]["decision"] == "argmax"
+    assert two.model_version() == first_model  # the same settings resume (nothing to do)
+
+    # the server restarted with another fusion decision: round 0 is stage one's labels, so they are drawn again
+    (two.work / "stage1" / "left-by-the-old-run").write_text("")
+    volume = StageTwo(tiny_studies, build_stage_one(tiny_studies, AppConfig.from_conf({**FAST, "fusion_decision": "volume"})),
+                      config.stage_two_params())
+    state = volume.run(templates, pool)
+    assert [r["round"] for r in state["rounds"]] == [1]
+    assert state["inputs"]["stage_one"]["params"]["decision"] == "volume"
+    assert not (volume.work / "stage1" / "left-by-the-old-run").exists()  # stage one's old labels were not reused
+    assert len(list((volume.work / "stage1" / "labels").glob("*.nii.gz"))) == 2
+
+
 def test_soft_pseudo_labels_are_the_mean_of_stage_one_and_every_round(tiny_studies):
     config = AppConfig.from_conf({**FAST, "rounds": "2", "ensemble": "mean", "teacher_floor": "false", "refinement": "voxel", "boundary": "none"})
     stage_one = build_stage_one(tiny_studies, config)

@@ -19,7 +19,7 @@ Pipeline per target image (every step cached on disk under ``<studies>/.semisam/
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -176,6 +176,12 @@ class StageOne:
         self.params = params or PropagationParams()
         self.floor = floor or FloorParams()
         self._banks: dict[tuple, TemplateBank] = {}
+
+    def settings(self) -> dict:
+        """What this stage one's labels depend on besides the images and templates, as plain data:
+        ``{"registration", "propagation", "params": PropagationParams fields, "floor": FloorParams fields}``
+        (stage two records it with a run's inputs, so a changed setting is not resumed on old labels)."""
+        return {"registration": self.registration, "propagation": self.propagation, "params": asdict(self.params), "floor": asdict(self.floor)}
 
     def registration_path(self, target: Path, template: Path, method: str | None = None) -> Path:
         """The cache file of ``method``'s registration (default: the first of :attr:`methods`)."""

@@ -72,8 +72,8 @@ A round is committed by writing ``state.json`` last: a run killed mid-round (eve
 restarts that round, and everything of earlier rounds stays valid. Every file is written to a hidden
 temporary name and renamed (``atomic_write``), so no half-written file has a name anything reads;
 the temporary files a killed run left are deleted when the next run starts. ``state.json`` also records the run's inputs (templates
-with their label hashes, the pool, the params): when a clinician saves a new ``final`` label or the
-pool changes, the next run starts again from round 0 instead of resuming (the published
+with their label hashes, the pool, the params, stage one's settings): when a clinician saves a new ``final`` label, the
+pool changes or stage one is set differently (e.g. ``fusion_decision``), the next run starts again from round 0 instead of resuming (the published
 ``model.pt`` keeps serving until the new run's first round replaces it). ``final`` labels are read,
 never written.
 """
@@ -390,7 +390,8 @@ class StageTwo:
     def _inputs(self, templates: list[Template], pool: dict[str, Path]) -> dict:
         """What a run depends on; a committed state with other inputs is not resumed (more rounds is)."""
         params = {k: v for k, v in _jsonable(asdict(self.params)).items() if k != "rounds"}
-        return {"templates": {t.image_id: sha256(t.label_path)[:16] for t in templates}, "pool": sorted(pool), "params": params}
+        return {"templates": {t.image_id: sha256(t.label_path)[:16] for t in templates}, "pool": sorted(pool), "params": params,
+                "stage_one": _jsonable(self.stage_one.settings())}
 
     def _remove_interrupted_writes(self) -> None:
         """Delete the hidden temporary files of writes a killed run left (``atomic_write``: ``.<name>.*``);
