@@ -176,13 +176,20 @@ def test_quirk_label_of_another_anatomy_is_refused(tiny_studies, sample_source, 
 
 
 def test_stage_one_scores_are_redone_when_the_prior_changes(tiny_studies):
-    """A score's version names the spatial prior and the propagation: a server restarted with another
-    ``--conf registration`` or ``propagation`` scores the pool again instead of keeping stale scores."""
-    from semisam_o1.pool import open_datastore
+    """A score's version names stage one's settings: a server restarted with another ``--conf registration``,
+    ``propagation``, ``fusion_decision`` or feature setting scores the pool again instead of keeping stale scores."""
+    from semisam_o1.config import AppConfig
+    from semisam_o1.pool import build_stage_one, open_datastore
     from semisam_o1.tasks.uncertainty_scoring import stage_one_version
     from semisam_o1.templates import find_templates
 
     templates = find_templates(open_datastore(tiny_studies))
-    versions = {stage_one_version(templates, "settings", m) for m in ("demons/fusion", "demons+syn/fusion", "demons+syn/prototype")}
-    assert len(versions) == 3
-    assert stage_one_version(templates, "settings", "demons/fusion") == stage_one_version(templates, "settings", "demons/fusion")
+
+    def version(**conf):
+        return stage_one_version(templates, build_stage_one(tiny_studies, AppConfig.from_conf(conf)).settings())
+
+    confs = [{"registration": "demons"}, {"registration": "demons+syn"}, {"registration": "demons+syn", "propagation": "prototype"},
+             {"registration": "demons+syn", "fusion_decision": "volume"}, {"registration": "demons", "feature_dims": "16"}]
+    versions = {version(**c) for c in confs}
+    assert len(versions) == 5
+    assert version(registration="demons") == version(registration="demons")

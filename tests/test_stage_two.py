@@ -138,6 +138,7 @@ def test_stage_one_set_differently_starts_again_instead_of_resuming_on_its_old_l
     state = volume.run(templates, pool)
     assert [r["round"] for r in state["rounds"]] == [1]
     assert state["inputs"]["stage_one"]["params"]["decision"] == "volume"
+    assert state["inputs"]["stage_one"]["features"] == volume.stage_one.cache.settings_id
     assert not (volume.work / "stage1" / "left-by-the-old-run").exists()  # stage one's old labels were not reused
     assert len(list((volume.work / "stage1" / "labels").glob("*.nii.gz"))) == 2
 

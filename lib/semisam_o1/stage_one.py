@@ -179,9 +179,11 @@ class StageOne:
 
     def settings(self) -> dict:
         """What this stage one's labels depend on besides the images and templates, as plain data:
-        ``{"registration", "propagation", "params": PropagationParams fields, "floor": FloorParams fields}``
-        (stage two records it with a run's inputs, so a changed setting is not resumed on old labels)."""
-        return {"registration": self.registration, "propagation": self.propagation, "params": asdict(self.params), "floor": asdict(self.floor)}
+        ``{"features": the feature cache's settings id, "registration", "propagation", "params": PropagationParams
+        fields, "floor": FloorParams fields}`` (stage two records it with a run's inputs and uncertainty scores
+        are versioned by it, so a changed setting is neither resumed on old labels nor served old scores)."""
+        return {"features": self.cache.settings_id, "registration": self.registration, "propagation": self.propagation,
+                "params": asdict(self.params), "floor": asdict(self.floor)}
 
     def registration_path(self, target: Path, template: Path, method: str | None = None) -> Path:
         """The cache file of ``method``'s registration (default: the first of :attr:`methods`)."""

@@ -319,7 +319,7 @@ class StageTwo:
         inputs = self._inputs(templates, pool)
         state = self.state()
         if state["rounds"] and state.get("inputs") != inputs:
-            logger.info("stage 2: templates, pool or params changed since the last run; starting again from round 0")
+            logger.info("stage 2: templates, pool, params or stage one's settings changed since the last run; starting again from round 0")
             self._reset()
             state = self.state()
         if len(state["rounds"]) >= self.params.rounds or state.get("stopped_early"):

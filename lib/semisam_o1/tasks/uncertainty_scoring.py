@@ -9,7 +9,7 @@ image's info, under :data:`~semisam_o1.active_learning.SCORE_KEY`::
 ``source`` ``stage2``: the published stage-two network's predictive entropy (read from the maps its
 own round wrote when the image was in that round's pool, else predicted). ``stage1`` (no network
 yet): 1 - vote share of stage one's propagation from the current templates. ``version`` names the
-model (network hash, or template labels + feature settings + prior and propagation); an image whose score already has the
+model (network hash, or template labels + stage one's settings: features, prior, propagation and their params); an image whose score already has the
 current version is skipped. Progress lines ``uncertainty n/N`` go to the job's details. With
 ``--conf ray_address`` each image is scored by a Ray task (:func:`score_image`); this process writes the scores.
 """
@@ -17,6 +17,7 @@ current version is skipped. Progress lines ``uncertainty n/N`` go to the job's d
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 
@@ -35,10 +36,10 @@ from semisam_o1.volumes import InputError, load_image
 logger = logging.getLogger(__name__)
 
 
-def stage_one_version(templates: list[Template], settings_id: str, method: str = "") -> str:
-    """Version of stage one's predictions: the template labels' contents, the feature settings and
-    ``method`` (the spatial prior and propagation, e.g. ``demons+syn/fusion``)."""
-    digest = hashlib.sha256(f"{settings_id}|{method}".encode() if method else settings_id.encode())
+def stage_one_version(templates: list[Template], settings: dict) -> str:
+    """Version of stage one's predictions: the template labels' contents and ``settings``
+    (:meth:`~semisam_o1.stage_one.StageOne.settings`: features, spatial prior, propagation and their params)."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for t in templates:
         digest.update(f"{t.image_id}:{sha256(t.label_path)}".encode())
     return f"stage1-{digest.hexdigest()[:12]}"
@@ -71,11 +72,9 @@ class UncertaintyScoring(ScoringMethod):
 
     def __call__(self, request, datastore: Datastore):
         lower_job_priority()  # interactive requests first (semisam_o1.priority)
-        stage_one = self.stage_two.stage_one
         templates = find_templates(datastore)
         net = self.stage_two.load_model()
-        version = self.stage_two.model_version() if net is not None else stage_one_version(
-            templates, stage_one.cache.settings_id, f"{'+'.join(stage_one.methods)}/{stage_one.propagation}")
+        version = self.stage_two.model_version() if net is not None else stage_one_version(templates, self.stage_two.stage_one.settings())
         if net is None and not templates:
             return {"scored": 0, "current": 0, "version": None, "reason": "no template and no trained model yet"}
         image_ids = sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))
