@@ -76,3 +76,35 @@ def test_dicom_seg_answer_leaves_no_file_behind(tmp_path):
     assert response.path == str(seg)
     asyncio.run(tasks())  # what Starlette runs after the response is sent
     assert not seg.exists() and not label.exists()
+
+
+def test_rejected_uploads_leave_no_file_behind(tiny_studies, tmp_path, monkeypatch):
+    """MONAI Label writes each upload to a temporary file and deletes it after answering; a request
+    answered with an error deleted nothing, so every rejected upload stayed on the server's disk."""
+    import io
+    import tarfile
+    import tempfile
+
+    scratch = tmp_path / "server-tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    garbage = b"not a NIfTI volume" * 100
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        info = tarfile.TarInfo("../escape.nii.gz")
+        info.size = len(garbage)
+        tar.addfile(info, io.BytesIO(garbage))
+    with make_client(tiny_studies, monkeypatch, FAST) as client:
+        before = sorted(p.name for p in scratch.iterdir())
+        answers = [
+            upload(client, TEMPLATE, tiny_studies / f"{POOL}.nii.gz"),  # another image under the template's id: 409
+            client.put("/datastore/label", params={"image": POOL, "tag": "final"}, files={"label": ("l.nii.gz", garbage)}),
+            client.post("/infer/semisam_stage_one", params={"output": "json"}, files={"file": ("x.nii.gz", garbage)}),
+            client.put("/session/", params={"uncompress": True}, files={"files": ("study.tar", archive.getvalue())}),
+        ]
+        assert [a.status_code for a in answers] == [409, 422, 422, 422], [a.text for a in answers]
+        assert sorted(p.name for p in scratch.iterdir()) == before
+
+        accepted = upload(client, "hippocampus_new", tiny_studies / f"{POOL}.nii.gz")  # and an accepted one, as before
+        assert accepted.status_code == 200, accepted.text
+        assert sorted(p.name for p in scratch.iterdir()) == before

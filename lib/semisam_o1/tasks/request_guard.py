@@ -19,6 +19,11 @@ newest app):
   option); a model in ``needs_template`` without a template -> 409; a second run while one is
   submitted or running -> 429 (MONAI Label refuses it only once the first job's process started,
   and would queue it to run again).
+- uploads (``PUT /datastore/``, ``PUT /datastore/label``, ``POST /infer/<model>`` with a file or label,
+  ``PUT /model/<model>``, ``PUT /session/``): a request that fails deletes the temporary files its
+  upload was written to. MONAI Label deletes them with background tasks, which never run for a request
+  that raises, so every rejected upload (a bad NIfTI, a label with unknown classes: 422) stayed in the
+  server's temporary folder, as large as it was sent.
 
 Endpoints run on worker threads (:mod:`semisam_o1.web`), so requests run concurrently: a next-sample
 choice and its "served to client X" record are one step (two clients asking at once never get the
@@ -27,7 +32,9 @@ same image as a fresh pick), and a job's "already running?" check and its start 
 
 from __future__ import annotations
 
+import contextvars
 import json
+import tempfile
 import threading
 from typing import Callable
 
@@ -35,10 +42,14 @@ from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.endpoints import activelearning as activelearning_endpoint
 from monailabel.endpoints import batch_infer as batch_endpoint
+from monailabel.endpoints import datastore as datastore_endpoint
 from monailabel.endpoints import infer as infer_endpoint
+from monailabel.endpoints import model as model_endpoint
 from monailabel.endpoints import scoring as scoring_endpoint
+from monailabel.endpoints import session as session_endpoint
 from monailabel.endpoints import train as train_endpoint
 from monailabel.utils.async_tasks.utils import tasks
+from monailabel.utils.others.generic import remove_file
 
 from semisam_o1.config import ConfError
 from semisam_o1.safe_names import safe_name
@@ -77,6 +88,50 @@ def _wrap(module, name: str, make):
     wrapper = make(original)
     wrapper.__wrapped__ = original
     setattr(module, name, wrapper)
+
+
+#: The temporary file names MONAI Label's upload endpoints took in the running request (see :func:`deleting_uploads_on_error`).
+_UPLOADS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("uploads", default=None)
+
+
+class _RecordingTempfile:
+    """The ``tempfile`` module, as MONAI Label's upload endpoints see it: each ``NamedTemporaryFile``
+    name they take is recorded for the running request."""
+
+    def __getattr__(self, name: str):
+        return getattr(tempfile, name)
+
+    @staticmethod
+    def NamedTemporaryFile(*args, **kwargs):
+        handle = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 (returned open, as tempfile's)
+        taken = _UPLOADS.get()
+        if taken is not None:
+            taken.append(handle.name)
+        return handle
+
+
+def deleting_uploads_on_error(original):
+    """``original``, a MONAI Label endpoint function that writes uploads to temporary files; when it raises,
+    those files (or folders) are deleted before the error is answered."""
+
+    def run(*args, **kwargs):
+        taken: list[str] = []
+        token = _UPLOADS.set(taken)
+        try:
+            return original(*args, **kwargs)
+        except BaseException:
+            for path in taken:
+                remove_file(path)
+            raise
+        finally:
+            _UPLOADS.reset(token)
+
+    return run
+
+
+#: MONAI Label's endpoint functions that write a request's uploads to temporary files.
+UPLOAD_ENDPOINTS = ((datastore_endpoint, "add_image"), (datastore_endpoint, "save_label"), (model_endpoint, "update_model"),
+                    (session_endpoint, "create_session"))
 
 
 def install(app, needs_template: set[str], has_template: Callable[[], bool]) -> None:
@@ -171,7 +226,11 @@ def install(app, needs_template: set[str], has_template: Callable[[], bool]) -> 
 
         return run_model
 
-    _wrap(infer_endpoint, "run_inference", infer)
+    for module in {module for module, _ in UPLOAD_ENDPOINTS} | {infer_endpoint}:
+        module.tempfile = _RecordingTempfile()
+    for module, name in UPLOAD_ENDPOINTS:
+        _wrap(module, name, deleting_uploads_on_error)
+    _wrap(infer_endpoint, "run_inference", lambda original: infer(deleting_uploads_on_error(original)))
     _wrap(batch_endpoint, "run", batch)
     _wrap(activelearning_endpoint, "sample", activelearning)
     _wrap(scoring_endpoint, "run_method", scoring)
