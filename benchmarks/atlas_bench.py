@@ -225,7 +225,8 @@ def stage_two_result(studies: Path, stage_one: StageOne, config: AppConfig, temp
             "stage2_pseudo_templates_note": state.get("pseudo_templates_note"), "stage2_boundary_changed": state.get("boundary_changed"),
             "stage2_seconds": round(seconds, 1),
             "stage2_params": {"rounds": config.rounds, "iterations": two.params.train.iterations, "publish": config.publish,
-                              "pseudo_templates": config.pseudo_templates, "boundary": config.boundary, "network_voxels": config.network_voxels, "seed": seed}}
+                              "pseudo_templates": config.pseudo_templates, "boundary": config.boundary, "network_voxels": config.network_voxels,
+                              "real_share": config.real_share, "seed": seed}}
 
 
 def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, template, pool_size, stage_two=None) -> None:

@@ -658,3 +658,36 @@ def test_on_thick_slices_affine_augmentation_turns_and_scales_in_plane_only(tmp_
     two.params = dataclasses.replace(AppConfig.from_conf({"augment": "affine"}).stage_two_params(), network_voxels=8000)
     train = two.train_params(labels, 2, thick)
     assert train.augment == "affine" and train.slice_axis == thick.spacing.index(max(thick.spacing))
+
+
+def test_real_share_draws_that_share_of_training_patches_from_the_real_labels(tiny_studies, monkeypatch):
+    """``real_share`` 0.5 (the default): half of every round's training patches come from the templates (and final
+    labels), the rest from the pool's pseudo-labels; with 0 each image is drawn as often as any other."""
+    from semisam_o1 import stage_two as stage_two_module
+    from semisam_o1.config import ConfError
+    from semisam_o1.segmenter import _prepare
+    from semisam_o1.stage_two import training_weights
+
+    # the sampling itself: case 0 (the real label) is marked by its intensity
+    cases = [np.full((20, 20, 20), 1.0 if i == 0 else 0.0, np.float32) for i in range(5)]
+    labels = [np.zeros((20, 20, 20), np.uint8) for _ in range(5)]
+    for lab in labels:
+        lab[5:15, 5:15, 5:15] = 1
+    params = TrainParams(patch=(8, 8, 8), batch_size=4, channels=(4, 8))
+    for weights, low, high in ((training_weights(1, 4, 0.5), 0.42, 0.58), (None, 0.2, 0.2)):
+        loader, _ = _prepare(cases, labels, 2, params, weights)
+        drawn = [float(p.mean()) > 0.5 for _ in range(20) for batch in loader for p in batch["image"]]
+        assert low <= np.mean(drawn) <= high, (weights, np.mean(drawn))
+
+    # stage two hands the weights to the training: templates first, then the pool's pseudo-labels
+    seen = []
+    real_train = stage_two_module.train_network
+    monkeypatch.setattr(stage_two_module, "train_network", lambda *a, **k: seen.append(k.get("weights")) or real_train(*a, **k))
+    config = AppConfig.from_conf(FAST)
+    datastore = open_datastore(tiny_studies)
+    two = StageTwo(tiny_studies, build_stage_one(tiny_studies, config), config.stage_two_params())
+    two.run(find_templates(datastore), {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]})
+    assert seen == [[0.5, 0.25, 0.25]]
+    assert AppConfig.from_conf({**FAST, "real_share": "0"}).stage_two_params().real_share == 0.0
+    with pytest.raises(ConfError, match="real_share"):
+        AppConfig.from_conf({"real_share": "1"})  # no patch left for the pool

@@ -216,6 +216,11 @@ class AppConfig:
         "stage two: a round's label replaces the previous round's only where its soft label's top class holds at least this probability "
         "(0 = everywhere)",
     )
+    real_share: float = _option(
+        0.5, parse_float(0.0, 0.95),
+        "stage two: share of each round's training patches drawn from the real-labelled images (templates, final labels; at least their "
+        "share of the images), the rest from the pool's pseudo-labels (0 = every image equally often)",
+    )
     teacher_floor: bool = _option(
         True, parse_bool,
         "stage two: a round's class that drifted from stage one's label of the image beyond the safety floor's bounds returns to stage one's",
@@ -256,6 +261,7 @@ class AppConfig:
             boundary=self.boundary,
             replace_confidence=self.replace_confidence,
             teacher_floor=self.teacher_floor,
+            real_share=self.real_share,
             network_voxels=self.network_voxels or None,
             ensemble=self.ensemble,
         )

@@ -33,6 +33,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+from torch.utils.data import WeightedRandomSampler
 
 from semisam_o1.choices import AUGMENTATIONS
 
@@ -177,6 +178,7 @@ def train_network(
     params: TrainParams = TrainParams(),
     on_iteration: Callable[[int, float], None] | None = None,
     device: str = "cpu",
+    weights: Sequence[float] | None = None,
 ) -> UNet:
     """Train a fresh network on ``images`` (each (D, H, W) in [0, 1]) and ``labels`` (each (D, H, W) int).
 
@@ -191,15 +193,18 @@ def train_network(
             this process; ``loss`` is the loss of the whole batch (averaged over the processes).
         device: where the network trains (patches are cropped on the CPU); it is returned on the CPU, in eval mode,
             with ``flip_axes`` set to ``params.flip_axes`` (what :func:`predict_with_uncertainty` mirrors along).
+        weights: how often each case gives a training patch, relative to the others (drawn with replacement,
+            :class:`torch.utils.data.WeightedRandomSampler`); ``None``: every case once per epoch, shuffled.
+            E.g. ``[1, 1, 1]`` + 30 x ``[0.1]``: half the patches come from the first three cases.
     """
     processes = train_processes(params, device)
     if processes == 1:
-        loader, net = _prepare(images, labels, n_classes, params)
+        loader, net = _prepare(images, labels, n_classes, params, weights)
         _train_loop(net.to(device), loader, params, device, on_iteration)
         net.eval()
         net.flip_axes = params.flip_axes  # what its prediction mirrors along (as load_network reads it)
         return net.cpu()
-    replicas = train_network_replicas(images, labels, n_classes, params, on_iteration, device, processes)
+    replicas = train_network_replicas(images, labels, n_classes, params, on_iteration, device, processes, weights)
     for rank, replica in enumerate(replicas[1:], 1):
         if replica.keys() != replicas[0].keys() or not all(torch.equal(replica[k], replicas[0][k]) for k in replica):
             raise RuntimeError(f"DDP replicas diverged: rank {rank}'s weights differ from rank 0's")
@@ -241,6 +246,7 @@ def train_network_replicas(
     on_iteration: Callable[[int, float], None] | None = None,
     device: str = "cpu",
     processes: int | None = None,
+    weights: Sequence[float] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Train as ``processes`` (default :func:`train_processes`) DistributedDataParallel processes; every
     replica's final ``state_dict`` (CPU tensors), rank 0's first. Identical replicas are what DDP guarantees;
@@ -260,6 +266,7 @@ def train_network_replicas(
     Args:
         on_iteration: called in this process as ``on_iteration(iteration, loss)`` for every step while the
             processes run, ``loss`` the whole batch's (averaged over the processes).
+        weights: per-case sampling weights, as in :func:`train_network`.
     Raises:
         RuntimeError: a process failed (its error in the message); the others are stopped.
     """
@@ -273,7 +280,7 @@ def train_network_replicas(
     progress = context.Queue()
     out_dir = Path(tempfile.mkdtemp(prefix="semisam-ddp-"))
     data = ([_shareable(a) for a in images], [_shareable(a) for a in labels])
-    args = (processes, f"tcp://127.0.0.1:{free_port()}", data, n_classes, params, kind, progress, str(out_dir))
+    args = (processes, f"tcp://127.0.0.1:{free_port()}", data, n_classes, params, kind, progress, str(out_dir), weights)
     ranks = None
     try:
         ranks = torch.multiprocessing.start_processes(_train_rank, args=args, nprocs=processes, join=False, start_method="spawn")
@@ -365,13 +372,21 @@ def slice_axis(spacing: Sequence[float], anisotropy: float = 2.0) -> int | None:
     return int(np.argmax(spacing)) if max(spacing) > anisotropy * min(spacing) else None
 
 
-def _prepare(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_classes: int, params: TrainParams) -> tuple[DataLoader, UNet]:
-    """The seeded batches and fresh network of one training run (identical wherever it runs)."""
+def _prepare(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_classes: int, params: TrainParams,
+             weights: Sequence[float] | None = None) -> tuple[DataLoader, UNet]:
+    """The seeded batches and fresh network of one training run (identical wherever it runs); ``weights``:
+    per-case sampling weights (see :func:`train_network`)."""
     torch.manual_seed(params.seed)
     transform = augmentation(params)
     patches = PatchSampler(images, labels, params.patch, seed=params.seed, context=patch_context(params))
-    loader = DataLoader(Dataset(patches, transform), batch_size=params.batch_size, shuffle=True, num_workers=0,
-                        generator=torch.Generator().manual_seed(params.seed))
+    generator = torch.Generator().manual_seed(params.seed)
+    if weights is None:
+        order = {"shuffle": True, "generator": generator}
+    else:
+        if len(weights) != len(patches) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"weights: {len(patches)} non-negative numbers with a positive sum needed, got {list(weights)}")
+        order = {"sampler": WeightedRandomSampler([float(w) for w in weights], len(patches), replacement=True, generator=generator)}
+    loader = DataLoader(Dataset(patches, transform), batch_size=params.batch_size, num_workers=0, **order)
     return loader, build_network(n_classes, params)
 
 
@@ -439,7 +454,7 @@ class _RowsDropout(torch.nn.Module):
 
 
 def _train_rank(rank: int, world: int, init_method: str, data, n_classes: int, params: TrainParams, kind: str,
-                progress, out_dir: str) -> None:
+                progress, out_dir: str, weights: Sequence[float] | None = None) -> None:
     """One DDP process (started by :func:`train_network_replicas`): trains, writes ``out_dir/rank{rank}.pt``."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = f"cuda:{rank}" if kind == "cuda" else "cpu"
@@ -448,7 +463,7 @@ def _train_rank(rank: int, world: int, init_method: str, data, n_classes: int, p
     torch.distributed.init_process_group("nccl" if kind == "cuda" else "gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         images, labels = ([_reopen(a) for a in arrays] for arrays in data)
-        loader, net = _prepare(images, labels, n_classes, params)
+        loader, net = _prepare(images, labels, n_classes, params, weights)
         rows = _Rows(rank, world)
         for name, module in list(net.named_modules()):
             if type(module) is torch.nn.Dropout:

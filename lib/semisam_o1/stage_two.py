@@ -163,6 +163,11 @@ class StageTwoParams:
     #: a round's label replaces the previous round's only where the top class of its soft label holds at
     #: least this probability (0 = everywhere); see :func:`confident_replacement`
     replace_confidence: float = 0.0
+    #: share of every round's training patches drawn from the real-labelled images (templates and final labels,
+    #: split evenly among them), the rest from the pool's pseudo-labels (split evenly); 0: every image equally
+    #: often (each once per epoch), see :func:`training_weights`. Real labels are exact and pseudo-labels carry
+    #: the template's propagation errors, so the real ones get half the say however large the pool is.
+    real_share: float = 0.5
     #: a round's class that fails stage one's safety-floor check against stage one's own label of that
     #: image (Dice agreement < 0.5 or volume outside [1/1.4, 1.4] x) returns to stage one's voxels
     teacher_floor: bool = True
@@ -195,6 +200,22 @@ def volume_change(network_voxels: dict[str, int], label_voxels: dict[str, int]) 
     if total == 0:
         return None
     return round(sum(abs(network_voxels.get(c, 0) - n) for c, n in label_voxels.items()) / total, 6)
+
+
+def training_weights(real: int, pseudo: int, real_share: float) -> list[float] | None:
+    """Per-image sampling weights of a round's training set (``real`` real-labelled images first, then ``pseudo``
+    pseudo-labelled ones) so that ``real_share`` of the patches come from the real ones, or their own share of the
+    images when that is larger (a real label is never drawn less often than a pseudo-label); ``None`` (every image
+    equally often) when that is what they come to, ``real_share`` is 0 or one of the two groups is empty.
+
+    >>> training_weights(1, 4, 0.5)
+    [0.5, 0.125, 0.125, 0.125, 0.125]
+    >>> training_weights(2, 0, 0.5) is None, training_weights(1, 4, 0.0) is None, training_weights(3, 1, 0.5) is None
+    (True, True, True)
+    """
+    if not real_share or not real or not pseudo or real_share <= real / (real + pseudo):
+        return None
+    return [real_share / real] * real + [(1 - real_share) / pseudo] * pseudo
 
 
 def resolve_ensemble(ensemble: str, rounds: list[dict]) -> str:
@@ -609,7 +630,8 @@ class StageTwo:
             if it % 25 == 0 or it == self.params.train.iterations:
                 notify(self.progress)
 
-        net = train_network(xs, ys, n_classes, params, on_iteration, device=self.device)
+        weights = training_weights(len(finals), len(current), self.params.real_share)
+        net = train_network(xs, ys, n_classes, params, on_iteration, device=self.device, weights=weights)
         net.grid_voxels = self.params.network_voxels  # as load_network reads it
         bar.close()
         return net
