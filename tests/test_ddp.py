@@ -23,10 +23,13 @@ def cases(tmp_path):
 
 
 def test_two_processes_train_what_one_does(cases, monkeypatch):
+    """From the same starting weights (``init``, as stage two's ``warm_start`` passes the previous round's)."""
     images, labels = cases
     one_losses, two_losses, replicas = [], [], []
+    torch.manual_seed(5)
+    init = segmenter.build_network(3, PARAMS).state_dict()  # not the network the seed 3 of PARAMS builds
     one = train_network(images, labels, 3, TrainParams(**{**PARAMS.__dict__, "processes": 1}),
-                        lambda i, loss: one_losses.append((i, loss)))
+                        lambda i, loss: one_losses.append((i, loss)), init=init)
 
     def spy(*args, **kwargs):  # the real function; keeps what it returns
         replicas.extend(real(*args, **kwargs))
@@ -35,7 +38,7 @@ def test_two_processes_train_what_one_does(cases, monkeypatch):
     real = segmenter.train_network_replicas
     monkeypatch.setattr(segmenter, "train_network_replicas", spy)
     two = train_network(images, labels, 3, TrainParams(**{**PARAMS.__dict__, "processes": 2}),
-                        lambda i, loss: two_losses.append((i, loss)))
+                        lambda i, loss: two_losses.append((i, loss)), init=init)
 
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in one.modules())  # no batch statistics
     assert len(replicas) == 2

@@ -691,3 +691,41 @@ def test_real_share_draws_that_share_of_training_patches_from_the_real_labels(ti
     assert AppConfig.from_conf({**FAST, "real_share": "0"}).stage_two_params().real_share == 0.0
     with pytest.raises(ConfError, match="real_share"):
         AppConfig.from_conf({"real_share": "1"})  # no patch left for the pool
+
+
+def test_warm_start_trains_each_round_on_from_the_previous_rounds_network(tiny_studies, monkeypatch):
+    """``warm_start`` (the default): round 1 trains a fresh network, every later round starts from the weights of
+    the round before (as saved in its ``model.pt``); off, every round starts fresh (the paper's design)."""
+    from semisam_o1 import stage_two as stage_two_module
+    from semisam_o1.config import ConfError
+    from semisam_o1.segmenter import train_network
+
+    # train_network starts from ``init``: with a learning rate of 0 it returns exactly those weights
+    cases = [np.random.default_rng(i).random((12, 12, 12), dtype=np.float32) for i in range(2)]
+    labels = [(c > 0.5).astype(np.uint8) for c in cases]
+    params = TrainParams(patch=(8, 8, 8), batch_size=2, channels=(4, 8), iterations=2, learning_rate=0.0)
+    start = build_network(2, replace(params, seed=7)).state_dict()
+    from_init, fresh = train_network(cases, labels, 2, params, init=start), train_network(cases, labels, 2, params)
+    assert all(torch.equal(from_init.state_dict()[k], start[k]) for k in start)
+    assert not all(torch.equal(fresh.state_dict()[k], start[k]) for k in start)
+
+    seen = []
+    real_train = stage_two_module.train_network
+    monkeypatch.setattr(stage_two_module, "train_network", lambda *a, **k: seen.append(k.get("init")) or real_train(*a, **k))
+    datastore = open_datastore(tiny_studies)
+    pool = {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]}
+    for warm, work in (("true", "warm"), ("false", "fresh")):
+        seen.clear()
+        config = AppConfig.from_conf({**FAST, "rounds": "3", "publish": "last", "warm_start": warm})
+        two = StageTwo(tiny_studies, build_stage_one(tiny_studies, config), config.stage_two_params(), work=tiny_studies / ".semisam" / work)
+        two.run(find_templates(datastore), pool)
+        assert len(seen) == 3 and seen[0] is None
+        if warm == "false":
+            assert seen[1:] == [None, None]
+            continue
+        for round_, init in enumerate(seen[1:], 1):  # the weights round 1 / 2 saved
+            saved = load_network(two.work / f"round_{round_}" / "model.pt").state_dict()
+            assert init.keys() == saved.keys() and all(torch.equal(init[k], saved[k]) for k in saved)
+    assert AppConfig.from_conf(FAST).stage_two_params().warm_start
+    with pytest.raises(ConfError, match="warm_start"):
+        AppConfig.from_conf({"warm_start": "sometimes"})

@@ -221,6 +221,11 @@ class AppConfig:
         "stage two: share of each round's training patches drawn from the real-labelled images (templates, final labels; at least their "
         "share of the images), the rest from the pool's pseudo-labels (0 = every image equally often)",
     )
+    warm_start: bool = _option(
+        True, parse_bool,
+        "stage two: rounds after the first continue training the previous round's network (the full learning-rate schedule again, "
+        "the same steps per round) instead of a fresh one (false: from scratch every round, as the paper does)",
+    )
     teacher_floor: bool = _option(
         True, parse_bool,
         "stage two: a round's class that drifted from stage one's label of the image beyond the safety floor's bounds returns to stage one's",
@@ -262,6 +267,7 @@ class AppConfig:
             replace_confidence=self.replace_confidence,
             teacher_floor=self.teacher_floor,
             real_share=self.real_share,
+            warm_start=self.warm_start,
             network_voxels=self.network_voxels or None,
             ensemble=self.ensemble,
         )

@@ -1,4 +1,5 @@
-"""Stage two's 3D network: trained from scratch on (pseudo-)labels, predicting with voxel-wise uncertainty.
+"""Stage two's 3D network: trained on (pseudo-)labels from scratch or from given weights, predicting with voxel-wise
+uncertainty.
 
 - :func:`build_network`: MONAI ``UNet`` with dropout (dropout also drives MC-dropout uncertainty).
 - :func:`train_network`: patches read straight from (memory-mapped) volumes by :class:`PatchSampler`
@@ -24,7 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -179,8 +180,9 @@ def train_network(
     on_iteration: Callable[[int, float], None] | None = None,
     device: str = "cpu",
     weights: Sequence[float] | None = None,
+    init: Mapping[str, torch.Tensor] | None = None,
 ) -> UNet:
-    """Train a fresh network on ``images`` (each (D, H, W) in [0, 1]) and ``labels`` (each (D, H, W) int).
+    """Train a network on ``images`` (each (D, H, W) in [0, 1]) and ``labels`` (each (D, H, W) int).
 
     With :func:`train_processes` = 1 it trains in this process (reproducible bit for bit for a given
     ``params.seed`` on the CPU). With N > 1 it trains as N DistributedDataParallel processes
@@ -196,15 +198,18 @@ def train_network(
         weights: how often each case gives a training patch, relative to the others (drawn with replacement,
             :class:`torch.utils.data.WeightedRandomSampler`); ``None``: every case once per epoch, shuffled.
             E.g. ``[1, 1, 1]`` + 30 x ``[0.1]``: half the patches come from the first three cases.
+        init: the weights to start from (a ``state_dict`` of a network of the same architecture, e.g. the previous
+            round's); ``None``: a fresh network (seeded by ``params.seed``). Either way the full learning-rate
+            schedule runs.
     """
     processes = train_processes(params, device)
     if processes == 1:
-        loader, net = _prepare(images, labels, n_classes, params, weights)
+        loader, net = _prepare(images, labels, n_classes, params, weights, init)
         _train_loop(net.to(device), loader, params, device, on_iteration)
         net.eval()
         net.flip_axes = params.flip_axes  # what its prediction mirrors along (as load_network reads it)
         return net.cpu()
-    replicas = train_network_replicas(images, labels, n_classes, params, on_iteration, device, processes, weights)
+    replicas = train_network_replicas(images, labels, n_classes, params, on_iteration, device, processes, weights, init)
     for rank, replica in enumerate(replicas[1:], 1):
         if replica.keys() != replicas[0].keys() or not all(torch.equal(replica[k], replicas[0][k]) for k in replica):
             raise RuntimeError(f"DDP replicas diverged: rank {rank}'s weights differ from rank 0's")
@@ -247,6 +252,7 @@ def train_network_replicas(
     device: str = "cpu",
     processes: int | None = None,
     weights: Sequence[float] | None = None,
+    init: Mapping[str, torch.Tensor] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Train as ``processes`` (default :func:`train_processes`) DistributedDataParallel processes; every
     replica's final ``state_dict`` (CPU tensors), rank 0's first. Identical replicas are what DDP guarantees;
@@ -266,7 +272,7 @@ def train_network_replicas(
     Args:
         on_iteration: called in this process as ``on_iteration(iteration, loss)`` for every step while the
             processes run, ``loss`` the whole batch's (averaged over the processes).
-        weights: per-case sampling weights, as in :func:`train_network`.
+        weights, init: per-case sampling weights and starting weights, as in :func:`train_network`.
     Raises:
         RuntimeError: a process failed (its error in the message); the others are stopped.
     """
@@ -280,7 +286,7 @@ def train_network_replicas(
     progress = context.Queue()
     out_dir = Path(tempfile.mkdtemp(prefix="semisam-ddp-"))
     data = ([_shareable(a) for a in images], [_shareable(a) for a in labels])
-    args = (processes, f"tcp://127.0.0.1:{free_port()}", data, n_classes, params, kind, progress, str(out_dir), weights)
+    args = (processes, f"tcp://127.0.0.1:{free_port()}", data, n_classes, params, kind, progress, str(out_dir), weights, init)
     ranks = None
     try:
         ranks = torch.multiprocessing.start_processes(_train_rank, args=args, nprocs=processes, join=False, start_method="spawn")
@@ -373,9 +379,9 @@ def slice_axis(spacing: Sequence[float], anisotropy: float = 2.0) -> int | None:
 
 
 def _prepare(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_classes: int, params: TrainParams,
-             weights: Sequence[float] | None = None) -> tuple[DataLoader, UNet]:
-    """The seeded batches and fresh network of one training run (identical wherever it runs); ``weights``:
-    per-case sampling weights (see :func:`train_network`)."""
+             weights: Sequence[float] | None = None, init: Mapping[str, torch.Tensor] | None = None) -> tuple[DataLoader, UNet]:
+    """The seeded batches and network of one training run (identical wherever it runs); ``weights``:
+    per-case sampling weights, ``init``: starting weights, else a fresh network (see :func:`train_network`)."""
     torch.manual_seed(params.seed)
     transform = augmentation(params)
     patches = PatchSampler(images, labels, params.patch, seed=params.seed, context=patch_context(params))
@@ -387,7 +393,10 @@ def _prepare(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_class
             raise ValueError(f"weights: {len(patches)} non-negative numbers with a positive sum needed, got {list(weights)}")
         order = {"sampler": WeightedRandomSampler([float(w) for w in weights], len(patches), replacement=True, generator=generator)}
     loader = DataLoader(Dataset(patches, transform), batch_size=params.batch_size, num_workers=0, **order)
-    return loader, build_network(n_classes, params)
+    net = build_network(n_classes, params)
+    if init is not None:
+        net.load_state_dict(init)
+    return loader, net
 
 
 class _Rows:
@@ -454,7 +463,8 @@ class _RowsDropout(torch.nn.Module):
 
 
 def _train_rank(rank: int, world: int, init_method: str, data, n_classes: int, params: TrainParams, kind: str,
-                progress, out_dir: str, weights: Sequence[float] | None = None) -> None:
+                progress, out_dir: str, weights: Sequence[float] | None = None,
+                init: Mapping[str, torch.Tensor] | None = None) -> None:
     """One DDP process (started by :func:`train_network_replicas`): trains, writes ``out_dir/rank{rank}.pt``."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = f"cuda:{rank}" if kind == "cuda" else "cpu"
@@ -463,7 +473,7 @@ def _train_rank(rank: int, world: int, init_method: str, data, n_classes: int, p
     torch.distributed.init_process_group("nccl" if kind == "cuda" else "gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         images, labels = ([_reopen(a) for a in arrays] for arrays in data)
-        loader, net = _prepare(images, labels, n_classes, params, weights)
+        loader, net = _prepare(images, labels, n_classes, params, weights, init)
         rows = _Rows(rank, world)
         for name, module in list(net.named_modules()):
             if type(module) is torch.nn.Dropout:

@@ -1,4 +1,5 @@
-"""Stage two: rounds of train-from-scratch -> predict with uncertainty -> (optional) feature-space refinement.
+"""Stage two: rounds of train (round 1 from scratch, later rounds on from the previous round's network:
+``warm_start``) -> predict with uncertainty -> (optional) feature-space refinement.
 
 Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net style)::
 
@@ -168,6 +169,11 @@ class StageTwoParams:
     #: often (each once per epoch), see :func:`training_weights`. Real labels are exact and pseudo-labels carry
     #: the template's propagation errors, so the real ones get half the say however large the pool is.
     real_share: float = 0.5
+    #: rounds after the first start from the previous round's network instead of fresh weights (the full
+    #: learning-rate schedule each round: cosine annealing with warm restarts), so round ``k``'s network has
+    #: trained ``k`` x ``train.iterations`` steps, the later ones on the later rounds' labels; the same
+    #: compute per round. False: every round trains a fresh network (the paper's design)
+    warm_start: bool = True
     #: a round's class that fails stage one's safety-floor check against stage one's own label of that
     #: image (Dice agreement < 0.5 or volume outside [1/1.4, 1.4] x) returns to stage one's voxels
     teacher_floor: bool = True
@@ -359,7 +365,10 @@ class StageTwo:
             notify(self.progress)
             current = {i: self._label_array(round_ - 1, i, grids[i]) for i in pool}
             train = self.train_params(final_labels, n_classes, finals[0][0])
-            net = self._train(finals, final_labels, current, grids, n_classes, train, progress, notify)
+            init = None
+            if self.params.warm_start and round_ > 1:
+                init = load_network(self.work / f"round_{round_ - 1}" / "model.pt").state_dict()
+            net = self._train(finals, final_labels, current, grids, n_classes, train, progress, notify, init)
             round_dir = self.work / f"round_{round_}"
             save_network(net, n_classes, round_dir / "model.pt", train, self.params.network_voxels)
 
@@ -611,9 +620,9 @@ class StageTwo:
         return load_label(path, image, require_foreground=False).astype(np.uint8)
 
     def _train(self, finals, final_labels, current: dict[str, np.ndarray], grids: dict[str, Volume], n_classes, params: TrainParams,
-               progress, notify):
-        """A fresh network on the templates and ``current`` pseudo-labels, all on the network's grid
-        (:meth:`network_shape`; labels by majority, one image at a time: held shrunk)."""
+               progress, notify, init=None):
+        """A network (fresh, or from ``init``'s weights) trained on the templates and ``current`` pseudo-labels, all
+        on the network's grid (:meth:`network_shape`; labels by majority, one image at a time: held shrunk)."""
         modality = self.stage_one.cache.modality
         shape = lambda image: self.network_shape(image, self.params.network_voxels)  # noqa: E731
         xs = [image_to_grid(normalize(img.array, modality), shape(img)) for img, _ in finals]
@@ -631,7 +640,7 @@ class StageTwo:
                 notify(self.progress)
 
         weights = training_weights(len(finals), len(current), self.params.real_share)
-        net = train_network(xs, ys, n_classes, params, on_iteration, device=self.device, weights=weights)
+        net = train_network(xs, ys, n_classes, params, on_iteration, device=self.device, weights=weights, init=init)
         net.grid_voxels = self.params.network_voxels  # as load_network reads it
         bar.close()
         return net

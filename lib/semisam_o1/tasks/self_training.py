@@ -30,7 +30,7 @@ OPTIONS = ("rounds", "iterations", "refinement", "publish", "pseudo_templates", 
 
 class SelfTraining(TrainTask):
     def __init__(self, stage_two: StageTwo):
-        super().__init__("SemiSAM-O1 stage two: rounds of training from scratch and ensembled soft labels with uncertainty (feature-space refinement: refinement voxel)")
+        super().__init__("SemiSAM-O1 stage two: rounds of training (each on from the last round's network) and ensembled soft labels with uncertainty (feature-space refinement: refinement voxel)")
         self.stage_two = stage_two
 
     def config(self):
