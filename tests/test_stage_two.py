@@ -534,6 +534,7 @@ def test_ensemble_weights_unroll_to_their_documented_means():
     for ensemble, expected in {
         "mean": lambda r: (stage_one + nets[:r].sum(0)) / (r + 1),
         "anchored": lambda r: stage_one / 2 + nets[:r].mean(0) / 2,
+        "latest": lambda r: (stage_one + nets[r - 1]) / 2,
         "network": lambda r: nets[r - 1],
     }.items():
         soft = stage_one
@@ -561,20 +562,39 @@ def test_with_ensemble_anchored_stage_one_keeps_half_the_say_in_round_two(tiny_s
     np.testing.assert_allclose(soft[2], soft[0] / 2 + (net1 + net2) / 4, atol=3e-3)
 
 
+def test_with_ensemble_latest_round_two_is_stage_one_and_its_own_network_half_and_half(tiny_studies):
+    """``latest``: the round's (warm-started) network stands for the earlier ones; stage one keeps half the say."""
+    config = AppConfig.from_conf({**FAST, "rounds": "2", "ensemble": "latest", "teacher_floor": "false"})
+    stage_one = build_stage_one(tiny_studies, config)
+    datastore = open_datastore(tiny_studies)
+    two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
+    rounds = two.run(find_templates(datastore), {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]})["rounds"]
+    assert [r["ensemble"] for r in rounds] == ["latest", "latest"]
+
+    image = load_image(datastore.get_image_uri("hippocampus_003"))
+    patch = config.stage_two_params().train.patch
+    net2 = predict_with_uncertainty(load_network(two.work / "round_2" / "model.pt"), normalize(image.array), patch, mc_samples=2)[0]
+    soft = [np.load(two.probs_path(r, "hippocampus_003")).astype(np.float32) for r in (0, 1, 2)]
+    np.testing.assert_allclose(soft[2], (soft[0] + net2) / 2, atol=3e-3)  # round 1's soft labels have no say
+    assert np.abs(soft[2] - (2 * soft[1] + net2) / 3).max() > 0.01  # not the mean ensemble
+
+
 def test_volume_change_and_the_auto_ensemble_it_chooses():
     """``auto`` anchors stage one only after a round-1 network that grew or shrank its training labels'
     class volumes by more than 10 % (summed over classes, so one class growing while another shrinks
-    counts both); without round 1's measure it keeps the mean ensemble."""
+    counts both): against the round's own network with warm starts, the mean of fresh ones without;
+    without round 1's measure it keeps the mean ensemble."""
     assert volume_change({"1": 115}, {"1": 100}) == 0.15  # LA's network: 1.15 x its labels
     assert volume_change({"1": 98, "2": 100}, {"1": 100, "2": 100}) == 0.01
     assert volume_change({"1": 120, "2": 80}, {"1": 100, "2": 100}) == 0.2  # the total is unchanged, the classes are not
     assert volume_change({"1": 5}, {"1": 0}) is None
     assert AUTO_VOLUME_CHANGE == 0.10
-    for change, expected in {0.15: "anchored", 0.10: "mean", 0.02: "mean", None: "mean"}.items():
+    for change, expected in {0.15: "latest", 0.10: "mean", 0.02: "mean", None: "mean"}.items():
         assert resolve_ensemble("auto", [{"network_volume_change": change}]) == expected, change
+        assert resolve_ensemble("auto", [{"network_volume_change": change}], warm_start=False) == expected.replace("latest", "anchored")
     assert resolve_ensemble("auto", []) == "mean"
     assert resolve_ensemble("auto", [{}]) == "mean"  # a round recorded before the measure existed
-    assert all(resolve_ensemble(e, [{"network_volume_change": 0.5}]) == e for e in ("mean", "anchored", "network"))
+    assert all(resolve_ensemble(e, [{"network_volume_change": 0.5}]) == e for e in ("mean", "anchored", "latest", "network"))
 
 
 def test_auto_ensemble_records_the_networks_volume_change_and_weighs_round_two_by_it(tiny_studies):
@@ -603,7 +623,7 @@ def test_auto_ensemble_records_the_networks_volume_change_and_weighs_round_two_b
     assert used == resolve_ensemble("auto", rounds[:1])
     net1, net2 = soft["hippocampus_003"]
     s = [np.load(two.probs_path(r, "hippocampus_003")).astype(np.float32) for r in (0, 1, 2)]
-    expected = s[0] / 2 + (net1 + net2) / 4 if used == "anchored" else (s[0] + net1 + net2) / 3
+    expected = (s[0] + net2) / 2 if used == "latest" else (s[0] + net1 + net2) / 3  # warm start: "latest", not "anchored"
     np.testing.assert_allclose(s[2], expected, atol=3e-3)
 
 

@@ -24,9 +24,10 @@ BOUNDARIES = ("edges", "none")
 #: jitter, or those and random rotation and scaling
 AUGMENTATIONS = ("flip", "affine")
 #: a round's soft labels (:func:`~semisam_o1.stage_two.ensemble_weights`): the temporal ensemble with stage one,
-#: stage one against the rounds' networks half and half, the round's network alone, or mean / anchored chosen
+#: stage one against the rounds' networks half and half, stage one against the round's network half and half,
+#: the round's network alone, or mean / latest (anchored without warm starts) chosen
 #: after round 1 by its network's volume change (:func:`~semisam_o1.stage_two.resolve_ensemble`)
-ENSEMBLES = ("mean", "anchored", "network", "auto")
+ENSEMBLES = ("mean", "anchored", "latest", "network", "auto")
 #: label-free signals of a round network's quality, recorded in every round's stats, with their sign
 #: (+1: higher is better): its mean Dice against stage one's labels on the pool, the mean entropy of its
 #: own flip/MC-dropout prediction, its Dice on the real templates (its training data), and the mean Dice

@@ -237,8 +237,10 @@ class AppConfig:
     ensemble: str = _option(
         "auto", parse_choice(*ENSEMBLES),
         "stage two: a round's soft labels: mean = of stage one's and every round's network so far (temporal ensemble); "
-        "anchored = stage one's and the mean of the rounds' networks half and half; network = the round's network alone; "
-        "auto = mean, or anchored from round 2 on when round 1's network changed its training labels' class volumes by more than 10%",
+        "anchored = stage one's and the mean of the rounds' networks half and half; latest = stage one's and the round's network half and half; "
+        "network = the round's network alone; "
+        "auto = mean, or from round 2 on latest (anchored without warm_start) when round 1's network changed its training labels' "
+        "class volumes by more than 10%",
     )
     uncertain_quantile: float = _option(0.98, parse_float(0.0, 1.0), "entropy quantile above which a voxel is refined")
     knn: int = _option(10, parse_int(1, 100), "neighbours voting in the refinement")

@@ -27,12 +27,13 @@ Soft pseudo-labels are a temporal ensemble (Laine & Aila, 2017): after round r t
 stage one's soft labels and the softmax (flip + MC-dropout mean) of every round's network so far,
 ``(r * previous + network_r) / (r + 1)`` (``ensemble="mean"``); with ``ensemble="anchored"`` they are the
 mean of stage one's soft labels and the mean of every round's network so far, so stage one keeps half the
-say in every round (:func:`ensemble_weights`); with ``ensemble="network"`` they are the round's network's
-softmax alone; ``ensemble="auto"`` (the default) is ``mean``, or ``anchored`` from round 2 on when round 1's network
-changed the class volumes of its training labels by more than 10 % (:func:`resolve_ensemble`; each
+say in every round (:func:`ensemble_weights`); with ``ensemble="latest"`` they are the mean of stage one's and
+the round's network's (which with ``warm_start`` has trained on from every earlier round's); with ``ensemble="network"`` they are the round's network's
+softmax alone; ``ensemble="auto"`` (the default) is ``mean``, or from round 2 on ``latest`` (``anchored`` without
+``warm_start``) when round 1's network changed the class volumes of its training labels by more than 10 % (:func:`resolve_ensemble`; each
 round's stats record the ensemble it used and ``network_volume_change``). With the mean every source (stage one, each round's network) keeps an equal say, so no
 single network's errors take over the labels; with ``anchored`` the networks, which learn from each
-other's labels and share their errors, together weigh as much as stage one. The entropy of the soft labels is
+other's labels and share their errors, together weigh as much as stage one, and with ``latest`` the last one does. The entropy of the soft labels is
 the voxel-wise uncertainty; the round's labels are their argmax, and with ``refinement="voxel"`` (the paper's
 step; off by default) the most uncertain voxels of the argmax take the vote of their nearest confident voxels in
 feature space (:func:`~semisam_o1.refinement.refine_voxels`). With
@@ -184,9 +185,10 @@ class StageTwoParams:
     network_voxels: int | None = 1_000_000
     #: a round's soft labels: ``"mean"`` of stage one's and every round's network so far (temporal
     #: ensemble), ``"anchored"``: stage one's and the mean of the rounds' networks half and half,
-    #: ``"network"``: this round's network alone (:func:`ensemble_weights`), or ``"auto"``: ``"mean"``,
-    #: or ``"anchored"`` from round 2 on when round 1's network changed its training labels' class
-    #: volumes by more than :data:`AUTO_VOLUME_CHANGE` (:func:`resolve_ensemble`)
+    #: ``"latest"``: stage one's and this round's network half and half, ``"network"``: this round's network
+    #: alone (:func:`ensemble_weights`), or ``"auto"``: ``"mean"``, or ``"latest"`` (``"anchored"`` without
+    #: ``warm_start``) from round 2 on when round 1's network changed its training labels' class volumes by
+    #: more than :data:`AUTO_VOLUME_CHANGE` (:func:`resolve_ensemble`)
     ensemble: str = "auto"
 
 
@@ -224,23 +226,28 @@ def training_weights(real: int, pseudo: int, real_share: float) -> list[float] |
     return [real_share / real] * real + [(1 - real_share) / pseudo] * pseudo
 
 
-def resolve_ensemble(ensemble: str, rounds: list[dict]) -> str:
+def resolve_ensemble(ensemble: str, rounds: list[dict], warm_start: bool = True) -> str:
     """The ensemble the next round uses, given the stats of the rounds finished so far.
 
-    Every ensemble but ``"auto"`` is itself. ``"auto"`` is ``"mean"`` in round 1 (where ``mean`` and
-    ``anchored`` weigh the same, :func:`ensemble_weights`) and later ``"anchored"`` if round 1's network
-    changed its training labels' volumes by more than :data:`AUTO_VOLUME_CHANGE`
-    (``rounds[0]["network_volume_change"]``), else ``"mean"``: a network that grows or shrinks what it
-    learnt from is extrapolating its teacher's errors, and its votes then weigh against stage one's
-    half and half instead of outvoting it round by round.
+    Every ensemble but ``"auto"`` is itself. ``"auto"`` is ``"mean"`` in round 1 (where ``mean``, ``anchored``
+    and ``latest`` weigh the same, :func:`ensemble_weights`) and later, if round 1's network changed its
+    training labels' volumes by more than :data:`AUTO_VOLUME_CHANGE` (``rounds[0]["network_volume_change"]``),
+    ``"latest"`` with ``warm_start`` (each round's network has trained on from the earlier ones) or
+    ``"anchored"`` without (fresh networks: their mean), else ``"mean"``: a network that grows or shrinks what
+    it learnt from is extrapolating its teacher's errors, and its votes then weigh against stage one's half
+    and half instead of outvoting it round by round.
 
     >>> resolve_ensemble("auto", []), resolve_ensemble("auto", [{"network_volume_change": 0.15}])
-    ('mean', 'anchored')
+    ('mean', 'latest')
+    >>> resolve_ensemble("auto", [{"network_volume_change": 0.15}], warm_start=False)
+    'anchored'
     """
     if ensemble != "auto":
         return ensemble
     change = rounds[0].get("network_volume_change") if rounds else None
-    return "anchored" if change is not None and change > AUTO_VOLUME_CHANGE else "mean"
+    if change is not None and change > AUTO_VOLUME_CHANGE:
+        return "latest" if warm_start else "anchored"
+    return "mean"
 
 
 def ensemble_weights(ensemble: str, round_: int) -> tuple[float, float, float]:
@@ -250,10 +257,13 @@ def ensemble_weights(ensemble: str, round_: int) -> tuple[float, float, float]:
 
     - ``"mean"``: every source an equal say, ``(stage_one + net_1 + ... + net_r) / (r + 1)``
     - ``"anchored"``: ``stage_one / 2 + (net_1 + ... + net_r) / (2 r)``
+    - ``"latest"``: ``(stage_one + net_r) / 2``: with ``warm_start`` round r's network has trained on from
+      every earlier one, so it stands for them
     - ``"network"``: ``net_r`` alone
 
-    Example: round 2 gives ``(1/3, 2/3, 0)`` (mean), ``(1/4, 1/2, 1/4)`` (anchored), ``(1, 0, 0)`` (network);
-    round 1 is half network, half stage one for both mean ``(1/2, 1/2, 0)`` and anchored ``(1/2, 0, 1/2)``.
+    Example: round 2 gives ``(1/3, 2/3, 0)`` (mean), ``(1/4, 1/2, 1/4)`` (anchored), ``(1/2, 0, 1/2)`` (latest),
+    ``(1, 0, 0)`` (network); round 1 is half network, half stage one for mean ``(1/2, 1/2, 0)``, anchored and
+    latest ``(1/2, 0, 1/2)``.
 
     Returns:
         ``(w_net, w_prev, w_stage1)``, summing to 1.
@@ -262,6 +272,8 @@ def ensemble_weights(ensemble: str, round_: int) -> tuple[float, float, float]:
         return 1 / (round_ + 1), round_ / (round_ + 1), 0.0
     if ensemble == "anchored":
         return 1 / (2 * round_), (round_ - 1) / round_, 1 / (2 * round_)
+    if ensemble == "latest":
+        return 0.5, 0.0, 0.5
     if ensemble == "network":
         return 1.0, 0.0, 0.0
     raise ValueError(f"ensemble must be one of {ENSEMBLES} ('auto' through resolve_ensemble), got '{ensemble}'")
@@ -374,7 +386,7 @@ class StageTwo:
 
             self.progress.phase = "predict"
             notify(self.progress)
-            ensemble = resolve_ensemble(self.params.ensemble, state["rounds"])
+            ensemble = resolve_ensemble(self.params.ensemble, state["rounds"], self.params.warm_start)
             mean_entropy, kept, criteria, volumes = self._predict_round(net, round_, ensemble, pool, grids, n_classes, round_dir, progress)
 
             self.progress.phase = "refine"
