@@ -226,7 +226,7 @@ def stage_two_result(studies: Path, stage_one: StageOne, config: AppConfig, temp
             "stage2_seconds": round(seconds, 1),
             "stage2_params": {"rounds": config.rounds, "iterations": two.params.train.iterations, "publish": config.publish,
                               "pseudo_templates": config.pseudo_templates, "boundary": config.boundary, "network_voxels": config.network_voxels,
-                              "real_share": config.real_share, "warm_start": config.warm_start, "seed": seed}}
+                              "real_share": config.real_share, "warm_start": config.warm_start, "warm_lr": config.warm_lr, "seed": seed}}
 
 
 def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, template, pool_size, stage_two=None) -> None:

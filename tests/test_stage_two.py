@@ -14,7 +14,7 @@ from semisam_o1.normalize import normalize
 from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.segmenter import TrainParams, build_network, load_network, predict_with_uncertainty, save_network
 from semisam_o1.server import APP_DIR
-from semisam_o1.stage_two import AUTO_VOLUME_CHANGE, StageTwo, ensemble_weights, resolve_ensemble, volume_change
+from semisam_o1.stage_two import AUTO_VOLUME_CHANGE, StageTwo, StageTwoParams, ensemble_weights, resolve_ensemble, volume_change
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image
 
@@ -705,7 +705,8 @@ def test_real_share_draws_that_share_of_training_patches_from_the_real_labels(ti
 
 def test_warm_start_trains_each_round_on_from_the_previous_rounds_network(tiny_studies, monkeypatch):
     """``warm_start`` (the default): round 1 trains a fresh network, every later round starts from the weights of
-    the round before (as saved in its ``model.pt``); off, every round starts fresh (the paper's design)."""
+    the round before (as saved in its ``model.pt``) at ``warm_lr`` x round 1's peak learning rate; off, every
+    round starts fresh at round 1's rate (the paper's design)."""
     from semisam_o1 import stage_two as stage_two_module
     from semisam_o1.config import ConfError
     from semisam_o1.segmenter import train_network
@@ -721,21 +722,27 @@ def test_warm_start_trains_each_round_on_from_the_previous_rounds_network(tiny_s
 
     seen = []
     real_train = stage_two_module.train_network
-    monkeypatch.setattr(stage_two_module, "train_network", lambda *a, **k: seen.append(k.get("init")) or real_train(*a, **k))
+    rates = []
+    monkeypatch.setattr(stage_two_module, "train_network",
+                        lambda *a, **k: seen.append(k.get("init")) or rates.append(a[3].learning_rate) or real_train(*a, **k))
     datastore = open_datastore(tiny_studies)
     pool = {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]}
+    base = TrainParams().learning_rate
     for warm, work in (("true", "warm"), ("false", "fresh")):
-        seen.clear()
-        config = AppConfig.from_conf({**FAST, "rounds": "3", "publish": "last", "warm_start": warm})
+        seen.clear(), rates.clear()
+        config = AppConfig.from_conf({**FAST, "rounds": "3", "publish": "last", "warm_start": warm, "warm_lr": "3"})
         two = StageTwo(tiny_studies, build_stage_one(tiny_studies, config), config.stage_two_params(), work=tiny_studies / ".semisam" / work)
         two.run(find_templates(datastore), pool)
         assert len(seen) == 3 and seen[0] is None
         if warm == "false":
-            assert seen[1:] == [None, None]
+            assert seen[1:] == [None, None] and rates == [base] * 3  # warm_lr applies to warm starts only
             continue
+        assert rates == pytest.approx([base, 3 * base, 3 * base])
         for round_, init in enumerate(seen[1:], 1):  # the weights round 1 / 2 saved
             saved = load_network(two.work / f"round_{round_}" / "model.pt").state_dict()
             assert init.keys() == saved.keys() and all(torch.equal(init[k], saved[k]) for k in saved)
     assert AppConfig.from_conf(FAST).stage_two_params().warm_start
-    with pytest.raises(ConfError, match="warm_start"):
-        AppConfig.from_conf({"warm_start": "sometimes"})
+    assert AppConfig.from_conf(FAST).stage_two_params().warm_lr == StageTwoParams().warm_lr == 2.0
+    for bad in (("warm_start", "sometimes"), ("warm_lr", "0"), ("warm_lr", "20")):
+        with pytest.raises(ConfError, match=bad[0]):
+            AppConfig.from_conf(dict([bad]))

@@ -226,6 +226,10 @@ class AppConfig:
         "stage two: rounds after the first continue training the previous round's network (the full learning-rate schedule again, "
         "the same steps per round) instead of a fresh one (false: from scratch every round, as the paper does)",
     )
+    warm_lr: float = _option(
+        2.0, parse_float(0.1, 10.0),
+        "stage two: with warm_start, the peak learning rate of the rounds after the first as a multiple of round 1's (1 = the same every round)",
+    )
     teacher_floor: bool = _option(
         True, parse_bool,
         "stage two: a round's class that drifted from stage one's label of the image beyond the safety floor's bounds returns to stage one's",
@@ -270,6 +274,7 @@ class AppConfig:
             teacher_floor=self.teacher_floor,
             real_share=self.real_share,
             warm_start=self.warm_start,
+            warm_lr=self.warm_lr,
             network_voxels=self.network_voxels or None,
             ensemble=self.ensemble,
         )

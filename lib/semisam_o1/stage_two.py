@@ -1,5 +1,5 @@
-"""Stage two: rounds of train (round 1 from scratch, later rounds on from the previous round's network:
-``warm_start``) -> predict with uncertainty -> (optional) feature-space refinement.
+"""Stage two: rounds of train (round 1 from scratch, later rounds on from the previous round's network at
+``warm_lr`` x the learning rate: ``warm_start``) -> predict with uncertainty -> (optional) feature-space refinement.
 
 Work folder ``<studies>/.semisam/stage2/`` (plans and results on disk, nnU-Net style)::
 
@@ -171,10 +171,14 @@ class StageTwoParams:
     #: the template's propagation errors, so the real ones get half the say however large the pool is.
     real_share: float = 0.5
     #: rounds after the first start from the previous round's network instead of fresh weights (the full
-    #: learning-rate schedule each round: cosine annealing with warm restarts), so round ``k``'s network has
+    #: learning-rate schedule each round, at ``warm_lr`` x the peak: cosine annealing with warm restarts), so round ``k``'s network has
     #: trained ``k`` x ``train.iterations`` steps, the later ones on the later rounds' labels; the same
     #: compute per round. False: every round trains a fresh network (the paper's design)
     warm_start: bool = True
+    #: with ``warm_start``, the peak learning rate of the rounds after the first as a multiple of round 1's
+    #: (``train.learning_rate``): each warm restart climbs out of the previous round's minimum, towards the
+    #: new labels, instead of fine-tuning where it was (1.0: the same schedule every round)
+    warm_lr: float = 2.0
     #: a round's class that fails stage one's safety-floor check against stage one's own label of that
     #: image (Dice agreement < 0.5 or volume outside [1/1.4, 1.4] x) returns to stage one's voxels
     teacher_floor: bool = True
@@ -380,6 +384,7 @@ class StageTwo:
             init = None
             if self.params.warm_start and round_ > 1:
                 init = load_network(self.work / f"round_{round_ - 1}" / "model.pt").state_dict()
+                train = replace(train, learning_rate=train.learning_rate * self.params.warm_lr)
             net = self._train(finals, final_labels, current, grids, n_classes, train, progress, notify, init)
             round_dir = self.work / f"round_{round_}"
             save_network(net, n_classes, round_dir / "model.pt", train, self.params.network_voxels)
