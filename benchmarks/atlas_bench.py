@@ -210,8 +210,8 @@ def stage_two_result(studies: Path, stage_one: StageOne, config: AppConfig, temp
         entry = {"round": r, "pool_dice": mean, "pool_dice_per_class": by_class}
         if r:
             entry.update({k: state["rounds"][r - 1].get(k) for k in ("seconds", *SIGNALS, "mean_entropy", "uncertain_voxels",
-                                                                    "returned_to_stage_one", "ensemble", "network_volume_ratio",
-                                                                    "network_volume_change")})
+                                                                    "returned_to_stage_one", "ensemble", "replace_confidence",
+                                                                    "kept_previous_fraction", "network_volume_ratio", "network_volume_change")})
         per_round.append(entry)
         print("stage 2", json.dumps(entry), flush=True)
     published = StageTwo.published(state)

@@ -117,7 +117,8 @@ def main(argv=None) -> int:
                 net = load_network(work / f"round_{r}" / "model.pt")
                 entry["test_dice"] = network_dice(net, test, patch)
                 entry.update({k: state["rounds"][r - 1].get(k) for k in ("seconds", "uncertain_voxels", "changed_per_class", *CRITERIA, "ensemble",
-                                                                      "network_volume_ratio", "network_volume_change")})
+                                                                      "replace_confidence", "kept_previous_fraction", "network_volume_ratio",
+                                                                      "network_volume_change")})
             per_round.append(entry)
             print(refinement, json.dumps(entry))
         variants[refinement] = per_round

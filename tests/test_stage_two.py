@@ -284,6 +284,44 @@ def test_a_round_replaces_the_previous_labels_only_where_it_is_confident(tiny_st
     assert ((soft.argmax(0) != previous) & ~confident & ~borderline).any()
 
 
+@pytest.mark.parametrize("moved, threshold", [(0.02, 0.6), (0.3, 0.0)])
+def test_auto_replace_confidence_holds_labels_back_only_when_round_1_kept_the_class_volumes(tiny_studies, monkeypatch, moved, threshold):
+    """``replace_confidence auto`` (the default): when round 1's network changed its training labels' class volumes
+    on the pool by at most 10 % (``network_volume_change``, here set to ``moved``), every round's label replaces the
+    previous round's only where the soft label's top class holds >= 0.6; when it moved them more (a network
+    correcting stage one's volumes), everywhere. Round 1 decides from its own pool-wide change, later rounds
+    from round 1's; each round's stats say which threshold it used."""
+    from semisam_o1 import stage_two as stage_two_module
+    from semisam_o1.config import ConfError
+
+    real_change = stage_two_module.volume_change
+    monkeypatch.setattr(stage_two_module, "volume_change", lambda network, labels: moved if real_change(network, labels) is not None else None)
+    config = AppConfig.from_conf({**FAST, "rounds": "2", "publish": "last", "refinement": "none", "teacher_floor": "false"})
+    assert config.stage_two_params().replace_confidence is None  # auto is the default
+    datastore = open_datastore(tiny_studies)
+    two = StageTwo(tiny_studies, build_stage_one(tiny_studies, config), config.stage_two_params(), work=tiny_studies / ".semisam" / f"t{threshold}")
+    state = two.run(find_templates(datastore), {"hippocampus_003": datastore.get_image_uri("hippocampus_003")})
+
+    assert [r["replace_confidence"] for r in state["rounds"]] == [threshold, threshold]
+
+    def read(round_):
+        return nib.load(str(two.labels_dir(round_) / "hippocampus_003.nii.gz")).get_fdata().astype(np.uint8)
+
+    for round_ in (1, 2):
+        previous, label = read(round_ - 1), read(round_)
+        soft = np.load(two.probs_path(round_, "hippocampus_003")).astype(np.float32)  # (stored as float16)
+        confident = soft.max(0) >= threshold
+        top2 = np.sort(soft, axis=0)[-2:]
+        borderline = (np.abs(top2[1] - threshold) < 1e-3) | (top2[1] - top2[0] < 1e-3)  # float16 rounding, ties
+        assert ((label != np.where(confident, soft.argmax(0), previous)) & ~borderline).sum() == 0
+        assert abs(state["rounds"][round_ - 1]["kept_previous_fraction"] - (~confident).mean()) < 0.01
+    assert (state["rounds"][0]["kept_previous_fraction"] > 0) == (threshold > 0)
+    assert not list(two.work.glob("round_*/predicted*"))  # the candidate not taken is gone too
+    assert AppConfig.from_conf({"replace_confidence": "0.7"}).stage_two_params().replace_confidence == 0.7
+    with pytest.raises(ConfError, match="replace_confidence"):
+        AppConfig.from_conf({"replace_confidence": "1.5"})
+
+
 def test_published_round_is_chosen_by_a_label_free_signal_and_rounds_stop_early(tiny_studies):
     from semisam_o1.choices import SIGNALS
     from semisam_o1.stage_two import choose_round

@@ -93,9 +93,16 @@ def parse_float(low: float, high: float):
 
 def parse_auto_int(low: int, high: int):
     """Parser of ``auto`` (-> ``None``: planned from the datastore) or an integer in ``[low, high]``."""
-    parse_number = parse_int(low, high)
+    return _or_auto(parse_int(low, high))
 
-    def parse(text: str) -> int | None:
+
+def parse_auto_float(low: float, high: float):
+    """Parser of ``auto`` (-> ``None``: decided from the data) or a number in ``[low, high]``."""
+    return _or_auto(parse_float(low, high))
+
+
+def _or_auto(parse_number):
+    def parse(text: str):
         return None if str(text).strip().lower() == "auto" else parse_number(text)
 
     return parse
@@ -211,10 +218,11 @@ class AppConfig:
         "stage two: round 0's labels (what round 1 trains on): edges = stage one's class borders moved to the image's intensity "
         "edges within one voxel (random walker); none = as stage one drew them",
     )
-    replace_confidence: float = _option(
-        0.0, parse_float(0.0, 1.0),
+    replace_confidence: float | None = _option(
+        None, parse_auto_float(0.0, 1.0),
         "stage two: a round's label replaces the previous round's only where its soft label's top class holds at least this probability "
-        "(0 = everywhere)",
+        "(0 = everywhere); auto = 0.6 when round 1's network kept its training labels' class volumes within 10% (what keeps ensemble "
+        "auto at mean), else 0",
     )
     real_share: float = _option(
         0.5, parse_float(0.0, 0.95),

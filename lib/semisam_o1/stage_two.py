@@ -38,7 +38,10 @@ the voxel-wise uncertainty; the round's labels are their argmax, and with ``refi
 step; off by default) the most uncertain voxels of the argmax take the vote of their nearest confident voxels in
 feature space (:func:`~semisam_o1.refinement.refine_voxels`). With
 ``replace_confidence`` > 0 the argmax replaces the previous round's label only where its top class holds
-at least that probability (:func:`confident_replacement`); the refinement then sees that label. With
+at least that probability (:func:`confident_replacement`); the refinement then sees that label. The default
+(``None``, ``auto``) is :data:`AUTO_REPLACE_CONFIDENCE` when round 1's network kept its training labels' class
+volumes (the signal that keeps ``ensemble auto`` at ``mean``), else 0 (:func:`resolve_replace_confidence`);
+each round's stats record the threshold it used. With
 ``teacher_floor`` (default) each refined class of each image that fails the safety floor's check against
 stage one's label of that image (:func:`~semisam_o1.stage_one.registration_floor`) is written as stage
 one's voxels: a round can move a class's border, not lose or double the class.
@@ -137,6 +140,9 @@ def choose_round(rounds: list[dict], publish: str) -> dict:
 #: (round 1's network against its training labels), and pseudo-templates are dropped (stage one with them
 #: against stage one from the real templates alone, :meth:`StageTwo._starting_labels`)
 AUTO_VOLUME_CHANGE = 0.10
+#: the confidence a round's label needs to replace the previous round's under ``replace_confidence`` auto,
+#: when round 1's network kept its training labels' class volumes (:func:`resolve_replace_confidence`)
+AUTO_REPLACE_CONFIDENCE = 0.6
 
 
 @dataclass(frozen=True)
@@ -163,8 +169,9 @@ class StageTwoParams:
     boundary: str = "edges"
     boundary_beta: float = 1000.0
     #: a round's label replaces the previous round's only where the top class of its soft label holds at
-    #: least this probability (0 = everywhere); see :func:`confident_replacement`
-    replace_confidence: float = 0.0
+    #: least this probability (0 = everywhere; :func:`confident_replacement`); ``None`` (auto): decided from
+    #: round 1's network (:func:`resolve_replace_confidence`)
+    replace_confidence: float | None = None
     #: share of every round's training patches drawn from the real-labelled images (templates and final labels,
     #: split evenly among them), the rest from the pool's pseudo-labels (split evenly); 0: every image equally
     #: often (each once per epoch), see :func:`training_weights`. Real labels are exact and pseudo-labels carry
@@ -252,6 +259,26 @@ def resolve_ensemble(ensemble: str, rounds: list[dict], warm_start: bool = True)
     if change is not None and change > AUTO_VOLUME_CHANGE:
         return "latest" if warm_start else "anchored"
     return "mean"
+
+
+def resolve_replace_confidence(replace_confidence: float | None, first_round_change: float | None) -> float:
+    """The probability a round's top class needs to replace the previous round's label (0: everywhere).
+
+    A number is itself. ``None`` (``auto``) is :data:`AUTO_REPLACE_CONFIDENCE` when round 1's network changed
+    its training labels' class volumes on the pool by at most :data:`AUTO_VOLUME_CHANGE`
+    (``first_round_change``, its ``network_volume_change``: label-free, the signal that keeps ``ensemble auto``
+    at ``mean``), else 0. A network that keeps the volumes disagrees with its labels only along their borders,
+    where a flip the ensemble holds with less than 0.6 is as likely noise as a correction, so later rounds
+    could only move such labels back and forth; a network that grows or shrinks the classes is correcting a
+    systematic error of stage one's (the left atrium's labels are 1.10 x the truth), and under ``auto`` its
+    rounds weigh stage one half and half (``latest``), so no flip of stage one's label would ever reach 0.6.
+
+    >>> resolve_replace_confidence(None, 0.02), resolve_replace_confidence(None, 0.18), resolve_replace_confidence(0.7, 0.18)
+    (0.6, 0.0, 0.7)
+    """
+    if replace_confidence is not None:
+        return replace_confidence
+    return AUTO_REPLACE_CONFIDENCE if first_round_change is not None and first_round_change <= AUTO_VOLUME_CHANGE else 0.0
 
 
 def ensemble_weights(ensemble: str, round_: int) -> tuple[float, float, float]:
@@ -392,7 +419,9 @@ class StageTwo:
             self.progress.phase = "predict"
             notify(self.progress)
             ensemble = resolve_ensemble(self.params.ensemble, state["rounds"], self.params.warm_start)
-            mean_entropy, kept, criteria, volumes = self._predict_round(net, round_, ensemble, pool, grids, n_classes, round_dir, progress)
+            first_change = state["rounds"][0].get("network_volume_change") if state["rounds"] else None
+            mean_entropy, kept, criteria, volumes, threshold = self._predict_round(net, round_, ensemble, first_change, pool, grids, n_classes,
+                                                                                   round_dir, progress)
 
             self.progress.phase = "refine"
             notify(self.progress)
@@ -405,6 +434,7 @@ class StageTwo:
                 "seconds": round(time.perf_counter() - start, 1),
                 "final_loss": self.progress.loss,
                 "mean_entropy": float(np.mean(mean_entropy)),
+                "replace_confidence": threshold,  # resolved (resolve_replace_confidence)
                 "kept_previous_fraction": float(np.mean(kept)),  # voxels whose new label was not confident enough
                 "returned_to_stage_one": dict(self._returned),  # {class: images} (teacher floor)
                 "ensemble": ensemble,
@@ -662,29 +692,37 @@ class StageTwo:
         bar.close()
         return net
 
-    def _predict_round(self, net: torch.nn.Module, round_: int, ensemble: str, pool: dict[str, Path], grids: dict[str, Volume],
-                       n_classes: int, round_dir: Path, progress: bool) -> tuple[list[float], list[float], dict[str, list[float]], dict]:
+    def _predict_round(self, net: torch.nn.Module, round_: int, ensemble: str, first_change: float | None, pool: dict[str, Path],
+                       grids: dict[str, Volume], n_classes: int, round_dir: Path,
+                       progress: bool) -> tuple[list[float], list[float], dict[str, list[float]], dict, float]:
         """Round ``round_``'s soft labels of every pool image, one image at a time: the network's softmax,
         ensembled (``ensemble``, resolved) with the previous soft labels, saved as ``probs``; their entropy
         (``uncertainty/``) and the hard labels that replace the previous ones where confident
-        (``predicted/``, :func:`confident_replacement`), the refinement's inputs.
+        (``predicted/``, :func:`confident_replacement` at :func:`resolve_replace_confidence`'s threshold, from
+        ``first_change``, round 1's ``network_volume_change``: ``None`` in round 1, where ``auto`` writes both
+        candidates and keeps the one this round's pool-wide volume change picks), the refinement's inputs.
 
         Returns:
             per image, the mean entropy of the soft labels and the fraction of voxels that kept their previous
             label; the label-free signals ``{"network_entropy", "agreement_with_stage_one"}``, one value per image;
-            and the pool's voxels per foreground class, ``{"network": {class: n}, "labels": {class: n}}``, of
-            the network's argmax and of the labels it trained on (round ``round_ - 1``'s).
+            the pool's voxels per foreground class, ``{"network": {class: n}, "labels": {class: n}}``, of
+            the network's argmax and of the labels it trained on (round ``round_ - 1``'s); and the threshold used.
         """
-        mean_entropy, kept, criteria = [], [], {"network_entropy": [], "agreement_with_stage_one": []}
+        mean_entropy, criteria = [], {"network_entropy": [], "agreement_with_stage_one": []}
         counts = {"network": np.zeros(n_classes, np.int64), "labels": np.zeros(n_classes, np.int64)}
         w_net, w_prev, w_stage1 = ensemble_weights(ensemble, round_)
+        decided = self.params.replace_confidence is not None or round_ > 1
+        thresholds = ([resolve_replace_confidence(self.params.replace_confidence, first_change)] if decided
+                      else [AUTO_REPLACE_CONFIDENCE, 0.0])  # auto in round 1: decided by this round's network
+        kept = {t: [] for t in thresholds}
         for i, path in tqdm(pool.items(), desc=f"round {round_}: predict", disable=not progress, leave=False):
             prob, network_entropy = self._predict(net, load_image(path), self.params.mc_samples)
             network_label = prob.argmax(0)
+            previous = self._label_array(round_ - 1, i, grids[i])
             criteria["network_entropy"].append(float(network_entropy.mean()))
             criteria["agreement_with_stage_one"].append(float(class_dice(network_label, self._label_array(0, i, grids[i]), n_classes).mean()))
             counts["network"] += np.bincount(network_label.ravel(), minlength=n_classes)[:n_classes]
-            counts["labels"] += np.bincount(np.asarray(self._label_array(round_ - 1, i, grids[i])).ravel(), minlength=n_classes)[:n_classes]
+            counts["labels"] += np.bincount(np.asarray(previous).ravel(), minlength=n_classes)[:n_classes]
             del network_entropy, network_label
             if w_net < 1:
                 prob *= w_net
@@ -699,12 +737,22 @@ class StageTwo:
             mean_entropy.append(float(uncertainty.mean()))
             save_label(uncertainty, grids[i], round_dir / "uncertainty" / f"{i}.nii.gz", dtype=np.float32)
             _save_array(round_dir / "uncertainty" / f"{i}.npy", uncertainty.astype(np.float16))
-            predicted, keep = confident_replacement(prob, self._label_array(round_ - 1, i, grids[i]), self.params.replace_confidence)
-            kept.append(float(keep.mean()))
-            _save_array(round_dir / "predicted" / f"{i}.npy", predicted)
-            del prob, uncertainty, predicted, keep
+            for n, t in enumerate(thresholds):
+                predicted, keep = confident_replacement(prob, previous, t)
+                kept[t].append(float(keep.mean()))
+                _save_array(round_dir / f"predicted-{n}" / f"{i}.npy", predicted)
+                del predicted, keep
+            del prob, uncertainty, previous
         volumes = {k: {str(c): int(v[c]) for c in range(1, n_classes)} for k, v in counts.items()}
-        return mean_entropy, kept, criteria, volumes
+        threshold = thresholds[0] if decided else resolve_replace_confidence(None, volume_change(volumes["network"], volumes["labels"]))
+        shutil.rmtree(round_dir / "predicted", ignore_errors=True)  # a crashed attempt's
+        for n, t in enumerate(thresholds):
+            candidate = round_dir / f"predicted-{n}"
+            if t == threshold and candidate.exists():
+                candidate.rename(round_dir / "predicted")
+            else:
+                shutil.rmtree(candidate, ignore_errors=True)
+        return mean_entropy, kept[threshold], criteria, volumes, threshold
 
     def train_params(self, final_labels: list[np.ndarray], n_classes: int, template: Volume | None = None) -> TrainParams:
         """The training parameters, mirroring only along axes where the templates' classes map onto
