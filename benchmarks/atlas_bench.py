@@ -1,7 +1,7 @@
 """Stage one against single-atlas registration on a labelled dataset (shared by ``la.py`` and ``chaos.py``).
 
 One template (its label the datastore's only ``final`` label), the other volumes the pool. On the
-same cases, in one run: stage one (:class:`~semisam_o1.stage_one.StageOne`, each registration
+same cases, in one run: stage one (:class:`~semisam_o1.stage_one.predictor.StageOne`, each registration
 method of :data:`~semisam_o1.choices.REGISTRATIONS` and all of them voting together; Dice before and after the safety floor),
 the registration-only warp of the template label (our affine + demons), and ANTs SyN single-atlas
 (``ants.registration(type_of_transform="SyN")`` at full resolution, template label warped nearest
@@ -28,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 from common import RESULTS, peak_rss_bytes, with_training_seed, write_result
-
 from semisam_o1.choices import REGISTRATIONS, SIGNALS
 from semisam_o1.config import AppConfig
 from semisam_o1.pool import build_stage_one, open_datastore
-from semisam_o1.registration import deterministic_ants, read_image, warp_label
-from semisam_o1.stage_one import StageOne
-from semisam_o1.stage_two import StageTwo
+from semisam_o1.stage_one.predictor import StageOne
+from semisam_o1.stage_one.registration import deterministic_ants, read_image, warp_label
+from semisam_o1.stage_two.rounds import StageTwo
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image, load_label
 
@@ -76,8 +75,8 @@ def mean_over(cases: list[dict], key: str, classes: dict[str, int]) -> tuple[flo
 def ants_syn(fixed: Path, template: Path, template_label: Path) -> np.ndarray:
     """ANTs SyN single-atlas: the template label warped onto ``fixed`` (nearest neighbour), (D, H, W) uint8.
 
-    Seeded and on one thread (:func:`~semisam_o1.registration.deterministic_ants`, seed 1 as
-    :func:`~semisam_o1.registration.syn_register`), so the peer's Dice is the same in every run; ANTs'
+    Seeded and on one thread (:func:`~semisam_o1.stage_one.registration.deterministic_ants`, seed 1 as
+    :func:`~semisam_o1.stage_one.registration.syn_register`), so the peer's Dice is the same in every run; ANTs'
     transform files go to a temporary folder removed afterwards (by default it leaves them in /tmp)."""
     import ants
 

@@ -10,7 +10,6 @@ Template the first case (sorted ids), the other 9 the pool; labels 1 liver, 2 ri
 import sys
 
 from atlas_bench import parser, run
-
 from semisam_o1 import PROJECT_ROOT
 
 DATA = PROJECT_ROOT.parent / "shared" / "data" / "chaos-t2"

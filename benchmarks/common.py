@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
 from semisam_o1 import PROJECT_ROOT
 from semisam_o1.sample_data import SourceDir, find_local_source
 
@@ -33,7 +32,7 @@ def machine() -> dict:
 
 
 def with_training_seed(params, seed: int):
-    """``params`` (a :class:`~semisam_o1.stage_two.StageTwoParams`) with every network trained with ``seed`` (``--seed``)."""
+    """``params`` (a :class:`~semisam_o1.stage_two.rounds.StageTwoParams`) with every network trained with ``seed`` (``--seed``)."""
     return replace(params, train=replace(params.train, seed=seed))
 
 

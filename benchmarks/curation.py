@@ -23,17 +23,16 @@ from pathlib import Path
 import numpy as np
 from common import CLASSES, build_datastore, parser, source_or_exit, split, write_result
 from monailabel.tasks.activelearning.random import Random
-from tqdm import tqdm
-
 from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import mean_dice, scores
 from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.report import curve_plot
-from semisam_o1.stage_two import StageTwo
+from semisam_o1.stage_two.rounds import StageTwo
 from semisam_o1.tasks.strategies import Diverse, Uncertain, UncertainDiverse
 from semisam_o1.tasks.uncertainty_scoring import UncertaintyScoring
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image, load_label
+from tqdm import tqdm
 
 EVAL_AT = (1, 2, 3, 5)
 

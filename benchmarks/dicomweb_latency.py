@@ -29,9 +29,8 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the Orthanc harness
 
-from semisam_o1 import PROJECT_ROOT  # noqa: E402
 from orthanc_harness import SHARED_DICOM, Orthanc, nifti_to_dicom_series  # noqa: E402
-
+from semisam_o1 import PROJECT_ROOT  # noqa: E402
 from semisam_o1.distributed import free_port  # noqa: E402
 from semisam_o1.sample_data import find_local_source  # noqa: E402
 

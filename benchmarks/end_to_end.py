@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 from common import parser, write_result
-
 from semisam_o1 import PROJECT_ROOT
 
 #: the target for the sample datastore's whole pipeline on 2 CPU cores (seconds)

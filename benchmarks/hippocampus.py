@@ -10,7 +10,6 @@ import sys
 
 from atlas_bench import RESULTS, parser, run
 from common import CLASSES
-
 from semisam_o1 import PROJECT_ROOT
 
 DATA = PROJECT_ROOT.parent / "shared" / "data" / "hippocampus"

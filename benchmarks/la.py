@@ -11,7 +11,6 @@ extracts one volume), cache bytes per image voxel.
 import sys
 
 from atlas_bench import parser, run
-
 from semisam_o1 import PROJECT_ROOT
 
 DATA = PROJECT_ROOT.parent / "shared" / "data" / "la"

@@ -43,13 +43,12 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from common import RESULTS, machine  # noqa: E402
-
 from semisam_o1 import PROJECT_ROOT  # noqa: E402
 from semisam_o1.distributed import free_port  # noqa: E402
 from semisam_o1.sample_data import TRUTH_DIR, find_local_source, load_manifest, populate  # noqa: E402
 from semisam_o1.volumes import load_image, load_label, save_label  # noqa: E402
 
-LIGHT_CONF = {"encoder_image_size": "32", "encoder_axes": "0", "feature_dims": "8"}
+LIGHT_CONF = {"stage_one.encoder_image_size": "32", "stage_one.encoder_axes": "0", "stage_one.feature_dims": "8"}
 OPERATIONS = ("infer", "next_sample", "save_label", "list")
 CHANGED_VOXELS = 40
 

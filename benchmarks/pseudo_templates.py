@@ -6,7 +6,7 @@ In the shared work datastore (``benchmarks/out/stage1``, template ``hippocampus_
 volumes the pool), in one run on the same cases:
 
 1. stage one (app defaults) on every pool volume: Dice against the truth and the label-free signals
-   a stage-two run can see -- :func:`~semisam_o1.stage_two.stage_one_trust` (the safety floor's
+   a stage-two run can see -- :func:`~semisam_o1.stage_two.rounds.stage_one_trust` (the safety floor's
    vote/warp agreement), the mean confidence on the predicted foreground, the mean confidence
    overall, the vote/warp volume-ratio deviation; Spearman correlation of each with the Dice.
 2. the ``k`` volumes with the highest trust become pseudo-templates (their stage-one label as template
@@ -26,14 +26,13 @@ import time
 import numpy as np
 from common import CLASSES, build_datastore, parser, source_or_exit, write_result
 from scipy.stats import spearmanr
-from tqdm import tqdm
-
 from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import class_dice
 from semisam_o1.pool import build_stage_one, open_datastore
-from semisam_o1.stage_two import stage_one_trust
+from semisam_o1.stage_two.round_zero import stage_one_trust
 from semisam_o1.templates import Template, find_templates
 from semisam_o1.volumes import load_image, load_label, save_label
+from tqdm import tqdm
 
 SIGNALS = ("trust", "confidence_foreground", "confidence_all", "volume_ratio_deviation")
 

@@ -9,7 +9,7 @@ Steps, each in a fresh process so its peak RSS is its own (``ru_maxrss`` of that
    template. For each size: feature extraction (cache miss -> file), stage-one infer (template
    registration on the plan's registration grid + propagation, features cached), and a network
    predict (sliding window, flip TTA) -- seconds and peak RSS each, plus cache bytes per voxel; with
-   ``--steps snap``, round 0's border snapping (:func:`~semisam_o1.boundary.snap_to_edges`) of the
+   ``--steps snap``, round 0's border snapping (:func:`~semisam_o1.stage_two.boundary.snap_to_edges`) of the
    volume's own label resampled (nearest) to the size, with its soft labels memory-mapped as stage two
    keeps them.
 2. One stage-two round (``--iterations`` training steps, predict, refine) with a pool of each
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 from common import RESULTS, PeakWhere, machine, peak_rss_bytes
-
 from semisam_o1 import PROJECT_ROOT
 
 LA = PROJECT_ROOT.parent / "shared" / "data" / "la"
@@ -121,9 +120,10 @@ def _run_step(name: str, studies: Path, image: str, extra: str, stage_one, resul
         prediction = stage_one.predict(studies / image, [template])
         result["foreground_voxels"] = int((prediction.label > 0).sum())
     elif name == "snap":
-        from semisam_o1.boundary import snap_to_edges
-        from semisam_o1.normalize import normalize
-        from semisam_o1.stage_two import StageTwoParams, soft_label
+        from semisam_o1.stage_one.normalize import normalize
+        from semisam_o1.stage_two.boundary import snap_to_edges
+        from semisam_o1.stage_two.labels import soft_label
+        from semisam_o1.stage_two.params import StageTwoParams
         from semisam_o1.volumes import load_label
 
         img = load_image(studies / image)
@@ -141,8 +141,10 @@ def _run_step(name: str, studies: Path, image: str, extra: str, stage_one, resul
         result["changed_fraction"] = round(float((snapped != label).sum() / max((label > 0).sum(), 1)), 4)
         return start
     elif name == "predict":
-        from semisam_o1.normalize import normalize
-        from semisam_o1.segmenter import TrainParams, predict_with_uncertainty, train_network
+        from semisam_o1.stage_one.normalize import normalize
+        from semisam_o1.stage_two.network import predict_with_uncertainty
+        from semisam_o1.stage_two.training import train_network
+        from semisam_o1.stage_two.params import TrainParams
         from semisam_o1.volumes import load_label
 
         tpl = load_image(studies / f"{TEMPLATE}.nii.gz")
@@ -154,10 +156,10 @@ def _run_step(name: str, studies: Path, image: str, extra: str, stage_one, resul
         predict_with_uncertainty(net, normalize(img.array), params.patch, mc_samples=0, flips=False, device=stage_one.cache.device)
         return start
     elif name == "round":
-        from semisam_o1.stage_two import StageTwo, StageTwoParams
-        from semisam_o1.segmenter import TrainParams
-        from semisam_o1.templates import find_templates
         from semisam_o1.pool import open_datastore
+        from semisam_o1.stage_two.params import StageTwoParams, TrainParams
+        from semisam_o1.stage_two.rounds import StageTwo
+        from semisam_o1.templates import find_templates
 
         pool_ids = extra.split(",")
         templates = find_templates(open_datastore(studies))

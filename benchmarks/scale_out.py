@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 from common import build_datastore, parser, source_or_exit, write_result
-
 from semisam_o1.config import AppConfig
 from semisam_o1.distributed import PoolRunner
 from semisam_o1.pool import build_stage_one, open_datastore, prepare_pool, refresh_pseudo_labels

@@ -4,7 +4,7 @@
 
 Builds a datastore of the 60 hippocampus volumes (one template label in ``labels/final``) under
 ``benchmarks/out/stage1`` (features and registrations are cached there, so a rerun skips encoding),
-runs the app's own :class:`~semisam_o1.stage_one.StageOne` on every other volume and reports, in one
+runs the app's own :class:`~semisam_o1.stage_one.predictor.StageOne` on every other volume and reports, in one
 run: per-class and mean Dice and HD95 (MONAI metrics) of stage one and of the single-atlas baselines
 (the template label warped by the same affine registration, and by affine + demons), encoder
 seconds per slice and per volume and registration seconds (timed on ``--time-encoder`` volumes,
@@ -19,18 +19,17 @@ import time
 
 import numpy as np
 from common import CLASSES, build_datastore, parser, peak_rss_bytes, source_or_exit, write_result
-from tqdm import tqdm
-
 from semisam_o1.active_learning import SCORE_KEY
 from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import scores
 from semisam_o1.pool import build_stage_one, open_datastore
-from semisam_o1.registration import affine_register, demons_register, read_image, warp_label
-from semisam_o1.stage_one import StageOne
-from semisam_o1.stage_two import StageTwo
+from semisam_o1.stage_one.predictor import StageOne
+from semisam_o1.stage_one.registration import affine_register, demons_register, read_image, warp_label
+from semisam_o1.stage_two.rounds import StageTwo
 from semisam_o1.tasks.uncertainty_scoring import UncertaintyScoring
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image, load_label
+from tqdm import tqdm
 
 
 def summarize(per_case: list[dict]) -> dict:
@@ -70,7 +69,7 @@ def main(argv=None) -> int:
         stage_one.cache.compute(image)  # the cache's own streamed path, without writing
         encode_seconds += time.perf_counter() - start
         stride = stage_one.cache.stride(image)
-        encoded_slices += sum(-(-image.array.shape[a] // stride[a]) for a in config.encoder_axes)
+        encoded_slices += sum(-(-image.array.shape[a] // stride[a]) for a in config.stage_one_params().encoder_axes)
 
     # 2. registrations (cached too; timed again on the same volumes), then 3. infer from cache, timed per volume
     for case in tqdm(pool, desc="register", unit="image"):

@@ -25,19 +25,20 @@ import sys
 import time
 
 from atlas_bench import ants_syn
-from common import CLASSES, build_datastore, parser, peak_rss_bytes, source_or_exit, split, with_training_seed, write_result
-from tqdm import tqdm
-
-from semisam_o1.boundary import snap_to_edges
+from common import (CLASSES, build_datastore, parser, peak_rss_bytes, source_or_exit, split, with_training_seed,
+                    write_result)
 from semisam_o1.config import AppConfig
 from semisam_o1.evaluation import mean_dice, scores
-from semisam_o1.normalize import normalize
 from semisam_o1.pool import build_stage_one, open_datastore
-from semisam_o1.segmenter import load_network, predict_with_uncertainty, train_network
-from semisam_o1.stage_one import StageOne
-from semisam_o1.stage_two import StageTwo
+from semisam_o1.stage_one.normalize import normalize
+from semisam_o1.stage_one.predictor import StageOne
+from semisam_o1.stage_two.boundary import snap_to_edges
+from semisam_o1.stage_two.network import load_network, predict_with_uncertainty
+from semisam_o1.stage_two.training import train_network
+from semisam_o1.stage_two.rounds import StageTwo
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image, load_label
+from tqdm import tqdm
 
 
 def network_dice(net, cases: dict, patch) -> float:

@@ -9,7 +9,7 @@ ground truth on the pool (mean over images of the mean Dice over classes):
 - ``labels``: the refined hard labels (what round r+1 trains on; ``pool_dice`` of the run)
 - ``soft_argmax``: the argmax of the ensembled soft labels, before the refinement
 - ``network``: round r's network alone, recovered exactly from the stored soft labels by inverting
-  :func:`~semisam_o1.stage_two.ensemble_weights` (``soft_r = w_net net_r + w_prev soft_{r-1} + w_stage1 soft_0``)
+  :func:`~semisam_o1.stage_two.rounds.ensemble_weights` (``soft_r = w_net net_r + w_prev soft_{r-1} + w_stage1 soft_0``)
 - ``*_volume_ratio``: foreground voxels over the ground truth's (1 = no over- or under-segmentation)
 
 Ground truth is read here only to score; nothing of it reaches stage two.
@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 from common import RESULTS, write_result
-from tqdm import tqdm
-
 from semisam_o1 import PROJECT_ROOT
 from semisam_o1.evaluation import class_dice
-from semisam_o1.stage_two import ensemble_weights
+from semisam_o1.stage_two.labels import ensemble_weights
 from semisam_o1.volumes import load_image, load_label
+from tqdm import tqdm
 
 DATA = PROJECT_ROOT.parent / "shared" / "data"
 DATASETS = {"la": DATA / "la" / "labels", "chaos": DATA / "chaos-t2" / "labels"}

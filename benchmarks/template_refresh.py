@@ -18,11 +18,10 @@ import time
 
 from common import build_datastore, parser, source_or_exit, write_result
 from monailabel.config import settings
-
 from semisam_o1.config import AppConfig
 from semisam_o1.pool import build_stage_one
 from semisam_o1.sample_data import MANIFEST
-from semisam_o1.tasks.template_datastore import TemplateDatastore
+from semisam_o1.server.template_datastore import TemplateDatastore
 from semisam_o1.tasks.template_refresh import PseudoLabelRefresher
 from semisam_o1.templates import find_templates, label_map
 

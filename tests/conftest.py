@@ -8,9 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-
 from child_process import ChildProcess
-
 from semisam_o1.distributed import free_port
 from semisam_o1.sample_data import SampleDataError, download_msd, find_local_source, populate
 

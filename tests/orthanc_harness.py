@@ -19,9 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
-
 from child_process import ChildProcess
-
 from semisam_o1 import PROJECT_ROOT
 from semisam_o1.distributed import free_port
 
@@ -146,7 +144,6 @@ def nifti_to_dicom_series(nifti: Path, out_dir: Path, patient: str, series_descr
     import SimpleITK as sitk
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
     from semisam_o1.volumes import read_sitk
 
     image = read_sitk(nifti)

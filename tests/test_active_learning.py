@@ -6,10 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from test_stage_two import FAST, make_client
-
-from semisam_o1.active_learning import SCORE_KEY, distance_to_labelled, recently_served, uncertain_then_diverse, uncertainty_score
+from semisam_o1.active_learning import (SCORE_KEY, distance_to_labelled, recently_served, uncertain_then_diverse,
+                                        uncertainty_score)
 from semisam_o1.pool import open_datastore
+from test_stage_two import FAST, make_client
 
 UNLABELLED = ["hippocampus_003", "hippocampus_008"]
 
@@ -185,11 +185,11 @@ def test_stage_one_scores_are_redone_when_the_prior_changes(tiny_studies):
 
     templates = find_templates(open_datastore(tiny_studies))
 
-    def version(**conf):
+    def version(conf):
         return stage_one_version(templates, build_stage_one(tiny_studies, AppConfig.from_conf(conf)).settings())
 
-    confs = [{"registration": "demons"}, {"registration": "demons+syn"}, {"registration": "demons+syn", "propagation": "prototype"},
-             {"registration": "demons+syn", "fusion_decision": "volume"}, {"registration": "demons", "feature_dims": "16"}]
-    versions = {version(**c) for c in confs}
+    confs = [{"stage_one.registration": "demons"}, {"stage_one.registration": "demons+syn"}, {"stage_one.registration": "demons+syn", "stage_one.propagation": "prototype"},
+             {"stage_one.registration": "demons+syn", "propagation.decision": "volume"}, {"stage_one.registration": "demons", "stage_one.feature_dims": "16"}]
+    versions = {version(c) for c in confs}
     assert len(versions) == 5
-    assert version(registration="demons") == version(registration="demons")
+    assert version(confs[0]) == version(dict(confs[0]))

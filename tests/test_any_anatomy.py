@@ -7,14 +7,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from semisam_o1.config import AppConfig
 from semisam_o1.pool import build_stage_one, open_datastore
-from semisam_o1.plan import Plan
-from semisam_o1.propagation import (
-    PropagationParams, build_bank, class_quota, consistent_mappings, keep_largest_per_class, mapping_consistency, propagate, window_radius,
-)
-from semisam_o1.stage_one import FloorParams, Prediction, RegistrationError, StageOne, registration_floor
+from semisam_o1.stage_one.params import FloorParams, PropagationParams
+from semisam_o1.stage_one.plan import Plan
+from semisam_o1.stage_one.predictor import Prediction, StageOne, registration_floor
+from semisam_o1.stage_one.propagation import (build_bank, class_quota, consistent_mappings, keep_largest_per_class,
+                                              mapping_consistency, propagate, window_radius)
+from semisam_o1.stage_one.registration import RegistrationError
 from semisam_o1.templates import Template, find_templates
 from semisam_o1.volumes import InputError, load_image
 
@@ -123,7 +123,7 @@ def test_safety_floor_falls_back_to_the_warp_where_features_are_useless():
 
 
 def test_safety_floor_with_two_registrations_keeps_a_vote_either_warp_confirms():
-    """``--conf registration demons+syn``: a class's vote stands if it passes against any of the warps;
+    """``--set stage_one.registration=demons+syn``: a class's vote stands if it passes against any of the warps;
     one that fails against all falls back to the warp that agrees with it best."""
     _, truth = phantom(shift=(1, 1, 0))
     wrong = phantom(shift=(4, 4, 0))[1]  # one registration far off, the other right
@@ -161,7 +161,7 @@ def write_phantom(root, name, image, label=None):
         nib.save(nib.Nifti1Image(label, affine), str(root / "labels" / "final" / f"{name}.nii.gz"))
 
 
-FAST = {"labels": "a=1,b=2,c=3", "encoder_image_size": "32", "encoder_axes": "2", "feature_dims": "8", "registration": "demons"}
+FAST = {"labels": "a=1,b=2,c=3", "stage_one.encoder_image_size": "32", "stage_one.encoder_axes": "2", "stage_one.feature_dims": "8", "stage_one.registration": "demons"}
 
 
 def test_stage_one_end_to_end_finds_every_object_of_a_multi_object_template(tmp_path):
@@ -207,7 +207,7 @@ def test_failed_registration_is_a_clear_per_image_error(tmp_path):
 
 
 def test_a_failed_registration_skips_that_image_only_and_is_reported(tmp_path, monkeypatch):
-    import semisam_o1.stage_one as so
+    import semisam_o1.stage_one.registration as so
     from semisam_o1.pipeline import run_stage_one
 
     real = so.demons_register

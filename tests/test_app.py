@@ -2,9 +2,8 @@
 
 import pytest
 from fastapi.testclient import TestClient
-
 from semisam_o1.cli import sample_conf
-from semisam_o1.server import APP_DIR
+from semisam_o1.server.launch import APP_DIR
 
 
 @pytest.fixture()
@@ -40,6 +39,19 @@ def test_info_lists_template_label_names_and_tasks(client):
     assert info["labels"] == {"anterior": 1, "posterior": 2}
     assert {"random", "first"} <= set(info["strategies"])
     assert "dice" in info["scoring"]
+    # the settings in force, as --conf writes them; no research setting differs from its default
+    assert info["semisam"]["options"]["rounds"] == "3" and info["semisam"]["options"]["labels"] == "anterior=1,posterior=2"
+    assert info["semisam"]["research_settings"] == {}
+
+
+def test_info_shows_research_settings_set_for_the_server(datastore):
+    from monailabel.interfaces.utils.app import app_instance, clear_cache
+
+    clear_cache()
+    app = app_instance(app_dir=str(APP_DIR), studies=str(datastore), conf={**sample_conf(datastore), "stage_two.warm_lr": "3"})
+    assert app.info()["semisam"]["research_settings"] == {"stage_two.warm_lr": "3.0"}
+    assert app.stage_two.params.warm_lr == 3.0
+    clear_cache()
 
 
 def test_datastore_stats_show_one_labelled_and_pool(client):

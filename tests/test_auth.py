@@ -24,12 +24,11 @@ from conftest import Server
 from cryptography.hazmat.primitives.asymmetric import rsa
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
+from semisam_o1 import PROJECT_ROOT
+from semisam_o1.distributed import free_port
 from test_server import QUIET
 from test_slicer_contract import SLICER_INFER, SLICER_LABEL_INFO
 from test_stage_two import FAST
-
-from semisam_o1 import PROJECT_ROOT
-from semisam_o1.distributed import free_port
 
 pytestmark = pytest.mark.server
 
@@ -191,7 +190,7 @@ def test_non_loopback_bind_needs_auth_or_insecure(tiny_studies):
 
 
 def test_auth_module_units():
-    from semisam_o1.auth import claim, effective_roles, is_loopback
+    from semisam_o1.server.auth import claim, effective_roles, is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("10.1.2.3")

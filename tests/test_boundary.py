@@ -1,10 +1,9 @@
-"""Round 0's border snapping (:func:`semisam_o1.boundary.snap_to_edges`) on small synthetic volumes."""
+"""Round 0's border snapping (:func:`semisam_o1.stage_two.boundary.snap_to_edges`) on small synthetic volumes."""
 
 import numpy as np
 from scipy import ndimage as ndi
-
-from semisam_o1.boundary import snap_to_edges
-from semisam_o1.stage_two import soft_label
+from semisam_o1.stage_two.boundary import snap_to_edges
+from semisam_o1.stage_two.labels import soft_label
 
 
 def two_part_object(seed: int = 0):

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import requests
 from conftest import Server
-from test_server import QUIET
-
 from semisam_o1.volumes import load_image, load_label, save_label
+from test_server import QUIET
 
 pytestmark = pytest.mark.server
 
@@ -118,7 +117,7 @@ def test_concurrent_saves_of_one_label_have_one_winner(tiny_studies, sample_sour
 
 KILLED_HALFWAY = """
 import os, sys
-from semisam_o1.tasks.atomic_datastore import replace_atomically
+from semisam_o1.server.atomic_datastore import replace_atomically
 dest, new = sys.argv[1], open(sys.argv[2], "rb").read()
 
 def write(tmp):
@@ -136,7 +135,7 @@ def test_a_label_write_killed_halfway_leaves_the_previous_file(tiny_studies, sam
     import sys
 
     from semisam_o1 import PROJECT_ROOT
-    from semisam_o1.tasks.atomic_datastore import AtomicLocalDatastore
+    from semisam_o1.server.atomic_datastore import AtomicLocalDatastore
 
     labels = variants(tiny_studies, sample_source, tmp_path)
     dest = stored(tiny_studies)
@@ -152,7 +151,7 @@ def test_a_label_write_killed_halfway_leaves_the_previous_file(tiny_studies, sam
 
 def test_a_label_saved_by_another_process_reaches_the_server(tiny_studies, sample_source, tmp_path):
     """Background jobs (training rounds) save labels from their own process: the renames reach the server."""
-    from semisam_o1.tasks.atomic_datastore import AtomicLocalDatastore
+    from semisam_o1.server.atomic_datastore import AtomicLocalDatastore
 
     labels = variants(tiny_studies, sample_source, tmp_path)
     with Server(tiny_studies, env=QUIET) as server:

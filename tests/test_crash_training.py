@@ -14,8 +14,8 @@ from test_server import QUIET, wait_job
 
 pytestmark = pytest.mark.server
 
-CONF = {"labels": "anterior=1,posterior=2", "encoder_image_size": "32", "encoder_axes": "0", "feature_dims": "8", "registration": "demons",
-        "iterations": "60", "patch": "16", "rounds": "2"}
+CONF = {"labels": "anterior=1,posterior=2", "stage_one.encoder_image_size": "32", "stage_one.encoder_axes": "0", "stage_one.feature_dims": "8", "stage_one.registration": "demons",
+        "iterations": "60", "train.patch": "16", "rounds": "2"}
 ARGS = [a for key, value in CONF.items() for a in ("--conf", key, value)]
 
 

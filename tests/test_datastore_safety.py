@@ -63,10 +63,9 @@ def test_an_unreadable_final_label_is_skipped_in_info_and_kept(tiny_studies, sam
 
 def test_dicom_seg_answer_leaves_no_file_behind(tmp_path):
     """MONAI Label's own ``send_response`` with the server's ASGI app installed: the SEG file is deleted once sent."""
+    import semisam_o1.server.web  # noqa: F401  (installs the server's changes, as `main.py serve` does)
     from fastapi import BackgroundTasks
     from monailabel.endpoints import infer as infer_endpoint
-
-    import semisam_o1.web  # noqa: F401  (installs the server's changes, as `main.py serve` does)
 
     label, seg = tmp_path / "label.nii.gz", tmp_path / "result.dcm"
     label.write_bytes(b"label")

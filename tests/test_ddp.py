@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
-
-from semisam_o1 import segmenter
-from semisam_o1.segmenter import TrainParams, _reopen, _shareable, train_network, train_processes
+from semisam_o1.stage_two import training
+from semisam_o1.stage_two.ddp import _reopen, _shareable, train_processes
+from semisam_o1.stage_two.training import train_network
+from semisam_o1.stage_two.params import TrainParams
 
 #: Tiny and fast; 3 cases per epoch with batch 4 makes every batch 3 rows: shards of 2 and 1 rows.
 PARAMS = TrainParams(patch=(16, 16, 16), iterations=4, batch_size=4, channels=(4, 8), seed=3)
@@ -27,7 +28,7 @@ def test_two_processes_train_what_one_does(cases, monkeypatch):
     images, labels = cases
     one_losses, two_losses, replicas = [], [], []
     torch.manual_seed(5)
-    init = segmenter.build_network(3, PARAMS).state_dict()  # not the network the seed 3 of PARAMS builds
+    init = training.build_network(3, PARAMS).state_dict()  # not the network the seed 3 of PARAMS builds
     one = train_network(images, labels, 3, TrainParams(**{**PARAMS.__dict__, "processes": 1}),
                         lambda i, loss: one_losses.append((i, loss)), init=init)
 
@@ -35,8 +36,8 @@ def test_two_processes_train_what_one_does(cases, monkeypatch):
         replicas.extend(real(*args, **kwargs))
         return replicas
 
-    real = segmenter.train_network_replicas
-    monkeypatch.setattr(segmenter, "train_network_replicas", spy)
+    real = training.train_network_replicas
+    monkeypatch.setattr(training, "train_network_replicas", spy)
     two = train_network(images, labels, 3, TrainParams(**{**PARAMS.__dict__, "processes": 2}),
                         lambda i, loss: two_losses.append((i, loss)), init=init)
 

@@ -5,8 +5,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from orthanc_harness import SHARED_DICOM
-
-from semisam_o1.tasks.dicomweb import SourceError, label_to_seg, seg_to_label, series_to_nifti
+from semisam_o1.server.dicomweb import SourceError, label_to_seg, seg_to_label, series_to_nifti
 
 SERIES = SHARED_DICOM / "Study1" / "13_HCropVolume"
 pytestmark = pytest.mark.skipif(not SERIES.is_dir(), reason=f"{SERIES} absent")

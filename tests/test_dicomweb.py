@@ -24,9 +24,8 @@ import pytest
 import requests
 import SimpleITK as sitk
 from conftest import Server
-
-from semisam_o1 import PROJECT_ROOT
 from orthanc_harness import SHARED_DICOM, Orthanc, missing_binaries, nifti_to_dicom_series
+from semisam_o1 import PROJECT_ROOT
 
 pytestmark = [
     pytest.mark.server,
@@ -35,7 +34,7 @@ pytestmark = [
 ]
 
 #: Small encoder settings: the app's paths, not its accuracy, are under test here.
-FAST = ["--conf", "encoder_image_size", "32", "--conf", "encoder_axes", "0", "--conf", "feature_dims", "8", "--conf", "registration", "demons",
+FAST = ["--conf", "stage_one.encoder_image_size", "32", "--conf", "stage_one.encoder_axes", "0", "--conf", "stage_one.feature_dims", "8", "--conf", "stage_one.registration", "demons",
         "--conf", "labels", "anterior=1,posterior=2"]
 #: Any attempt to reach the internet fails at once; loopback goes direct.
 NO_INTERNET = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",

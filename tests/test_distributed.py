@@ -14,19 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-
 from semisam_o1.active_learning import SCORE_KEY
 from semisam_o1.cli import main
 from semisam_o1.config import AppConfig
 from semisam_o1.distributed import free_port
-from semisam_o1.pool import open_datastore
 from semisam_o1.pipeline import run_stage_one
+from semisam_o1.pool import open_datastore
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
 #: a test cluster without token authentication (the driver subprocesses get the same environment)
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-FAST = {"labels": "anterior=1,posterior=2", "encoder_image_size": "32", "registration": "demons", "encoder_axes": "0", "feature_dims": "8"}
+FAST = {"labels": "anterior=1,posterior=2", "stage_one.encoder_image_size": "32", "stage_one.registration": "demons", "stage_one.encoder_axes": "0", "stage_one.feature_dims": "8"}
 CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_008", "hippocampus_017"]
 
 

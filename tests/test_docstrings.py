@@ -5,7 +5,6 @@ import importlib
 import pkgutil
 
 import pytest
-
 import semisam_o1
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

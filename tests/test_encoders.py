@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import torch
-
-from semisam_o1.encoders import EncoderError, EncoderSpec, LiteMedSAMEncoder, SAMEncoder
+from semisam_o1.stage_one.encoders import EncoderError, EncoderSpec, LiteMedSAMEncoder, SAMEncoder
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ import shutil
 
 import numpy as np
 import pytest
-
-from semisam_o1.encoders import EncoderSpec
-from semisam_o1.feature_cache import FeatureCache, FeatureGrid
-from semisam_o1.normalize import normalize
-from semisam_o1.plan import Plan
+from semisam_o1.stage_one.encoders import EncoderSpec
+from semisam_o1.stage_one.feature_cache import FeatureCache, FeatureGrid
+from semisam_o1.stage_one.normalize import normalize
+from semisam_o1.stage_one.plan import Plan
 from semisam_o1.volumes import load_image
 
 SPEC = EncoderSpec(image_size=32, axes=(0,))
@@ -93,8 +92,8 @@ def test_two_processes_starting_at_once_share_one_basis(image, sample_source):
     other = image.path.parent / "other.nii.gz"
     shutil.copy(sample_source.images / "hippocampus_008.nii.gz", other)
     code = (
-        "import sys; from pathlib import Path; from semisam_o1.encoders import EncoderSpec; "
-        "from semisam_o1.feature_cache import FeatureCache; from semisam_o1.plan import Plan; "
+        "import sys; from pathlib import Path; from semisam_o1.stage_one.encoders import EncoderSpec; "
+        "from semisam_o1.stage_one.feature_cache import FeatureCache; from semisam_o1.stage_one.plan import Plan; "
         "from semisam_o1.volumes import load_image; p = Path(sys.argv[1]); "
         "FeatureCache(p.parent, EncoderSpec(image_size=32, axes=(0,)), dims=8, plan=Plan(feature_stride=1)).get_or_compute(load_image(p))"
     )
@@ -112,7 +111,7 @@ def test_two_processes_starting_at_once_share_one_basis(image, sample_source):
 
 
 def test_unit_rows_are_cosine_geometry_and_leave_the_input_alone():
-    from semisam_o1.feature_cache import unit_rows
+    from semisam_o1.stage_one.feature_cache import unit_rows
 
     x = np.array([[3.0, 4.0], [0.0, 0.0], [-1.0, 1.0]], np.float32)
     unit = unit_rows(x)

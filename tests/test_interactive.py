@@ -11,16 +11,15 @@ import time
 import pytest
 import requests
 from conftest import Server
-from test_server import QUIET, wait_job
-
 from semisam_o1.config import AppConfig
 from semisam_o1.pool import build_stage_one
-from semisam_o1.plan import PLAN_FILE
-from semisam_o1.priority import InteractivePriority
+from semisam_o1.server.priority import InteractivePriority
+from semisam_o1.stage_one.plan import PLAN_FILE
+from test_server import QUIET, wait_job
 
 pytestmark = pytest.mark.server
 
-FAST = {"encoder_image_size": "32", "encoder_axes": "0", "feature_dims": "8", "registration": "demons"}
+FAST = {"stage_one.encoder_image_size": "32", "stage_one.encoder_axes": "0", "stage_one.feature_dims": "8", "stage_one.registration": "demons"}
 FAST_ARGS = [a for key, value in FAST.items() for a in ("--conf", key, value)]
 #: One torch thread per process (as benchmarks/load.py): on 2 shared cores, default threads make every
 #: timing several times slower and noisier.

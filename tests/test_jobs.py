@@ -9,12 +9,11 @@ import time
 import psutil
 import pytest
 from conftest import Server
-
-from semisam_o1.jobs import JOB_MODULE
+from semisam_o1.server.jobs import JOB_MODULE
 
 pytestmark = pytest.mark.server
 
-FAST = ["--conf", "encoder_image_size", "32", "--conf", "encoder_axes", "0", "--conf", "feature_dims", "8", "--conf", "registration", "demons"]
+FAST = ["--conf", "stage_one.encoder_image_size", "32", "--conf", "stage_one.encoder_axes", "0", "--conf", "stage_one.feature_dims", "8", "--conf", "stage_one.registration", "demons"]
 
 
 def big_pool(datastore, sample_source):

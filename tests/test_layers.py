@@ -7,7 +7,7 @@ from semisam_o1 import PROJECT_ROOT
 
 LIB = PROJECT_ROOT / "lib" / "semisam_o1"
 #: Modules above the core (the command line and the app).
-UPPER = {"semisam_o1.pipeline", "semisam_o1.cli", "semisam_o1.server", "semisam_o1.web", "semisam_o1.auth", "semisam_o1.tasks"}
+UPPER = {"semisam_o1.pipeline", "semisam_o1.cli", "semisam_o1.docs", "semisam_o1.server", "semisam_o1.tasks"}
 HARNESSES = {"orthanc_harness", "child_process", "conftest", "atlas_bench", "common"}
 
 

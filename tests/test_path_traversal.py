@@ -18,10 +18,9 @@ from urllib.parse import quote
 import pytest
 from conftest import Server
 from fastapi import HTTPException
+from semisam_o1.safe_names import UnsafeNameError, dicom_uid, safe_name
 from test_server import QUIET
 from urllib3 import encode_multipart_formdata
-
-from semisam_o1.safe_names import UnsafeNameError, dicom_uid, safe_name
 
 pytestmark = pytest.mark.server
 
@@ -77,7 +76,7 @@ def served(tmp_path_factory, sample_source):
     for case in (TEMPLATE, POOL):
         shutil.copy(sample_source.images / f"{case}.nii.gz", studies)
     shutil.copy(sample_source.labels / f"{TEMPLATE}.nii.gz", studies / "labels" / "final")
-    fast = ["--conf", "encoder_image_size", "32", "--conf", "encoder_axes", "0", "--conf", "feature_dims", "8", "--conf", "registration", "demons"]
+    fast = ["--conf", "stage_one.encoder_image_size", "32", "--conf", "stage_one.encoder_axes", "0", "--conf", "stage_one.feature_dims", "8", "--conf", "stage_one.registration", "demons"]
     with Server(studies, *fast, env=QUIET, log_dir=tmp_path_factory.mktemp("traversal-log")) as server:
         yield server, root, studies, sample_source
 
@@ -167,9 +166,8 @@ def test_safe_names_accept_real_ids_and_refuse_paths():
 def test_dicomweb_ids_must_be_uids_before_any_path(tmp_path, monkeypatch):
     """A DICOMweb datastore refuses a non-UID series id (422) before touching its cache or the server."""
     from monailabel.config import settings
-
-    from semisam_o1.tasks.dicomweb import dicomweb_datastore
     from semisam_o1.distributed import free_port
+    from semisam_o1.server.dicomweb import dicomweb_datastore
 
     monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_CACHE_PATH", str(tmp_path / "cache"))
     datastore = dicomweb_datastore(f"http://127.0.0.1:{free_port()}/dicom-web")  # nothing listens there
@@ -186,8 +184,8 @@ def test_dicomweb_ids_must_be_uids_before_any_path(tmp_path, monkeypatch):
 
 def test_batch_infer_takes_only_datastore_ids(tiny_studies):
     """``POST /batch/infer`` with ``images: [<server path>]`` would make MONAI Label read that file."""
+    from semisam_o1.server.template_datastore import TemplateDatastore
     from semisam_o1.tasks.pseudo_labels import PseudoLabelBatchInfer
-    from semisam_o1.tasks.template_datastore import TemplateDatastore
     from semisam_o1.volumes import InputError
 
     datastore = TemplateDatastore(str(tiny_studies), label_values=lambda: None)
@@ -225,7 +223,7 @@ def test_session_archive_members_stay_in_their_folder(served):
 
 @pytest.mark.parametrize("path", ["../../../etc/passwd", "/etc/passwd", "js/../../../etc/passwd", "..", "js\\..\\..\\x", "app.js\x00.html"])
 def test_ohif_paths_never_leave_the_bundle(path, tmp_path, monkeypatch):
-    import semisam_o1.web as web
+    import semisam_o1.server.web as web
 
     bundle = tmp_path / "ohif"
     (bundle / "js").mkdir(parents=True)
@@ -236,7 +234,7 @@ def test_ohif_paths_never_leave_the_bundle(path, tmp_path, monkeypatch):
 
 
 def test_ohif_files_and_pages_resolve_inside_the_bundle_only(tmp_path, monkeypatch):
-    import semisam_o1.web as web
+    import semisam_o1.server.web as web
 
     bundle = tmp_path / "ohif"
     (bundle / "js").mkdir(parents=True)

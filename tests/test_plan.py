@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from semisam_o1.config import AppConfig, ConfError
 from semisam_o1.pool import build_stage_one, open_datastore
-from semisam_o1.plan import PLAN_FILE, Plan, make_plan, resolve_device
+from semisam_o1.stage_one.plan import PLAN_FILE, Plan, make_plan, resolve_device
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_label, save_label
 
-FAST = {"labels": "anterior=1,posterior=2", "encoder_image_size": "32", "encoder_axes": "0,2", "feature_dims": "8", "registration": "demons"}
+FAST = {"labels": "anterior=1,posterior=2", "stage_one.encoder_image_size": "32", "stage_one.encoder_axes": "0,2", "stage_one.feature_dims": "8", "stage_one.registration": "demons"}
 
 
 def dice(a, b, value):
@@ -31,7 +30,7 @@ def test_plan_is_written_once_and_read_back(tiny_studies):
     assert written["planned_from"]["median_shape"] == [35, 51, 35]
     assert Plan.load(tiny_studies) == Plan(**{k: written[k] for k in ("encoder_image_size", "feature_stride", "registration_voxels")})
     # an explicit option overrides the plan, rewrites it, and changes the cache folder (settings id)
-    other = build_stage_one(tiny_studies, AppConfig.from_conf({**FAST, "feature_stride": "2"}))
+    other = build_stage_one(tiny_studies, AppConfig.from_conf({**FAST, "stage_one.feature_stride": "2"}))
     assert json.loads((tiny_studies / PLAN_FILE).read_text())["feature_stride"] == 2
     assert other.cache.settings_id.endswith("-g2")
 
@@ -113,7 +112,7 @@ def test_label_comes_back_on_the_images_own_grid(tmp_path, sample_source):
 
 
 def test_gpu_out_of_memory_falls_back_to_the_cpu_with_a_warning(caplog):
-    from semisam_o1.plan import with_cpu_fallback
+    from semisam_o1.stage_one.plan import with_cpu_fallback
 
     def run(device):
         if device != "cpu":
@@ -127,7 +126,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu_with_a_warning(caplog):
 
 
 def test_a_scan_too_large_for_memory_is_refused_naming_it():
-    from semisam_o1.plan import check_memory
+    from semisam_o1.stage_one.plan import check_memory
     from semisam_o1.volumes import InputError
 
     with pytest.raises(InputError, match=r"big\.nii\.gz: encoding: 4096x4096x4096 voxels .* GiB available"):
@@ -139,9 +138,9 @@ def test_a_network_prediction_too_large_for_memory_is_refused_naming_the_image(t
     """The served ``semisam_o1`` infer (stage two's predict) checks its memory like encoding and stage one:
     with less memory free than the image needs, an ``InputError`` (HTTP 422) naming it, before any work."""
     import psutil
-
-    from semisam_o1.segmenter import TrainParams, build_network
-    from semisam_o1.stage_two import StageTwo
+    from semisam_o1.stage_two.network import build_network
+    from semisam_o1.stage_two.params import TrainParams
+    from semisam_o1.stage_two.rounds import StageTwo
     from semisam_o1.volumes import InputError, load_image
 
     stage_one = build_stage_one(tiny_studies, AppConfig.from_conf(FAST))

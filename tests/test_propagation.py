@@ -1,12 +1,13 @@
-"""Feature label fusion (:func:`semisam_o1.propagation.propagate`) on MONAI's synthetic 3D test image."""
+"""Feature label fusion (:func:`semisam_o1.stage_one.propagation.propagate`) on MONAI's synthetic 3D test image."""
 
 import numpy as np
 import pytest
 from monai.data import create_test_image_3d
 from scipy import ndimage
-
 from semisam_o1.evaluation import class_dice
-from semisam_o1.propagation import PropagationParams, build_bank, propagate, volume_matched_argmax
+from semisam_o1.stage_one.params import PropagationParams
+from semisam_o1.stage_one.propagation import build_bank, propagate
+from semisam_o1.stage_one.votes import volume_matched_argmax
 
 SHIFT = np.array([3, 2, -2])
 

@@ -3,8 +3,8 @@
 import dataclasses
 
 import numpy as np
-
-from semisam_o1.refinement import RefineCase, RefineParams, refine_volumes, refine_voxels
+from semisam_o1.stage_two.params import RefineParams
+from semisam_o1.stage_two.refinement import RefineCase, refine_volumes, refine_voxels
 
 
 def constructed_case(rng, shape=(6, 7, 8)):

@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import SimpleITK as sitk
-
-from semisam_o1.registration import affine_register, demons_register, load_transform, map_voxels, read_image, save_transform, shrink
+from semisam_o1.stage_one.registration import (affine_register, demons_register, load_transform, map_voxels, read_image,
+                                               save_transform, shrink)
 
 
 def _pair(sample_source):
@@ -62,11 +62,11 @@ def test_ants_syn_gives_the_same_field_in_every_process_and_leaves_the_environme
     import subprocess
     import sys
 
-    from semisam_o1.registration import syn_register
+    from semisam_o1.stage_one.registration import syn_register
 
     paths = [str(sample_source.images / f"{c}.nii.gz") for c in ("hippocampus_003", "hippocampus_001")]
     child = ("import hashlib, sys, SimpleITK as sitk\n"
-             "from semisam_o1.registration import read_image, syn_register\n"
+             "from semisam_o1.stage_one.registration import read_image, syn_register\n"
              "field = syn_register(read_image(sys.argv[1]), read_image(sys.argv[2])).GetDisplacementField()\n"
              "print(hashlib.sha256(sitk.GetArrayFromImage(field).tobytes()).hexdigest())\n")
     before = {k: os.environ.get(k) for k in ("ANTS_RANDOM_SEED", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")}
@@ -82,7 +82,7 @@ def test_map_voxels_agrees_with_simpleitk_index_mapping_from_the_image_or_its_gr
     """``map_voxels`` = SimpleITK's own chain (index -> physical point -> transform -> moving continuous
     index) at every voxel checked, for whole volumes and slab ranges; stage one passes the header-only
     grid (no voxels read) and gets the same map, and ``warp_label`` the same warp."""
-    from semisam_o1.registration import warp_label
+    from semisam_o1.stage_one.registration import warp_label
     from semisam_o1.volumes import read_sitk, read_sitk_grid
 
     images = sorted(sample_source.images.glob("hippocampus_*.nii.gz"))[:2]

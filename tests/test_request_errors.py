@@ -3,9 +3,8 @@
 import json
 
 import pytest
-from test_stage_two import FAST, make_client
-
 from semisam_o1.tasks.self_training import SelfTraining
+from test_stage_two import FAST, make_client
 
 POOL = "hippocampus_003"
 

@@ -3,7 +3,6 @@ import shutil
 
 import pytest
 from conftest import make_datastore
-
 from semisam_o1.sample_data import SampleDataError, SourceDir, load_manifest, populate, verify
 
 

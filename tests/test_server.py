@@ -53,7 +53,7 @@ def test_serve_rejects_unknown_conf_before_starting(datastore):
 
 
 def test_feature_extraction_job_fills_the_cache_with_progress(tiny_studies):
-    fast = ["--conf", "encoder_image_size", "32", "--conf", "encoder_axes", "0", "--conf", "feature_dims", "8"]
+    fast = ["--conf", "stage_one.encoder_image_size", "32", "--conf", "stage_one.encoder_axes", "0", "--conf", "stage_one.feature_dims", "8"]
     with Server(tiny_studies, *fast, env=QUIET) as server:
         assert requests.post(f"{server.url}/scoring/features", timeout=30).ok
         status = wait_job(server.url, "scoring", timeout=600)  # a nice-10 job with two registrations per image: slow on a busy machine

@@ -5,13 +5,12 @@ import json
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from test_stage_two import FAST, make_client
-
 from semisam_o1.config import AppConfig
-from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.pipeline import run_stage_one
+from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image
+from test_stage_two import FAST, make_client
 
 
 def dice(a, b, value):
@@ -21,8 +20,8 @@ def dice(a, b, value):
 
 def test_propagation_on_real_volumes_is_far_above_chance(tiny_studies, sample_source):
     """The default prior (demons and ANTs SyN, both mappings checked against the features) on real volumes."""
-    config = AppConfig.from_conf({k: v for k, v in FAST.items() if k != "registration"})
-    assert config.registration == "demons+syn"
+    config = AppConfig.from_conf({k: v for k, v in FAST.items() if k != "stage_one.registration"})
+    assert config.stage_one_params().registration == "demons+syn"
     stage_one = build_stage_one(tiny_studies, config)
     templates = find_templates(open_datastore(tiny_studies))
     for case in ["hippocampus_003", "hippocampus_008"]:
@@ -64,12 +63,6 @@ def test_rest_infer_returns_label_in_image_geometry_as_nrrd(tiny_studies, monkey
         assert set(body["classes"]) == {"anterior", "posterior"}
         assert body["classes"]["anterior"]["volume_mm3"] > 0
         assert 0 < body["mean_confidence"] <= 1
-
-        # the model's old name still answers (clients written before the rename), and is not listed twice
-        assert "semisam_prototype" not in info["models"]
-        old_name = client.post("/infer/semisam_prototype", params={"image": "hippocampus_003", "output": "json"})
-        assert old_name.status_code == 200, old_name.text
-        assert old_name.json()["classes"] == body["classes"]
 
 
 def test_infer_without_template_is_409(tiny_studies, monkeypatch):
@@ -113,13 +106,13 @@ def test_pipeline_stage_one_writes_pseudo_labels_not_final(tiny_studies):
 
 
 def test_paper_prototype_ablation_labels_every_class_without_registration(tiny_studies, sample_source):
-    """``--conf propagation prototype``: one masked-mean prototype per class, cosine arg-max (the
+    """``--set stage_one.propagation=prototype``: one masked-mean prototype per class, cosine arg-max (the
     paper's stage one) -- above chance on real volumes, no registration file written, and below the
     default registration-guided fusion on the same case."""
     templates = find_templates(open_datastore(tiny_studies))
     case = tiny_studies / "hippocampus_003.nii.gz"
     truth = np.asarray(nib.load(str(sample_source.labels / "hippocampus_003.nii.gz")).dataobj)
-    proto = build_stage_one(tiny_studies, AppConfig.from_conf({**FAST, "propagation": "prototype"})).predict(case, templates)
+    proto = build_stage_one(tiny_studies, AppConfig.from_conf({**FAST, "stage_one.propagation": "prototype"})).predict(case, templates)
     assert not (tiny_studies / ".semisam" / "registration").exists()
     assert set(np.unique(proto.label)) == {0, 1, 2} and proto.confidence.shape == truth.shape
     proto_dice = [dice(proto.label, truth, v) for v in (1, 2)]

@@ -8,25 +8,26 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-
 from semisam_o1.config import AppConfig
-from semisam_o1.normalize import normalize
 from semisam_o1.pool import build_stage_one, open_datastore
-from semisam_o1.segmenter import TrainParams, build_network, load_network, predict_with_uncertainty, save_network
-from semisam_o1.server import APP_DIR
-from semisam_o1.stage_two import AUTO_VOLUME_CHANGE, StageTwo, StageTwoParams, ensemble_weights, resolve_ensemble, volume_change
+from semisam_o1.server.launch import APP_DIR
+from semisam_o1.stage_one.normalize import normalize
+from semisam_o1.stage_two.labels import ensemble_weights, resolve_ensemble, volume_change
+from semisam_o1.stage_two.network import build_network, load_network, predict_with_uncertainty, save_network
+from semisam_o1.stage_two.params import AUTO_VOLUME_CHANGE, StageTwoParams, TrainParams
+from semisam_o1.stage_two.rounds import StageTwo
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image
 
 #: Fast settings: one orientation at 32 px, few iterations, small patches.
 FAST = {
     "labels": "anterior=1,posterior=2",
-    "encoder_image_size": "32",
-    "registration": "demons",
-    "encoder_axes": "0",
-    "feature_dims": "8",
+    "stage_one.encoder_image_size": "32",
+    "stage_one.registration": "demons",
+    "stage_one.encoder_axes": "0",
+    "stage_one.feature_dims": "8",
     "iterations": "4",
-    "patch": "16",
+    "train.patch": "16",
     "rounds": "1",
 }
 
@@ -133,7 +134,7 @@ def test_stage_one_set_differently_starts_again_instead_of_resuming_on_its_old_l
 
     # the server restarted with another fusion decision: round 0 is stage one's labels, so they are drawn again
     (two.work / "stage1" / "left-by-the-old-run").write_text("")
-    volume = StageTwo(tiny_studies, build_stage_one(tiny_studies, AppConfig.from_conf({**FAST, "fusion_decision": "volume"})),
+    volume = StageTwo(tiny_studies, build_stage_one(tiny_studies, AppConfig.from_conf({**FAST, "propagation.decision": "volume"})),
                       config.stage_two_params())
     state = volume.run(templates, pool)
     assert [r["round"] for r in state["rounds"]] == [1]
@@ -144,7 +145,7 @@ def test_stage_one_set_differently_starts_again_instead_of_resuming_on_its_old_l
 
 
 def test_soft_pseudo_labels_are_the_mean_of_stage_one_and_every_round(tiny_studies):
-    config = AppConfig.from_conf({**FAST, "rounds": "2", "ensemble": "mean", "teacher_floor": "false", "refinement": "voxel", "boundary": "none"})
+    config = AppConfig.from_conf({**FAST, "rounds": "2", "stage_two.ensemble": "mean", "stage_two.teacher_floor": "false", "stage_two.refinement": "voxel", "stage_two.boundary": "none"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     templates = find_templates(datastore)
@@ -168,15 +169,15 @@ def test_soft_pseudo_labels_are_the_mean_of_stage_one_and_every_round(tiny_studi
 
 
 def test_checkpoints_carry_their_architecture(tmp_path):
-    """A server keeps serving a model trained with other channels, or saved before they were recorded."""
+    """A server keeps serving a model trained with other channels; a checkpoint that does not say its architecture is refused."""
     small = TrainParams(channels=(4, 8), dropout=0.2)
     save_network(build_network(3, small), 3, tmp_path / "small.pt", small)
     assert [m.out_channels for m in load_network(tmp_path / "small.pt").modules() if isinstance(m, torch.nn.Conv3d)][0] == 4
 
     old = build_network(3, TrainParams(channels=(16, 32, 64, 128)))
     torch.save({"n_classes": 3, "state_dict": old.state_dict()}, tmp_path / "old.pt")
-    x = torch.rand(1, 1, 16, 16, 16)
-    torch.testing.assert_close(load_network(tmp_path / "old.pt")(x), old.eval()(x))
+    with pytest.raises(KeyError, match="channels"):
+        load_network(tmp_path / "old.pt")
 
 
 def test_uncertainty_map_is_kept_in_the_datastore_not_answered_as_a_server_path(tiny_studies, monkeypatch, tmp_path):
@@ -229,7 +230,7 @@ def test_prediction_leaves_the_global_rng_and_the_shared_model_alone():
 
 
 def test_training_patches_come_from_memory_maps_aligned_and_mostly_on_foreground(tmp_path):
-    from semisam_o1.segmenter import PatchSampler
+    from semisam_o1.stage_two.patches import PatchSampler
 
     shape = (60, 50, 40)
     label = np.zeros(shape, np.uint8)
@@ -263,9 +264,9 @@ def test_training_patches_come_from_memory_maps_aligned_and_mostly_on_foreground
 
 
 def test_a_round_replaces_the_previous_labels_only_where_it_is_confident(tiny_studies):
-    """``--conf replace_confidence 0.6`` (refinement off, so nothing else relabels): a voxel takes the
+    """``--set stage_two.replace_confidence=0.6`` (refinement off, so nothing else relabels): a voxel takes the
     round's arg-max only where the soft label's top class holds >= 0.6, elsewhere it keeps round 0's label."""
-    config = AppConfig.from_conf({**FAST, "replace_confidence": "0.6", "refinement": "none", "teacher_floor": "false"})
+    config = AppConfig.from_conf({**FAST, "stage_two.replace_confidence": "0.6", "stage_two.refinement": "none", "stage_two.teacher_floor": "false"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
@@ -291,12 +292,12 @@ def test_auto_replace_confidence_holds_labels_back_only_when_round_1_kept_the_cl
     previous round's only where the soft label's top class holds >= 0.6; when it moved them more (a network
     correcting stage one's volumes), everywhere. Round 1 decides from its own pool-wide change, later rounds
     from round 1's; each round's stats say which threshold it used."""
-    from semisam_o1 import stage_two as stage_two_module
     from semisam_o1.config import ConfError
+    from semisam_o1.stage_two import rounds as stage_two_module
 
     real_change = stage_two_module.volume_change
     monkeypatch.setattr(stage_two_module, "volume_change", lambda network, labels: moved if real_change(network, labels) is not None else None)
-    config = AppConfig.from_conf({**FAST, "rounds": "2", "publish": "last", "refinement": "none", "teacher_floor": "false"})
+    config = AppConfig.from_conf({**FAST, "rounds": "2", "stage_two.publish": "last", "stage_two.refinement": "none", "stage_two.teacher_floor": "false"})
     assert config.stage_two_params().replace_confidence is None  # auto is the default
     datastore = open_datastore(tiny_studies)
     two = StageTwo(tiny_studies, build_stage_one(tiny_studies, config), config.stage_two_params(), work=tiny_studies / ".semisam" / f"t{threshold}")
@@ -317,21 +318,21 @@ def test_auto_replace_confidence_holds_labels_back_only_when_round_1_kept_the_cl
         assert abs(state["rounds"][round_ - 1]["kept_previous_fraction"] - (~confident).mean()) < 0.01
     assert (state["rounds"][0]["kept_previous_fraction"] > 0) == (threshold > 0)
     assert not list(two.work.glob("round_*/predicted*"))  # the candidate not taken is gone too
-    assert AppConfig.from_conf({"replace_confidence": "0.7"}).stage_two_params().replace_confidence == 0.7
+    assert AppConfig.from_conf({"stage_two.replace_confidence": "0.7"}).stage_two_params().replace_confidence == 0.7
     with pytest.raises(ConfError, match="replace_confidence"):
-        AppConfig.from_conf({"replace_confidence": "1.5"})
+        AppConfig.from_conf({"stage_two.replace_confidence": "1.5"})
 
 
 def test_published_round_is_chosen_by_a_label_free_signal_and_rounds_stop_early(tiny_studies):
     from semisam_o1.choices import SIGNALS
-    from semisam_o1.stage_two import choose_round
+    from semisam_o1.stage_two.labels import choose_round
 
     rounds = [{"round": 1, "network_entropy": 0.30}, {"round": 2, "network_entropy": 0.20}, {"round": 3, "network_entropy": 0.25}]
     assert choose_round(rounds, "network_entropy")["round"] == 2
     assert choose_round(rounds, "last")["round"] == 3
     assert choose_round([{"round": 1}, {"round": 2, "network_entropy": 0.9}], "network_entropy")["round"] == 2  # unrecorded = worst
 
-    config = AppConfig.from_conf({**FAST, "rounds": "3", "publish": "network_entropy"})
+    config = AppConfig.from_conf({**FAST, "rounds": "3", "stage_two.publish": "network_entropy"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
@@ -351,11 +352,11 @@ def test_pseudo_templates_join_round_zero_but_are_never_final_labels(tiny_studie
     """``pseudo_templates 1`` (the default): the pool image stage one trusts most becomes a template for the
     others' round-0 labels (never for itself), is listed in the state with how much it changed the pool's
     class volumes, and no ``final`` label is written."""
-    from semisam_o1.stage_two import stage_one_trust
+    from semisam_o1.stage_two.round_zero import stage_one_trust
     from semisam_o1.templates import Template
     from semisam_o1.volumes import label_array
 
-    config = AppConfig.from_conf({**FAST, "boundary": "none"})  # round 0 = stage one's labels as drawn (borders: their own test)
+    config = AppConfig.from_conf({**FAST, "stage_two.boundary": "none"})  # round 0 = stage one's labels as drawn (borders: their own test)
     assert config.stage_two_params().pseudo_templates == 1
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
@@ -391,7 +392,7 @@ def test_pseudo_templates_that_change_the_pools_class_volumes_are_dropped(tiny_s
     """Pseudo-templates that change the pool's stage-one class volumes by more than the limit (0.10 by default;
     here 0, so any change) are dropped: round 0 is stage one from the real templates alone, labels and soft
     labels, and the state says why."""
-    config = AppConfig.from_conf({**FAST, "boundary": "none"})
+    config = AppConfig.from_conf({**FAST, "stage_two.boundary": "none"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     templates = find_templates(datastore)
@@ -413,12 +414,12 @@ def test_pseudo_templates_that_change_the_pools_class_volumes_are_dropped(tiny_s
 def test_a_clearly_wrong_pool_image_is_never_a_pseudo_template_and_without_any_the_real_templates_stand_alone(tiny_studies):
     """A pool image with no anatomy (hippocampus_003's voxels shuffled) maps onto unlike tissue: it is
     never chosen. A pool where no image qualifies runs from the real templates alone and says so."""
-    from semisam_o1.stage_two import choose_pseudo_templates
+    from semisam_o1.stage_two.round_zero import choose_pseudo_templates
 
     image = nib.load(str(tiny_studies / "hippocampus_003.nii.gz"))
     shuffled = np.random.default_rng(0).permutation(image.get_fdata().ravel()).reshape(image.shape)
     nib.save(nib.Nifti1Image(shuffled.astype(np.float32), image.affine, image.header), str(tiny_studies / "hippocampus_900.nii.gz"))
-    config = AppConfig.from_conf({**FAST, "pseudo_templates": "2", "boundary": "none"})
+    config = AppConfig.from_conf({**FAST, "stage_two.pseudo_templates": "2", "stage_two.boundary": "none"})
     params = replace(config.stage_two_params(), pseudo_templates_volume_change=1.0)  # (the choice only: no volume check)
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
@@ -451,10 +452,9 @@ def test_round_zero_moves_stage_ones_borders_to_the_images_edges_and_nothing_els
     Its soft labels stay distributions whose argmax is the label, and the state records the fraction
     of foreground voxels that changed. A run resumed for more rounds keeps round 0 as it is, and its count."""
     from scipy import ndimage as ndi
-
     from semisam_o1.volumes import label_array
 
-    config = AppConfig.from_conf({**FAST, "pseudo_templates": "0"})
+    config = AppConfig.from_conf({**FAST, "stage_two.pseudo_templates": "0"})
     assert config.stage_two_params().boundary == "edges"
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
@@ -506,7 +506,7 @@ def test_a_class_that_drifts_from_stage_one_returns_to_stage_ones_label(tiny_stu
     np.testing.assert_array_equal(written == 1, teacher == 1)
     assert two._returned == {"2": 1}
 
-    off = StageTwo(tiny_studies, stage_one, AppConfig.from_conf({**FAST, "teacher_floor": "false"}).stage_two_params(), work=two.work)
+    off = StageTwo(tiny_studies, stage_one, AppConfig.from_conf({**FAST, "stage_two.teacher_floor": "false"}).stage_two_params(), work=two.work)
     off._save_refined(1, image_id, drifted, grid)
     written = nib.load(str(off.labels_dir(1) / f"{image_id}.nii.gz")).get_fdata().astype(np.uint8)
     assert int((written == 2).sum()) == 1
@@ -518,10 +518,10 @@ def test_the_network_trains_and_predicts_on_a_shrunk_grid_and_answers_on_the_ima
     checkpoint keeps predicting on the grid it was trained on whatever the server's options are now."""
     import dataclasses
 
-    from semisam_o1.plan import shrink_factors
-    from semisam_o1.segmenter import probs_to_grid, shrunk_shape
+    from semisam_o1.stage_one.plan import shrink_factors
+    from semisam_o1.stage_two.network import probs_to_grid, shrunk_shape
 
-    config = AppConfig.from_conf({**FAST, "network_voxels": "20000", "teacher_floor": "false"})
+    config = AppConfig.from_conf({**FAST, "stage_two.network_voxels": "20000", "stage_two.teacher_floor": "false"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     templates = find_templates(datastore)
@@ -537,7 +537,7 @@ def test_the_network_trains_and_predicts_on_a_shrunk_grid_and_answers_on_the_ima
     assert net.grid_voxels == 20000
     # hippocampus head (anterior) and tail (posterior) mirror onto each other along the long axis (1): never flipped there
     assert net.flip_axes == (0, 2)
-    from semisam_o1.segmenter import image_to_grid
+    from semisam_o1.stage_two.network import image_to_grid
 
     on_grid = predict_with_uncertainty(net, image_to_grid(normalize(image.array), small), config.stage_two_params().train.patch, mc_samples=2)[0]
     soft = [np.load(two.probs_path(r, "hippocampus_003")).astype(np.float32) for r in (0, 1)]
@@ -553,7 +553,7 @@ def test_the_network_trains_and_predicts_on_a_shrunk_grid_and_answers_on_the_ima
 
 
 def test_with_ensemble_network_a_rounds_soft_labels_are_its_network_alone(tiny_studies):
-    config = AppConfig.from_conf({**FAST, "ensemble": "network", "teacher_floor": "false"})
+    config = AppConfig.from_conf({**FAST, "stage_two.ensemble": "network", "stage_two.teacher_floor": "false"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
@@ -589,7 +589,7 @@ def test_ensemble_weights_unroll_to_their_documented_means():
     ("latest", lambda s0, net1, net2: (s0 + net2) / 2),  # the round's (warm-started) network stands for the earlier ones
 ])
 def test_round_two_soft_labels_weigh_stage_one_and_the_networks_as_the_ensemble_says(tiny_studies, ensemble, round_two):
-    config = AppConfig.from_conf({**FAST, "rounds": "2", "ensemble": ensemble, "teacher_floor": "false"})
+    config = AppConfig.from_conf({**FAST, "rounds": "2", "stage_two.ensemble": ensemble, "stage_two.teacher_floor": "false"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
@@ -626,7 +626,7 @@ def test_volume_change_and_the_auto_ensemble_it_chooses():
 
 
 def test_auto_ensemble_records_the_networks_volume_change_and_weighs_round_two_by_it(tiny_studies):
-    config = AppConfig.from_conf({**FAST, "rounds": "2", "ensemble": "auto", "teacher_floor": "false"})
+    config = AppConfig.from_conf({**FAST, "rounds": "2", "stage_two.ensemble": "auto", "stage_two.teacher_floor": "false"})
     stage_one = build_stage_one(tiny_studies, config)
     datastore = open_datastore(tiny_studies)
     two = StageTwo(tiny_studies, stage_one, config.stage_two_params())
@@ -656,9 +656,9 @@ def test_auto_ensemble_records_the_networks_volume_change_and_weighs_round_two_b
 
 
 def test_affine_augmentation_moves_image_and_label_together_and_never_blends_label_values():
-    """``--conf augment affine``: a patch read 1.5x larger is rotated and scaled about its centre and cut to the
+    """``--set train.augment=affine``: a patch read 1.5x larger is rotated and scaled about its centre and cut to the
     patch size; image and label move as one, labels keep their values, and half the patches are left as they are."""
-    from semisam_o1.segmenter import augmentation, sampled_patch
+    from semisam_o1.stage_two.patches import augmentation, sampled_patch
 
     params = TrainParams(patch=(16, 16, 16), augment="affine", flip_axes=())
     size = sampled_patch(params)
@@ -685,7 +685,7 @@ def test_on_thick_slices_affine_augmentation_turns_and_scales_in_plane_only(tmp_
     axis and scaled in-plane: every output slice is one input slice, never a blend of two."""
     import dataclasses
 
-    from semisam_o1.segmenter import augmentation, sampled_patch
+    from semisam_o1.stage_two.patches import augmentation, sampled_patch
 
     params = TrainParams(patch=(16, 16, 16), augment="affine", flip_axes=(), slice_axis=0)
     size = sampled_patch(params)
@@ -703,7 +703,7 @@ def test_on_thick_slices_affine_augmentation_turns_and_scales_in_plane_only(tmp_
     thick = load_image(tmp_path / "thick.nii.gz")
     labels = [np.zeros(thick.array.shape, np.uint8)]
     two = StageTwo.__new__(StageTwo)
-    two.params = dataclasses.replace(AppConfig.from_conf({"augment": "affine"}).stage_two_params(), network_voxels=8000)
+    two.params = dataclasses.replace(AppConfig.from_conf({"train.augment": "affine"}).stage_two_params(), network_voxels=8000)
     train = two.train_params(labels, 2, thick)
     assert train.augment == "affine" and train.slice_axis == thick.spacing.index(max(thick.spacing))
 
@@ -711,10 +711,10 @@ def test_on_thick_slices_affine_augmentation_turns_and_scales_in_plane_only(tmp_
 def test_real_share_draws_that_share_of_training_patches_from_the_real_labels(tiny_studies, monkeypatch):
     """``real_share`` 0.5 (the default): half of every round's training patches come from the templates (and final
     labels), the rest from the pool's pseudo-labels; with 0 each image is drawn as often as any other."""
-    from semisam_o1 import stage_two as stage_two_module
     from semisam_o1.config import ConfError
-    from semisam_o1.segmenter import _prepare
-    from semisam_o1.stage_two import training_weights
+    from semisam_o1.stage_two import rounds as stage_two_module
+    from semisam_o1.stage_two.labels import training_weights
+    from semisam_o1.stage_two.loop import _prepare
 
     # the sampling itself: case 0 (the real label) is marked by its intensity
     cases = [np.full((20, 20, 20), 1.0 if i == 0 else 0.0, np.float32) for i in range(5)]
@@ -736,18 +736,18 @@ def test_real_share_draws_that_share_of_training_patches_from_the_real_labels(ti
     two = StageTwo(tiny_studies, build_stage_one(tiny_studies, config), config.stage_two_params())
     two.run(find_templates(datastore), {i: datastore.get_image_uri(i) for i in ["hippocampus_003", "hippocampus_008"]})
     assert seen == [[0.5, 0.25, 0.25]]
-    assert AppConfig.from_conf({**FAST, "real_share": "0"}).stage_two_params().real_share == 0.0
+    assert AppConfig.from_conf({**FAST, "stage_two.real_share": "0"}).stage_two_params().real_share == 0.0
     with pytest.raises(ConfError, match="real_share"):
-        AppConfig.from_conf({"real_share": "1"})  # no patch left for the pool
+        AppConfig.from_conf({"stage_two.real_share": "1"})  # no patch left for the pool
 
 
 def test_warm_start_trains_each_round_on_from_the_previous_rounds_network(tiny_studies, monkeypatch):
     """``warm_start`` (the default): round 1 trains a fresh network, every later round starts from the weights of
     the round before (as saved in its ``model.pt``) at ``warm_lr`` x round 1's peak learning rate; off, every
     round starts fresh at round 1's rate (the paper's design)."""
-    from semisam_o1 import stage_two as stage_two_module
     from semisam_o1.config import ConfError
-    from semisam_o1.segmenter import train_network
+    from semisam_o1.stage_two import rounds as stage_two_module
+    from semisam_o1.stage_two.training import train_network
 
     # train_network starts from ``init``: with a learning rate of 0 it returns exactly those weights
     cases = [np.random.default_rng(i).random((12, 12, 12), dtype=np.float32) for i in range(2)]
@@ -768,7 +768,7 @@ def test_warm_start_trains_each_round_on_from_the_previous_rounds_network(tiny_s
     base = TrainParams().learning_rate
     for warm, work in (("true", "warm"), ("false", "fresh")):
         seen.clear(), rates.clear()
-        config = AppConfig.from_conf({**FAST, "rounds": "3", "publish": "last", "warm_start": warm, "warm_lr": "3"})
+        config = AppConfig.from_conf({**FAST, "rounds": "3", "stage_two.publish": "last", "stage_two.warm_start": warm, "stage_two.warm_lr": "3"})
         two = StageTwo(tiny_studies, build_stage_one(tiny_studies, config), config.stage_two_params(), work=tiny_studies / ".semisam" / work)
         two.run(find_templates(datastore), pool)
         assert len(seen) == 3 and seen[0] is None

@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from semisam_o1.volumes import InputError, dhw_to_sitk, load_array, load_arrays, load_image, load_label, save_label, sitk_to_dhw
+from semisam_o1.volumes import (InputError, dhw_to_sitk, load_array, load_arrays, load_image, load_label, save_label,
+                                sitk_to_dhw)
 
 QUIRKS = "hippocampus-quirks"
 

@@ -1,36 +1,35 @@
 """MONAI Label app for SemiSAM-O1: wires the tasks of the ``semisam_o1`` library, nothing more."""
 
 import logging
-import threading
 import os
+import threading
 
+import semisam_o1
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.scoring.dice import Dice
-
-import semisam_o1
 from semisam_o1.config import AppConfig, is_dicomweb
 from semisam_o1.distributed import check_reachable
-from semisam_o1.jobs import exit_with_parent, in_job_process
 from semisam_o1.pool import build_stage_one, pool_runner, refresh_pseudo_labels
-from semisam_o1.priority import InteractivePriority
-from semisam_o1.stage_two import StageTwo
-from semisam_o1.tasks import request_guard
-from semisam_o1.tasks.dicomweb import dicomweb_datastore, work_dir
+from semisam_o1.server import request_guard
+from semisam_o1.server.dicomweb import dicomweb_datastore, work_dir
+from semisam_o1.server.jobs import exit_with_parent, in_job_process
+from semisam_o1.server.priority import InteractivePriority
+from semisam_o1.server.safe_datastore import SafeSessions
+from semisam_o1.server.template_datastore import TemplateDatastore
+from semisam_o1.stage_two.rounds import StageTwo
 from semisam_o1.tasks.feature_extraction import FeatureExtraction
 from semisam_o1.tasks.network_infer import NetworkInfer
-from semisam_o1.tasks.pseudo_labels import STAGE_ONE_MODEL, PseudoLabelBatchInfer, refuse_final
-from semisam_o1.tasks.safe_datastore import SafeSessions
+from semisam_o1.tasks.pseudo_labels import PseudoLabelBatchInfer, refuse_final
 from semisam_o1.tasks.self_training import SelfTraining
 from semisam_o1.tasks.stage_one_infer import StageOneInfer
 from semisam_o1.tasks.strategies import Diverse, Uncertain, UncertainDiverse
-from semisam_o1.tasks.template_datastore import TemplateDatastore
 from semisam_o1.tasks.template_refresh import PseudoLabelRefresher
 from semisam_o1.tasks.uncertainty_scoring import UncertaintyScoring
-from semisam_o1.templates import find_templates, label_map
+from semisam_o1.templates import STAGE_ONE_MODEL, find_templates, label_map
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ class SemiSAMO1App(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer; a datastore image's id also reaches the task as ``image_id`` (MONAI Label
-        replaces ``image`` by the file's path). Background pool work pauses while it runs (:mod:`semisam_o1.priority`).
+        replaces ``image`` by the file's path). Background pool work pauses while it runs (:mod:`semisam_o1.server.priority`).
         Infers run one at a time (they are CPU/GPU-bound, and MONAI Label's infer tasks keep per-call state);
         other requests (listings, saves, next sample) are served meanwhile on their own threads."""
         refuse_final(request.get("label_tag"))
@@ -135,5 +134,6 @@ class SemiSAMO1App(MONAILabelApp):
     def info(self):
         self.labels = self.current_labels()
         info = super().info()
-        info["semisam"] = {"templates": [t.image_id for t in find_templates(self.datastore())], "pseudo_label_refresh": self.refresher.status()}
+        info["semisam"] = {"templates": [t.image_id for t in find_templates(self.datastore())], "pseudo_label_refresh": self.refresher.status(),
+                           **self.config.describe()}
         return info

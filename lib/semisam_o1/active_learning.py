@@ -62,8 +62,8 @@ def uncertainty_score(uncertainty: np.ndarray, label: np.ndarray, threshold: flo
 
 def volume_descriptor(features) -> np.ndarray:
     """Global descriptor ``(2C,)`` float32 of a volume's stored features (a
-    :class:`~semisam_o1.feature_cache.FeatureGrid`, or dense ``(C, D, H, W)``): per-channel mean and std."""
-    from semisam_o1.feature_cache import as_grid
+    :class:`~semisam_o1.stage_one.feature_cache.FeatureGrid`, or dense ``(C, D, H, W)``): per-channel mean and std."""
+    from semisam_o1.stage_one.feature_cache import as_grid
 
     flat = as_grid(features).sample()
     return np.concatenate([flat.mean(0), flat.std(0)])

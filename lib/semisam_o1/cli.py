@@ -1,4 +1,4 @@
-"""``python main.py <command>``: serve (default), pipeline, evaluate, sample-data."""
+"""``python main.py <command>``: serve (default), pipeline, evaluate, params, docs, sample-data."""
 
 from __future__ import annotations
 
@@ -11,8 +11,22 @@ from semisam_o1.config import OPTIONS, AppConfig, ConfError, is_dicomweb
 from semisam_o1.sample_data import SAMPLE_DATASTORE, SampleDataError, load_manifest, populate, verify
 
 
-def _conf_pairs(pairs: list[list[str]] | None, ray_address: str | None = None) -> dict[str, str]:
+def _conf_pairs(pairs: list[list[str]] | None, ray_address: str | None = None, settings: list[str] | None = None,
+                params: Path | None = None) -> dict[str, str]:
+    """The app's conf from ``--conf KEY VALUE`` pairs, ``--ray-address``, ``--set SECTION.FIELD=VALUE`` (conf key
+    ``SECTION.FIELD``) and ``--params FILE`` (conf key ``params``).
+
+    Raises:
+        ConfError: a ``--set`` that is not ``SECTION.FIELD=VALUE``.
+    """
     conf = {k: v for k, v in (pairs or [])}
+    for entry in settings or []:
+        key, sep, value = entry.partition("=")
+        if not sep or "." not in key:
+            raise ConfError(f"--set {entry}: not SECTION.FIELD=VALUE (python main.py params lists them)")
+        conf[key.strip()] = value.strip()
+    if params is not None:
+        conf["params"] = str(params)
     return conf if ray_address is None else {**conf, "ray_address": ray_address}
 
 
@@ -27,7 +41,11 @@ def sample_conf(studies: Path) -> dict[str, str]:
 
 def cmd_serve(args) -> int:
     studies = args.studies
-    conf = _conf_pairs(args.conf, args.ray_address)
+    try:
+        conf = _conf_pairs(args.conf, args.ray_address, args.set, args.params)
+    except ConfError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not is_dicomweb(studies):
         studies = Path(studies)
         if studies.resolve() == SAMPLE_DATASTORE.resolve() and verify(studies):
@@ -48,7 +66,7 @@ def cmd_serve(args) -> int:
     except (ConfError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from semisam_o1.server import ServeRefused, serve
+    from semisam_o1.server.launch import ServeRefused, serve
 
     try:
         serve(studies, conf, host=args.host, port=args.port, log_level=args.log_level, insecure=args.insecure)
@@ -80,11 +98,11 @@ def cmd_pipeline(args) -> int:
     if not studies.is_dir():
         print(f"error: studies folder {studies} does not exist", file=sys.stderr)
         return 2
-    conf = {**sample_conf(studies), **_conf_pairs(args.conf, args.ray_address)}
-    if args.rounds is not None:
-        conf["rounds"] = str(args.rounds)
     truth = args.truth or (studies / "truth" if (studies / "truth").is_dir() else None)
     try:
+        conf = {**sample_conf(studies), **_conf_pairs(args.conf, args.ray_address, args.set, args.params)}
+        if args.rounds is not None:
+            conf["rounds"] = str(args.rounds)
         config = AppConfig.from_conf(conf)
         report = run_stage_one(studies, config)
         print(f"stage 1: {report['images']} pseudo-labels (tag 'pseudo') in {report['seconds']} s")
@@ -107,11 +125,48 @@ def cmd_evaluate(args) -> int:
     except (ConfError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{'case':<24}" + "".join(f"{n + ' Dice':>16}{n + ' HD95':>16}" for n in result["mean"]))
-    for case, s in result["cases"].items():
-        print(f"{case:<24}" + "".join(f"{v['dice']:>16.3f}{v['hd95']:>16.2f}" for v in s.values()))
-    print(f"{'mean':<24}" + "".join(f"{v['dice']:>16.3f}{v['hd95']:>16.2f}" for v in result["mean"].values()))
+    print(evaluation_table(result))
     print(f"mean Dice {result['mean_dice']:.3f} over {len(result['cases'])} cases" + (f"; no prediction for {len(result['missing'])}" if result["missing"] else ""))
+    return 0
+
+
+def evaluation_table(result: dict) -> str:
+    """``evaluate``'s table: one row per case and the mean, a Dice and an HD95 column per class, every column as
+    wide as its header or values (and at least two spaces apart), so long class names never run together."""
+    header = ["case"] + [f"{n} {m}" for n in result["mean"] for m in ("Dice", "HD95")]
+    rows = [[case] + [f"{v[m]:.{d}f}" for v in s.values() for m, d in (("dice", 3), ("hd95", 2))]
+            for case, s in [*result["cases"].items(), ("mean", result["mean"])]]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: r[0].ljust(widths[0]) + "".join("  " + c.rjust(w) for c, w in zip(r[1:], widths[1:]))  # noqa: E731
+    return "\n".join(line(r) for r in [header, *rows])
+
+
+def cmd_params(args) -> int:
+    from semisam_o1.config import research_settings
+
+    rows = research_settings()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max(len(r["key"]) for r in rows)
+    for r in rows:
+        print(f"{r['key']:<{width}}  {r['default']:<16} {r['help']}")
+    print("\nset one with --set SECTION.FIELD=VALUE (serve, pipeline) or a --params FILE (JSON/YAML: {section: {field: value}})")
+    return 0
+
+
+def cmd_docs(args) -> int:
+    from semisam_o1.docs import render_readme
+
+    readme = Path(args.readme)
+    text = render_readme(readme.read_text())
+    if args.check:
+        if text != readme.read_text():
+            print(f"{readme} differs from what python main.py docs writes: run it and commit", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(text)
+    print(f"wrote {readme}")
     return 0
 
 
@@ -119,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="SemiSAM-O1 Label: one template -> a labelled study pool.")
     sub = parser.add_subparsers(dest="command")
 
-    conf_help = ("app option (repeatable): " + "; ".join(f"{k}: {h}" for k, h in OPTIONS)).replace("%", "%%")  # argparse %-formats help
+    conf_help = ("operator option (repeatable): " + "; ".join(f"{k}: {h}" for k, h in OPTIONS)).replace("%", "%%")  # argparse %-formats help
+    set_help = "research setting (repeatable), e.g. --set stage_two.warm_lr=2; python main.py params lists them"
+    params_help = "JSON or YAML file of research settings, {section: {field: value}}"
     serve = sub.add_parser("serve", help="start the MONAI Label server (default command)")
     serve.add_argument("--studies", default=str(SAMPLE_DATASTORE), help="datastore folder or DICOMweb URL")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only; any other address needs MONAI_LABEL_AUTH_ENABLE or --insecure)")
@@ -127,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help=conf_help)
     serve.add_argument("--ray-address", default=None, help="pool-wide jobs on Ray: local, auto, host:port or ray://host:port (= --conf ray_address)")
+    serve.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help=set_help)
+    serve.add_argument("--params", type=Path, default=None, metavar="FILE", help=params_help)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 
@@ -138,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--report", type=Path, default=None, help="report folder (default: <studies>/.semisam/report)")
     pipeline.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help=conf_help)
     pipeline.add_argument("--ray-address", default=None, help="run stage one's per-image work on Ray: local, auto, host:port or ray://host:port (= --conf ray_address)")
+    pipeline.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help=set_help)
+    pipeline.add_argument("--params", type=Path, default=None, metavar="FILE", help=params_help)
     pipeline.set_defaults(func=cmd_pipeline)
 
     evaluate = sub.add_parser("evaluate", help="Dice and HD95 per class of predictions vs ground truth")
@@ -145,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--truth", type=Path, required=True, help="folder of ground-truth label files (same names)")
     evaluate.add_argument("--labels", default="anterior=1,posterior=2", help="classes to score, name=value,...")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    params = sub.add_parser("params", help="list the research settings (--set SECTION.FIELD=VALUE) with their defaults")
+    params.add_argument("--json", action="store_true", help="as JSON")
+    params.set_defaults(func=cmd_params)
+
+    docs = sub.add_parser("docs", help="regenerate README.md's tables (results from benchmarks/results, options from the code)")
+    docs.add_argument("--readme", default=str(Path(__file__).resolve().parents[2] / "README.md"))
+    docs.add_argument("--check", action="store_true", help="only check that README.md is up to date (exit 1 if not)")
+    docs.set_defaults(func=cmd_docs)
 
     sample = sub.add_parser("sample-data", help="fill sample-datastore/ with MSD Task04 hippocampus MRI")
     sample.add_argument("--studies", type=Path, default=SAMPLE_DATASTORE, help="datastore folder (the project's manifest.json is copied into a new one)")

@@ -47,7 +47,7 @@ def run_stage_two(studies: Path, config: AppConfig, truth: Path | None = None, r
     """
     from semisam_o1.evaluation import mean_dice, scores
     from semisam_o1.report import dice_per_round_plot, overlay
-    from semisam_o1.stage_two import StageTwo
+    from semisam_o1.stage_two.rounds import StageTwo
     from semisam_o1.volumes import load_image, load_label, load_map
 
     studies = Path(studies)

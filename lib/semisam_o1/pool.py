@@ -21,10 +21,9 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from semisam_o1.config import AppConfig
 from semisam_o1.distributed import PoolRunner
-from semisam_o1.feature_cache import FeatureCache
-from semisam_o1.plan import load_or_make_plan, resolve_device
-from semisam_o1.propagation import PropagationParams
-from semisam_o1.stage_one import NoTemplateError, StageOne
+from semisam_o1.stage_one.feature_cache import FeatureCache
+from semisam_o1.stage_one.plan import load_or_make_plan, resolve_device
+from semisam_o1.stage_one.predictor import NoTemplateError, StageOne
 from semisam_o1.templates import PSEUDO_TAG, STAGE_ONE_MODEL, find_templates
 from semisam_o1.volumes import InputError, Volume, load_image, save_label
 
@@ -39,13 +38,14 @@ def open_datastore(studies: Path) -> LocalDatastore:
 def build_stage_one(studies: Path, config: AppConfig) -> StageOne:
     """Stage one over ``studies`` with the datastore's plan (read, or planned now from its images and written)."""
     device = resolve_device(config.device)
-    overrides = {"encoder_image_size": config.encoder_image_size, "feature_stride": config.feature_stride}
+    one = config.stage_one_params()
+    overrides = {"encoder_image_size": one.encoder_image_size, "feature_stride": one.feature_stride}
     images = sorted(p for ext in ("*.nii.gz", "*.nii") for p in Path(studies).glob(ext))
     plan = load_or_make_plan(studies, images, device, overrides)
-    cache = FeatureCache(studies, config.encoder_spec(plan.encoder_image_size), config.feature_dims, config.modality, plan, device)
+    cache = FeatureCache(studies, config.encoder_spec(plan.encoder_image_size), one.feature_dims, config.modality, plan, device)
     return StageOne(studies, cache, label_values=set(config.labels.values()) or None, label_names=config.labels,
-                    registration=config.registration, propagation=config.propagation,
-                    params=PropagationParams(decision=config.fusion_decision))
+                    registration=one.registration, propagation=one.propagation, params=config.section("propagation"),
+                    floor=config.section("floor"))
 
 
 #: A stage one, or what rebuilds it in a worker process: ``(studies, config)`` (see :func:`stage_one_of`).
@@ -67,9 +67,9 @@ def stage_one_of(source: StageOneSource) -> StageOne:
 
 
 def stage_two_of(source):
-    """``source`` itself (a :class:`~semisam_o1.stage_two.StageTwo`), or the stage two of ``(studies, config)``,
+    """``source`` itself (a :class:`~semisam_o1.stage_two.rounds.StageTwo`), or the stage two of ``(studies, config)``,
     built once per process (over :func:`stage_one_of`'s stage one)."""
-    from semisam_o1.stage_two import StageTwo
+    from semisam_o1.stage_two.rounds import StageTwo
 
     if isinstance(source, StageTwo):
         return source
@@ -138,7 +138,7 @@ def refresh_pseudo_labels(stage_one: StageOne, datastore: Datastore, names: dict
     Returns ``{image_id: summary}``; an image that fails (bad file, failed registration) is logged,
     its message put in ``errors[image_id]`` (when given), and skipped: the rest of the pool goes on.
     ``before_image()`` is called before each image in process (the server's refresh waits there while
-    an interactive request runs, :mod:`semisam_o1.priority`). With a distributed ``runner`` (and the
+    an interactive request runs, :mod:`semisam_o1.server.priority`). With a distributed ``runner`` (and the
     ``config`` the workers rebuild ``stage_one`` from), every image is a Ray task; labels are saved here.
     """
     runner = runner or PoolRunner()
@@ -191,7 +191,7 @@ def prepare_pool(stage_one: StageOne, datastore: Datastore, runner: PoolRunner |
 
 
 def save_published_labels(datastore: Datastore, stage_two, state: dict, image_ids) -> int:
-    """The published round's pseudo-labels (:meth:`~semisam_o1.stage_two.StageTwo.published`) of
+    """The published round's pseudo-labels (:meth:`~semisam_o1.stage_two.rounds.StageTwo.published`) of
     ``image_ids`` saved in ``datastore`` under tag ``pseudo`` (info: model ``semisam_o1``, the round);
     returns that round (0: stage one's labels)."""
     published = stage_two.published(state)

@@ -59,3 +59,19 @@ def dicom_uid(kind: str, value) -> str:
     if not (isinstance(value, str) and len(value) <= MAX_UID and _UID.fullmatch(value)):
         raise UnsafeNameError(f"{kind} {_shown(value)} is not a DICOM UID (digits and '.', at most {MAX_UID} characters)")
     return value
+
+
+def result_suffix(request: dict) -> str:
+    """The extension of the result file an infer request asks for (``result_extension``; default ``.nii.gz``;
+    Slicer sends ``.nrrd``), checked to make a plain file name.
+
+    >>> result_suffix({"result_extension": "nrrd"}), result_suffix({})
+    ('.nrrd', '.nii.gz')
+
+    Raises:
+        UnsafeNameError: the extension would not make a plain file name (e.g. holds a separator).
+    """
+    suffix = str(request.get("result_extension") or ".nii.gz")
+    suffix = suffix if suffix.startswith(".") else f".{suffix}"
+    safe_name("result_extension", f"result{suffix}")
+    return suffix

@@ -24,8 +24,6 @@ PSEUDO_TAG = "pseudo"
 #: The stage-one model's name (registration-guided feature label fusion, or the paper's prototypes).
 STAGE_ONE_MODEL = "semisam_stage_one"
 
-#: Old model names that still reach their model (``POST /infer/<old>``, ``/batch/infer/<old>``), not listed in ``/info/``.
-MODEL_ALIASES = {"semisam_prototype": STAGE_ONE_MODEL}
 
 
 @dataclass(frozen=True)

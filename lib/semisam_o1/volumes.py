@@ -139,7 +139,6 @@ def load_label(path: Path | str, image: Volume, allowed: set[int] | None = None,
 
 def _load_itk_label(path: Path, image: Volume) -> np.ndarray:
     """A non-NIfTI label checked against the image's physical grid; (D, H, W) in the image's voxel order."""
-    import SimpleITK as sitk
 
     try:
         label = read_sitk(path)
@@ -237,6 +236,11 @@ def load_array(path: Path | str, mmap: bool = True) -> np.ndarray:
     or in memory; safe to call from many threads at once (see ``_NUMPY_HEADER_LOCK``)."""
     with _NUMPY_HEADER_LOCK:
         return np.load(str(path), mmap_mode="r" if mmap else None)
+
+
+def save_array(path: Path, array: np.ndarray) -> Path:
+    """``np.save`` to ``path`` atomically (:func:`atomic_write`; memory-mapped later with :func:`load_array`)."""
+    return atomic_write(path, lambda tmp: np.save(tmp, np.ascontiguousarray(array)))
 
 
 def load_arrays(path: Path | str) -> dict[str, np.ndarray]:

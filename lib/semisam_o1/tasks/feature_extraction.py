@@ -5,7 +5,7 @@ infer calls only read caches. Progress lines (``features 3/20 ...``) appear in t
 (``GET /scoring/``, ``details``). Also runs once when the server starts (MONAI Label runs every
 scoring method at start-up unless ``MONAI_LABEL_AUTO_UPDATE_SCORING=false``).
 
-Interactive requests go first (:mod:`semisam_o1.priority`): the job process runs at a lowered CPU
+Interactive requests go first (:mod:`semisam_o1.server.priority`): the job process runs at a lowered CPU
 priority and, before each image, waits while the server serves an infer request; two processes
 never encode the same image at once (the feature cache locks each image's miss).
 """
@@ -20,8 +20,8 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from semisam_o1.config import AppConfig
 from semisam_o1.pool import pool_runner, prepare_pool
-from semisam_o1.priority import InteractivePriority, lower_job_priority
-from semisam_o1.stage_one import StageOne
+from semisam_o1.server.priority import InteractivePriority, lower_job_priority
+from semisam_o1.stage_one.predictor import StageOne
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Callable
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from semisam_o1.safe_names import safe_name
+from semisam_o1.safe_names import result_suffix
 
 
 class LabelInfer(InferTask):
@@ -24,19 +24,7 @@ class LabelInfer(InferTask):
     def is_valid(self) -> bool:
         return True
 
-    @staticmethod
-    def result_suffix(request) -> str:
-        """The result file's extension the client asked for (``result_extension``; default ``.nii.gz``).
-
-        Raises:
-            UnsafeNameError: the extension would not make a plain file name (e.g. holds a separator).
-        """
-        suffix = str(request.get("result_extension") or ".nii.gz")
-        suffix = suffix if suffix.startswith(".") else f".{suffix}"
-        safe_name("result_extension", f"result{suffix}")
-        return suffix
-
     @classmethod
     def result_path(cls, request) -> str:
-        """A temporary file with the extension the client asked for (Slicer: ``.nrrd``), see :meth:`result_suffix`."""
-        return tempfile.NamedTemporaryFile(suffix=cls.result_suffix(request), delete=False).name
+        """A temporary file with the extension the client asked for (Slicer: ``.nrrd``), see :func:`~semisam_o1.safe_names.result_suffix`."""
+        return tempfile.NamedTemporaryFile(suffix=result_suffix(request), delete=False).name

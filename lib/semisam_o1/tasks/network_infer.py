@@ -12,11 +12,10 @@ from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 
 from semisam_o1.active_learning import UNCERTAIN_ENTROPY
-from semisam_o1.stage_two import StageTwo
-from semisam_o1.tasks.errors import client_errors
+from semisam_o1.server.errors import client_errors
+from semisam_o1.stage_two.rounds import StageTwo
 from semisam_o1.tasks.label_infer import LabelInfer
 from semisam_o1.volumes import class_volumes, load_image, save_label
-
 
 #: Datastore label tag of the entropy maps kept by ``uncertainty: true`` requests.
 UNCERTAINTY_TAG = "uncertainty"

@@ -1,6 +1,6 @@
 """Train task ``semisam_o1``: stage two's rounds as a MONAI Label background training job.
 
-``POST /train/semisam_o1`` runs :class:`~semisam_o1.stage_two.StageTwo` in MONAI Label's job
+``POST /train/semisam_o1`` runs :class:`~semisam_o1.stage_two.rounds.StageTwo` in MONAI Label's job
 subprocess; progress lines (round, phase, iteration, loss, voxels refined) go to the job's
 ``details`` (``GET /train/``) and :meth:`stats` reports the finished rounds (``/info/``).
 Request keys override ``--conf``: ``rounds``, ``iterations``, ``refinement``, ``publish``. The
@@ -16,16 +16,18 @@ import logging
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from semisam_o1.config import AppConfig
+from semisam_o1.config import AppConfig, ConfError, parse_typed, research_field
 from semisam_o1.pool import save_published_labels
-from semisam_o1.stage_two import Progress, StageTwo
-from semisam_o1.tasks.errors import client_errors
+from semisam_o1.server.errors import client_errors
+from semisam_o1.stage_two.rounds import Progress, StageTwo
 from semisam_o1.templates import find_templates
 
 logger = logging.getLogger(__name__)
 
 #: Request keys that override ``--conf`` for one training run.
 OPTIONS = ("rounds", "iterations", "refinement", "publish", "pseudo_templates", "boundary", "replace_confidence")
+#: those of :data:`OPTIONS` that are operator options; the others are ``stage_two`` research settings
+OPERATOR = ("rounds", "iterations")
 
 
 class SelfTraining(TrainTask):
@@ -45,13 +47,19 @@ class SelfTraining(TrainTask):
     def options(self, request) -> dict:
         """The request's overrides (:data:`OPTIONS` keys present), parsed as their ``--conf`` options.
 
-        The server calls this before it queues the job (:mod:`~semisam_o1.tasks.request_guard`), so a
+        The server calls this before it queues the job (:mod:`~semisam_o1.server.request_guard`), so a
         bad value is a 422 answer, never a failed job.
 
         Raises:
             ConfError: naming the key and the problem.
         """
-        return {key: AppConfig.parse_option(key, request[key]) for key in OPTIONS if key in request}
+        out = {}
+        for key in (k for k in OPTIONS if k in request):
+            try:
+                out[key] = AppConfig.parse_option(key, request[key]) if key in OPERATOR else parse_typed(research_field(f"stage_two.{key}"), request[key])
+            except ConfError as e:
+                raise ConfError(str(e) if key in OPERATOR else f"{key}: {e}") from None
+        return out
 
     def _with_request(self, request) -> StageTwo:
         p = self.stage_two.params

@@ -1,4 +1,4 @@
-"""Infer task ``semisam_stage_one`` (old name ``semisam_prototype`` still answered): stage-one propagation of the templates' labels to one image."""
+"""Infer task ``semisam_stage_one``: stage-one propagation of the templates' labels to one image."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Callable
 
 from monailabel.interfaces.datastore import Datastore
 
-from semisam_o1.stage_one import StageOne
-from semisam_o1.tasks.errors import client_errors
+from semisam_o1.server.errors import client_errors
+from semisam_o1.stage_one.predictor import StageOne
 from semisam_o1.tasks.label_infer import LabelInfer
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import save_label

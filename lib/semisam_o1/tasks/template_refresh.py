@@ -3,7 +3,7 @@
 MONAI Label calls the app's ``on_save_label`` inside the PUT /datastore/label request; the refresh
 (registration of the new template to every unlabelled image, then propagation from cached
 features) takes seconds per image, so it runs in one background thread, which waits before each
-image while an interactive request runs (:mod:`semisam_o1.priority`). Saves that arrive while a
+image while an interactive request runs (:mod:`semisam_o1.server.priority`). Saves that arrive while a
 refresh runs are coalesced into one more refresh, which sees every template saved until it starts.
 """
 
@@ -18,8 +18,8 @@ from monailabel.interfaces.datastore import Datastore
 
 from semisam_o1.config import AppConfig
 from semisam_o1.pool import pool_runner, refresh_pseudo_labels
-from semisam_o1.priority import InteractivePriority
-from semisam_o1.stage_one import StageOne
+from semisam_o1.server.priority import InteractivePriority
+from semisam_o1.stage_one.predictor import StageOne
 
 logger = logging.getLogger(__name__)
 

@@ -27,18 +27,17 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from semisam_o1.active_learning import SCORE_KEY, UNCERTAIN_ENTROPY, UNCERTAIN_VOTE, uncertainty_score
 from semisam_o1.config import AppConfig
 from semisam_o1.pool import pool_runner, stage_two_of
-from semisam_o1.priority import InteractivePriority, lower_job_priority
-from semisam_o1.volumes import sha256
-from semisam_o1.stage_two import StageTwo
+from semisam_o1.server.priority import InteractivePriority, lower_job_priority
+from semisam_o1.stage_two.rounds import StageTwo
 from semisam_o1.templates import Template, find_templates
-from semisam_o1.volumes import InputError, load_image
+from semisam_o1.volumes import InputError, load_image, sha256
 
 logger = logging.getLogger(__name__)
 
 
 def stage_one_version(templates: list[Template], settings: dict) -> str:
     """Version of stage one's predictions: the template labels' contents and ``settings``
-    (:meth:`~semisam_o1.stage_one.StageOne.settings`: features, spatial prior, propagation and their params)."""
+    (:meth:`~semisam_o1.stage_one.predictor.StageOne.settings`: features, spatial prior, propagation and their params)."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for t in templates:
         digest.update(f"{t.image_id}:{sha256(t.label_path)}".encode())
@@ -71,7 +70,7 @@ class UncertaintyScoring(ScoringMethod):
         self.priority = InteractivePriority(stage_two.studies)
 
     def __call__(self, request, datastore: Datastore):
-        lower_job_priority()  # interactive requests first (semisam_o1.priority)
+        lower_job_priority()  # interactive requests first (semisam_o1.server.priority)
         templates = find_templates(datastore)
         net = self.stage_two.load_model()
         version = self.stage_two.model_version() if net is not None else stage_one_version(templates, self.stage_two.stage_one.settings())
