@@ -203,15 +203,17 @@ def test_session_archive_members_stay_in_their_folder(served):
     import io
     import tarfile
 
-    server, root, *_ = served
+    server, root, studies, _ = served
     send = Raw(server.port)
     target = root / "from_session.txt"
+    image = next(studies.glob("*.nii.gz"))
     for member in (str(target), "../../../../../../../../" + str(target).lstrip("/")):
         data = io.BytesIO()
         with tarfile.open(fileobj=data, mode="w") as tar:
             info = tarfile.TarInfo(member)
             info.size = 4
             tar.addfile(info, io.BytesIO(b"evil"))
+            tar.add(str(image), arcname="scan.nii.gz")  # a session must hold an image the app can read
         status, body = send("PUT", "/session/?uncompress=true", {"files": ("study.tar", data.getvalue(), "application/x-tar")})
         assert not target.exists()
         if member.startswith("/"):

@@ -13,9 +13,10 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.scoring.dice import Dice
 from semisam_o1.config import AppConfig, is_dicomweb
 from semisam_o1.distributed import check_reachable
-from semisam_o1.pool import build_stage_one, pool_runner, refresh_pseudo_labels
+from semisam_o1.pool import build_stage_one, pool_runner, refresh_pseudo_labels, unreadable_images
 from semisam_o1.server import request_guard
 from semisam_o1.server.dicomweb import dicomweb_datastore, work_dir
+from semisam_o1.server.errors import client_errors
 from semisam_o1.server.jobs import exit_with_parent, in_job_process
 from semisam_o1.server.priority import InteractivePriority
 from semisam_o1.server.safe_datastore import SafeSessions
@@ -30,6 +31,7 @@ from semisam_o1.tasks.strategies import Diverse, Uncertain, UncertainDiverse
 from semisam_o1.tasks.template_refresh import PseudoLabelRefresher
 from semisam_o1.tasks.uncertainty_scoring import UncertaintyScoring
 from semisam_o1.templates import STAGE_ONE_MODEL, find_templates, label_map
+from semisam_o1.volumes import check_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +130,9 @@ class SemiSAMO1App(MONAILabelApp):
         image = request.get("image")
         if isinstance(image, str) and not os.path.exists(image):  # MONAI Label's own test for "an id, not a file"
             request = {**request, "image_id": image}
+        elif isinstance(image, str) and os.path.isfile(image):  # an uploaded file or a session's image
+            with client_errors():
+                check_image_file(image, "the uploaded image")
         with self._infer_lock, self.priority.interactive():
             return super().infer(request, datastore)
 
@@ -135,5 +140,5 @@ class SemiSAMO1App(MONAILabelApp):
         self.labels = self.current_labels()
         info = super().info()
         info["semisam"] = {"templates": [t.image_id for t in find_templates(self.datastore())], "pseudo_label_refresh": self.refresher.status(),
-                           **self.config.describe()}
+                           "unreadable_images": unreadable_images(work_dir(self.studies)), **self.config.describe()}
         return info

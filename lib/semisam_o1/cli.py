@@ -106,6 +106,8 @@ def cmd_pipeline(args) -> int:
         config = AppConfig.from_conf(conf)
         report = run_stage_one(studies, config)
         print(f"stage 1: {report['images']} pseudo-labels (tag 'pseudo') in {report['seconds']} s")
+        for image_id, reason in report["errors"].items():
+            print(f"stage 1: skipped {image_id}: {reason}")
         if args.stage != 1:
             report = run_stage_two(studies, config, truth=truth, report_dir=args.report)
             print(f"stage 2: {len(report['rounds'])} rounds; " + (f"pool Dice per round {[round(d, 3) for d in report['pool_dice_per_round']]}; " if "pool_dice_per_round" in report else "") + f"report in {args.report or studies / '.semisam' / 'report'}")

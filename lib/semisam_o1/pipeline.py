@@ -12,7 +12,15 @@ from pathlib import Path
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from semisam_o1.config import AppConfig
-from semisam_o1.pool import build_stage_one, open_datastore, pool_runner, refresh_pseudo_labels, save_published_labels
+from semisam_o1.pool import (
+    build_stage_one,
+    open_datastore,
+    pool_runner,
+    readable_pool,
+    record_unreadable,
+    refresh_pseudo_labels,
+    save_published_labels,
+)
 from semisam_o1.templates import find_templates, label_map
 
 
@@ -31,6 +39,7 @@ def run_stage_one(studies: Path, config: AppConfig, progress: bool = True) -> di
     stage_one = build_stage_one(studies, config)  # the plan is made (and written) here, before any worker reads it
     with pool_runner(studies, config) as runner:
         cases = refresh_pseudo_labels(stage_one, datastore, label_map(templates, config.labels), progress, errors, runner=runner, config=config)
+    record_unreadable(studies, "stage_one", errors)
     report = {"images": len(cases), "templates": [t.image_id for t in templates], "seconds": round(time.perf_counter() - start, 1),
               "cases": cases, "errors": errors, "ray_address": config.ray_address}
     (studies / ".semisam").mkdir(exist_ok=True)
@@ -55,13 +64,14 @@ def run_stage_two(studies: Path, config: AppConfig, truth: Path | None = None, r
     templates = find_templates(datastore)
     stage_one = build_stage_one(studies, config)
     two = StageTwo(studies, stage_one, config.stage_two_params())
-    pool = {i: Path(datastore.get_image_uri(i)) for i in sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))}
+    pool, skipped = readable_pool({i: Path(datastore.get_image_uri(i)) for i in sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))})
+    record_unreadable(studies, "training", skipped)
     state = two.run(templates, pool, progress=progress)
     rounds, published = len(state["rounds"]), save_published_labels(datastore, two, state, pool)
 
     report_dir = Path(report_dir or studies / ".semisam" / "report")
     report_dir.mkdir(parents=True, exist_ok=True)
-    report = StageTwo.summary(state)
+    report = {**StageTwo.summary(state), "skipped": skipped}
     names = label_map(templates, config.labels)
     if truth is not None:
         per_round = []

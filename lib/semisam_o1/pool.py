@@ -9,6 +9,7 @@ Labels are saved to the datastore by the calling process only, never as ``final`
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -21,11 +22,12 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from semisam_o1.config import AppConfig
 from semisam_o1.distributed import PoolRunner
+from semisam_o1.safe_names import public
 from semisam_o1.stage_one.feature_cache import FeatureCache
 from semisam_o1.stage_one.plan import load_or_make_plan, resolve_device
 from semisam_o1.stage_one.predictor import NoTemplateError, StageOne
 from semisam_o1.templates import PSEUDO_TAG, STAGE_ONE_MODEL, find_templates
-from semisam_o1.volumes import InputError, Volume, load_image, save_label
+from semisam_o1.volumes import InputError, Volume, atomic_write, check_image_file, load_image, save_label
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ def refresh_pseudo_labels(stage_one: StageOne, datastore: Datastore, names: dict
         if error is not None:
             logger.warning(f"stage 1: {image_id} skipped: {error}")
             if errors is not None:
-                errors[image_id] = str(error)
+                errors[image_id] = public(str(error))
             continue
         label, geometry, cases[image_id] = value
         with tempfile.TemporaryDirectory() as tmp:
@@ -184,10 +186,43 @@ def prepare_pool(stage_one: StageOne, datastore: Datastore, runner: PoolRunner |
         if error is None:
             done.append(paths[path])
         else:  # one bad file must not stop the pool
-            failed[paths[path]] = str(error)
+            failed[paths[path]] = public(str(error))
         if on_image is not None:
             on_image(n, len(paths), paths[path], error)
     return done, failed
+
+
+#: where pool jobs record the images they could not read: ``{job: {image_id: reason}}`` (``/info/`` shows them)
+UNREADABLE_FILE = Path(".semisam") / "unreadable.json"
+
+
+def record_unreadable(studies: Path, job: str, failed: dict[str, str]) -> None:
+    """Record the images ``job`` (``features``, ``stage_one``, ``training``) skipped because they cannot be read,
+    replacing that job's previous record; reasons name the image, never a server path."""
+    path = Path(studies) / UNREADABLE_FILE
+    record = unreadable_images(studies, by_job=True)
+    record[job] = {i: public(reason) for i, reason in sorted(failed.items())}
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+
+
+def unreadable_images(studies: Path, by_job: bool = False) -> dict:
+    """``{image_id: reason}`` of every image a pool job last skipped (``by_job``: ``{job: {image_id: reason}}``)."""
+    path = Path(studies) / UNREADABLE_FILE
+    record = json.loads(path.read_text()) if path.exists() else {}
+    return record if by_job else {i: r for failed in record.values() for i, r in failed.items()}
+
+
+def readable_pool(pool: dict[str, Path]) -> tuple[dict[str, Path], dict[str, str]]:
+    """``pool`` (``{image_id: path}``) split into the images :func:`~semisam_o1.volumes.check_image_file` accepts
+    and ``{image_id: reason}`` of the others (a file put in the folder by hand bypasses the upload check)."""
+    ok, failed = {}, {}
+    for image_id, path in pool.items():
+        try:
+            check_image_file(path, f"image '{image_id}'")
+            ok[image_id] = path
+        except InputError as e:
+            failed[image_id] = str(e)
+    return ok, failed
 
 
 def save_published_labels(datastore: Datastore, stage_two, state: dict, image_ids) -> int:

@@ -75,3 +75,19 @@ def result_suffix(request: dict) -> str:
     suffix = suffix if suffix.startswith(".") else f".{suffix}"
     safe_name("result_extension", f"result{suffix}")
     return suffix
+
+
+#: an absolute file path in a message: ``/a/b/c.nii.gz`` (not a URL's ``//host/...``)
+_PATH = re.compile(r"(?<![\w:/.])(/[\w.\-]+)+/([\w.\-]+)")
+
+
+def public(message: str) -> str:
+    """``message`` without the server's file paths: each absolute path becomes its file name (a client knows its
+    files by their names and ids; where the server keeps them is not its business).
+
+    >>> public("/srv/studies/.semisam/x/case_7.nii.gz: not a readable NIfTI image (tmp /tmp/tmpab12.nii.gz)")
+    'case_7.nii.gz: not a readable NIfTI image (tmp tmpab12.nii.gz)'
+    >>> public("DICOMweb server http://127.0.0.1:8042/dicom-web is unreachable")
+    'DICOMweb server http://127.0.0.1:8042/dicom-web is unreachable'
+    """
+    return _PATH.sub(lambda m: m.group(2), message)

@@ -23,6 +23,15 @@ class InputError(ValueError):
     """Bad input (unreadable file, wrong shape or geometry, bad label values); the message names the file."""
 
 
+class TooLargeError(InputError):
+    """An image larger than this server can ever process (HTTP 413)."""
+
+
+#: bytes per voxel the heaviest per-image step holds (stage one: the image, its label and confidence, the vote
+#: state of the searched box; see :meth:`~semisam_o1.stage_one.predictor.StageOne.predict`'s memory check)
+PROCESS_BYTES_PER_VOXEL = 4 + 1 + 4 + 4 * 4
+
+
 @dataclass
 class Volume:
     """A 3D image: ``array`` (D, H, W) float32 in the file's voxel order, ``affine`` (4, 4) voxel -> mm."""
@@ -70,6 +79,47 @@ def load_image(path: Path | str) -> Volume:
     if array.min() == array.max():
         raise InputError(f"{path}: image is constant ({array.min()}), nothing to segment")
     return Volume(path=path, array=array, affine=img.affine, header=img.header)
+
+
+def check_image_file(path: Path | str, name: str, memory_bytes: int | None = None) -> Volume:
+    """The one check of an image a client uploads (a datastore image, an infer input, a session's image),
+    before anything keeps it: the image as :func:`load_image` reads it.
+
+    In this order, so that no bad header makes the server read or allocate much: a readable NIfTI header; 3D, or
+    4D with one channel; a size the server can process (:data:`PROCESS_BYTES_PER_VOXEL` x voxels within
+    ``memory_bytes``, default this machine's physical memory); a finite, invertible affine (voxel -> mm); then the
+    voxels: readable in full, finite, not constant.
+
+    Args:
+        name: how messages name the upload, e.g. ``"image 'case_7'"`` (never the server's temporary path).
+    Raises:
+        TooLargeError: the image has more voxels than the server can process (the message names size and limit).
+        InputError: any other reason, naming ``name``.
+    """
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(n) for n in img.shape)
+    except Exception as e:
+        raise InputError(f"{name}: not a readable NIfTI image ({type(e).__name__})") from None
+    if len(shape) < 3 or any(n != 1 for n in shape[3:]) or min(shape[:3]) < 1:
+        raise InputError(f"{name}: expected a 3D volume (or 4D with one channel), got shape {shape}")
+    if memory_bytes is None:
+        import psutil
+
+        memory_bytes = psutil.virtual_memory().total
+    voxels = int(np.prod(shape[:3], dtype=np.int64))
+    if voxels * PROCESS_BYTES_PER_VOXEL > memory_bytes:
+        raise TooLargeError(f"{name}: {'x'.join(map(str, shape[:3]))} voxels ({voxels / 1e6:.0f} M) need about "
+                            f"{voxels * PROCESS_BYTES_PER_VOXEL / 2**30:.1f} GiB to process, more than this server's "
+                            f"{memory_bytes / 2**30:.1f} GiB; crop or downsample the scan")
+    affine = np.asarray(img.affine, np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{name}: its affine (voxel -> mm) is not finite and invertible: the scanner geometry is missing")
+    try:
+        return load_image(path)
+    except InputError as e:
+        raise InputError(str(e).replace(str(path), name)) from None
 
 
 def read_geometry(path: Path | str) -> Volume:

@@ -10,9 +10,10 @@ from contextlib import contextmanager
 
 from fastapi import HTTPException
 
+from semisam_o1.safe_names import public
 from semisam_o1.stage_one.encoders import EncoderError
 from semisam_o1.stage_one.predictor import NoTemplateError
-from semisam_o1.volumes import InputError
+from semisam_o1.volumes import InputError, TooLargeError
 
 
 def unknown(kind: str, plural: str, name: str, known) -> HTTPException:
@@ -22,10 +23,13 @@ def unknown(kind: str, plural: str, name: str, known) -> HTTPException:
 
 @contextmanager
 def client_errors():
-    """``NoTemplateError`` -> 409 (the datastore is not ready), other ``InputError`` -> 422."""
+    """``NoTemplateError`` -> 409 (the datastore is not ready), ``TooLargeError`` -> 413, other ``InputError`` -> 422;
+    messages without server paths (:func:`public`)."""
     try:
         yield
     except NoTemplateError as e:
-        raise HTTPException(status_code=409, detail=str(e)) from e
+        raise HTTPException(status_code=409, detail=public(str(e))) from e
+    except TooLargeError as e:
+        raise HTTPException(status_code=413, detail=public(str(e))) from e
     except (InputError, EncoderError) as e:
-        raise HTTPException(status_code=422, detail=str(e)) from e
+        raise HTTPException(status_code=422, detail=public(str(e))) from e

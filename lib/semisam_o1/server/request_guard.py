@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import shutil
 import tempfile
 import threading
 from typing import Callable
@@ -222,11 +223,32 @@ def install(app, needs_template: set[str], has_template: Callable[[], bool]) -> 
 
         return run_model
 
+    def model_upload(original):
+        def update(background_tasks, model, file):
+            """``PUT /model/<model>``: the upload replaces the model's weights only after the task checked them
+            (``replace_model``; 422 naming what is wrong, the served model unchanged); a model without weights
+            (stage one) -> 422."""
+            model = known_model(model)
+            replace = getattr(app._infers[model], "replace_model", None)
+            if replace is None:
+                raise HTTPException(status_code=422, detail=f"model '{model}' has no weights to replace (it is not trained)")
+            path = model_endpoint.tempfile.NamedTemporaryFile(suffix=".pt").name  # recorded: deleted if this fails
+            try:
+                with open(path, "wb") as out:
+                    shutil.copyfileobj(file.file, out)
+                with client_errors():
+                    return replace(path)
+            finally:
+                remove_file(path)
+
+        return update
+
     for module in {module for module, _ in UPLOAD_ENDPOINTS} | {infer_endpoint}:
         module.tempfile = _RecordingTempfile()
     for module, name in UPLOAD_ENDPOINTS:
         _wrap(module, name, deleting_uploads_on_error)
     _wrap(infer_endpoint, "run_inference", lambda original: infer(deleting_uploads_on_error(original)))
+    _wrap(model_endpoint, "update_model", lambda original: deleting_uploads_on_error(model_upload(original)))
     _wrap(batch_endpoint, "run", batch)
     _wrap(activelearning_endpoint, "sample", activelearning)
     _wrap(scoring_endpoint, "run_method", scoring)

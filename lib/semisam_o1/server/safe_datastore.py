@@ -33,7 +33,7 @@ from monailabel.utils.sessions import Sessions
 
 from semisam_o1.safe_names import safe_name
 from semisam_o1.server.errors import client_errors
-from semisam_o1.volumes import InputError
+from semisam_o1.volumes import InputError, check_image_file
 
 
 class NameChecks:
@@ -81,6 +81,8 @@ class NameChecks:
                 + (f" (labels: {', '.join(labels)})" if labels else "")
                 + ": upload it under a new id, or delete the old one first (DELETE /datastore/image?id=...)",
             )
+        with client_errors():  # the image itself, before the datastore keeps it (413 / 422 naming the id)
+            check_image_file(image_filename, f"image '{image_id}'")
         return super().add_image(image_id, image_filename, image_info)
 
     def remove_image(self, image_id: str) -> None:
@@ -166,7 +168,23 @@ class SafeSessions(Sessions):
                 safe_name("session id", session_id)
             if uncompress and not os.path.isdir(data_file):
                 data_file = _unpack(data_file)
+            check_session_images(data_file)
         return super().add_session(data_file, expiry, False, session_id)
+
+
+def check_session_images(data: str) -> None:
+    """A session's upload holds images the app can segment: a single image file, or a folder whose NIfTI images
+    all pass :func:`~semisam_o1.volumes.check_image_file` (at least one).
+
+    Raises:
+        InputError: naming the file (by its upload name) and what is wrong.
+    """
+    files = [data] if not os.path.isdir(data) else sorted(
+        os.path.join(root, f) for root, _, names in os.walk(data) for f in names if f.endswith((".nii", ".nii.gz")))
+    if not files:
+        raise InputError("session upload: no NIfTI image (.nii, .nii.gz) in it")
+    for path in files:
+        check_image_file(path, f"session file '{os.path.basename(path)}'")
 
 
 def _unpack(archive: str) -> str:

@@ -30,13 +30,26 @@ from semisam_o1.choices import PROPAGATIONS, REGISTRATIONS
 from semisam_o1.stage_one.feature_cache import FeatureCache, FeatureGrid, stored_grid
 from semisam_o1.stage_one.params import FloorParams, PropagationParams
 from semisam_o1.stage_one.plan import check_memory
-from semisam_o1.stage_one.propagation import (TemplateBank, build_bank, consistent_mappings, mapping_consistency,
-                                              propagate)
+from semisam_o1.stage_one.propagation import (
+    TemplateBank,
+    build_bank,
+    consistent_mappings,
+    mapping_consistency,
+    propagate,
+)
 from semisam_o1.stage_one.prototypes import class_prototypes, propagate_prototypes
 from semisam_o1.stage_one.registration import RegistrationCache, map_voxels, warp_label
 from semisam_o1.templates import Template
-from semisam_o1.volumes import (InputError, Volume, class_volumes, load_image, load_label, read_sitk, read_sitk_grid,
-                                sha256)
+from semisam_o1.volumes import (
+    InputError,
+    Volume,
+    class_volumes,
+    load_image,
+    load_label,
+    read_sitk,
+    read_sitk_grid,
+    sha256,
+)
 
 logger = logging.getLogger(__name__)
 

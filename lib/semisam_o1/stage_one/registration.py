@@ -24,8 +24,15 @@ import numpy as np
 import SimpleITK as sitk
 from filelock import FileLock
 
-from semisam_o1.volumes import (InputError, atomic_write, load_arrays, read_sitk, remove_interrupted_writes, sha256,
-                                sitk_to_dhw)
+from semisam_o1.volumes import (
+    InputError,
+    atomic_write,
+    load_arrays,
+    read_sitk,
+    remove_interrupted_writes,
+    sha256,
+    sitk_to_dhw,
+)
 
 __all__ = ["affine_register", "demons_register", "syn_register", "deterministic_ants", "map_voxels", "shrink", "warp_label", "read_image",
            "save_transform", "load_transform", "RegistrationCache", "RegistrationError"]

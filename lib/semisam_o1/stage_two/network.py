@@ -53,6 +53,35 @@ def save_network(net: UNet, n_classes: int, path: Path, params: TrainParams = Tr
     return atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
+#: what :func:`save_network` writes, and what an uploaded checkpoint must hold
+CHECKPOINT_KEYS = ("n_classes", "channels", "dropout", "grid_voxels", "flip_axes", "state_dict")
+
+
+def check_network_file(path: Path, n_classes: int, name: str = "model file") -> UNet:
+    """A checkpoint a client uploads (``PUT /model/semisam_o1``), read without unpickling arbitrary objects
+    (``torch.load(weights_only=True)``): it must hold :data:`CHECKPOINT_KEYS`, a network of ``n_classes`` outputs (the
+    app's labels and background) and weights that fit that architecture exactly.
+
+    Raises:
+        InputError: naming ``name`` and what is wrong.
+    """
+    from semisam_o1.volumes import InputError
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{name}: not a PyTorch checkpoint this server can read safely ({type(e).__name__})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise InputError(f"{name}: not a SemiSAM-O1 network checkpoint (missing {', '.join(missing)})")
+    if int(payload["n_classes"]) != n_classes:
+        raise InputError(f"{name}: a network of {payload['n_classes']} classes; this server's labels need {n_classes} (with background)")
+    try:
+        return load_network(path)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise InputError(f"{name}: its weights do not fit the network it describes ({str(e).splitlines()[0][:200]})") from None
+
+
 def load_network(path: Path) -> UNet:
     """A network saved by :func:`save_network` (its own architecture), in eval mode on CPU; its attribute
     ``grid_voxels`` is the checkpoint's (``None``: each image's own grid), ``flip_axes`` the axes it was trained to be

@@ -19,8 +19,14 @@ import torch
 
 from semisam_o1.stage_one.normalize import normalize
 from semisam_o1.stage_one.plan import check_memory, shrink_factors, with_cpu_fallback
-from semisam_o1.stage_two.network import (entropy, image_to_grid, load_network, predict_with_uncertainty, probs_to_grid,
-                                          shrunk_shape)
+from semisam_o1.stage_two.network import (
+    entropy,
+    image_to_grid,
+    load_network,
+    predict_with_uncertainty,
+    probs_to_grid,
+    shrunk_shape,
+)
 from semisam_o1.volumes import Volume, load_label, load_map, sha256
 
 

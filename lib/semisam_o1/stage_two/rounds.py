@@ -62,8 +62,15 @@ from semisam_o1.stage_one.feature_cache import FeatureGrid
 from semisam_o1.stage_one.normalize import normalize
 from semisam_o1.stage_one.plan import shrink_factors
 from semisam_o1.stage_one.predictor import NoTemplateError, StageOne, registration_floor
-from semisam_o1.stage_two.labels import (choose_round, confident_replacement, ensemble_weights, resolve_ensemble,
-                                         resolve_replace_confidence, training_weights, volume_change)
+from semisam_o1.stage_two.labels import (
+    choose_round,
+    confident_replacement,
+    ensemble_weights,
+    resolve_ensemble,
+    resolve_replace_confidence,
+    training_weights,
+    volume_change,
+)
 from semisam_o1.stage_two.network import entropy, image_to_grid, label_to_grid, load_network, save_network
 from semisam_o1.stage_two.params import AUTO_REPLACE_CONFIDENCE, StageTwoParams, TrainParams
 from semisam_o1.stage_two.patches import mirror_axes, slice_axis
@@ -72,8 +79,17 @@ from semisam_o1.stage_two.refinement import RefineCase, refine_volumes, refine_v
 from semisam_o1.stage_two.round_zero import RoundZero
 from semisam_o1.stage_two.training import train_network
 from semisam_o1.templates import Template
-from semisam_o1.volumes import (Volume, atomic_write, load_array, load_image, load_label, read_geometry, save_array,
-                                save_label, sha256)
+from semisam_o1.volumes import (
+    Volume,
+    atomic_write,
+    load_array,
+    load_image,
+    load_label,
+    read_geometry,
+    save_array,
+    save_label,
+    sha256,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from semisam_o1.config import AppConfig
-from semisam_o1.pool import pool_runner, prepare_pool
+from semisam_o1.pool import pool_runner, prepare_pool, record_unreadable
 from semisam_o1.server.priority import InteractivePriority, lower_job_priority
 from semisam_o1.stage_one.predictor import StageOne
 
@@ -54,5 +54,6 @@ class FeatureExtraction(ScoringMethod):
 
         with pool_runner(self.stage_one.studies, self.config) as runner:
             done, failed = prepare_pool(self.stage_one, datastore, runner, self.config, before_image=wait_turn, on_image=on_image)
+        record_unreadable(self.stage_one.studies, "features", failed)
         return {"encoded": len(done), "failed": failed, "settings": self.stage_one.cache.settings_id,
                 "waited_for_interactive_seconds": round(waited[0], 1), "ray_address": self.config.ray_address}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -13,9 +14,10 @@ from monailabel.interfaces.datastore import Datastore
 
 from semisam_o1.active_learning import UNCERTAIN_ENTROPY
 from semisam_o1.server.errors import client_errors
+from semisam_o1.stage_two.network import check_network_file
 from semisam_o1.stage_two.rounds import StageTwo
 from semisam_o1.tasks.label_infer import LabelInfer
-from semisam_o1.volumes import class_volumes, load_image, save_label
+from semisam_o1.volumes import atomic_write, class_volumes, load_image, save_label, sha256
 
 #: Datastore label tag of the entropy maps kept by ``uncertainty: true`` requests.
 UNCERTAINTY_TAG = "uncertainty"
@@ -37,6 +39,25 @@ class NetworkInfer(LabelInfer):
         self._datastore = datastore
         self._model = None
         self._model_mtime = None
+
+    def get_path(self, validate: bool = True) -> str | None:
+        """The published network's file (``GET /model/semisam_o1`` downloads it); ``None`` before training when
+        ``validate``."""
+        path = self.stage_two.model_path
+        return str(path) if path.exists() or not validate else None
+
+    def replace_model(self, path: str) -> dict:
+        """Serve the checkpoint at ``path`` instead of the published one, once it passed
+        :func:`~semisam_o1.stage_two.network.check_network_file` against this server's labels (written atomically;
+        a refused file leaves the served model as it was). Returns MONAI Label's answer: checksum and time.
+
+        Raises:
+            InputError: naming what is wrong with the file.
+        """
+        check_network_file(Path(path), 1 + max(self._labels().values(), default=0), "uploaded model")
+        target = self.stage_two.model_path
+        atomic_write(target, lambda tmp: shutil.copyfile(path, tmp))
+        return {"checksum": f"SHA256:{sha256(target)}", "modified_time": int(target.stat().st_mtime)}
 
     def _network(self):
         path = self.stage_two.model_path

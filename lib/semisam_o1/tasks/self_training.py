@@ -17,7 +17,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from semisam_o1.config import AppConfig, ConfError, parse_typed, research_field
-from semisam_o1.pool import save_published_labels
+from semisam_o1.pool import readable_pool, record_unreadable, save_published_labels
 from semisam_o1.server.errors import client_errors
 from semisam_o1.stage_two.rounds import Progress, StageTwo
 from semisam_o1.templates import find_templates
@@ -75,6 +75,10 @@ class SelfTraining(TrainTask):
             stage_two = self._with_request(request)
             templates = find_templates(datastore)
             pool = {i: datastore.get_image_uri(i) for i in sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))}
+            pool, skipped = readable_pool(pool)  # a file put in the folder by hand that cannot be read: skipped, named
+            record_unreadable(stage_two.studies, "training", skipped)
+            for image_id, reason in skipped.items():
+                logger.warning(f"stage2: skipping {image_id}: {reason}")
 
             def report(p: Progress) -> None:
                 logger.info(f"stage2 round {p.round}/{p.rounds} {p.phase} iteration {p.iteration}/{p.iterations} loss {p.loss}")
@@ -83,4 +87,4 @@ class SelfTraining(TrainTask):
 
             state = stage_two.run(templates, pool, on_progress=report)
         save_published_labels(datastore, stage_two, state, pool)
-        return StageTwo.summary(state)
+        return {**StageTwo.summary(state), "skipped": skipped}

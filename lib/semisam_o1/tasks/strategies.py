@@ -22,8 +22,13 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from semisam_o1.active_learning import (SCORE_KEY, distance_to_labelled, recently_served, uncertain_then_diverse,
-                                        volume_descriptor)
+from semisam_o1.active_learning import (
+    SCORE_KEY,
+    distance_to_labelled,
+    recently_served,
+    uncertain_then_diverse,
+    volume_descriptor,
+)
 from semisam_o1.stage_one.predictor import StageOne
 from semisam_o1.volumes import load_image
 

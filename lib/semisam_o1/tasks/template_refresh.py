@@ -17,7 +17,7 @@ from typing import Callable
 from monailabel.interfaces.datastore import Datastore
 
 from semisam_o1.config import AppConfig
-from semisam_o1.pool import pool_runner, refresh_pseudo_labels
+from semisam_o1.pool import pool_runner, record_unreadable, refresh_pseudo_labels
 from semisam_o1.server.priority import InteractivePriority
 from semisam_o1.stage_one.predictor import StageOne
 
@@ -68,6 +68,7 @@ class PseudoLabelRefresher:
                     cases = refresh_pseudo_labels(self.stage_one, self._datastore(), self._labels(), errors=failed,
                                                   before_image=self.priority.wait_turn, runner=runner, config=self.config)
                 self.last = {"images": len(cases), "seconds": round(time.perf_counter() - start, 1), "error": None, "failed": failed}
+                record_unreadable(self.stage_one.studies, "stage_one", failed)
             except Exception as e:  # a background thread has no caller to raise to: log and report
                 logger.exception("stage-one refresh failed")
                 self.last = {"images": 0, "seconds": round(time.perf_counter() - start, 1), "error": str(e)}
