@@ -37,7 +37,7 @@ from semisam_o1.stage_two.rounds import StageTwo
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_image, load_label
 
-#: stage one's spatial priors compared (``--conf registration``): each method alone, and both voting
+#: stage one's spatial priors compared (``--conf stage_one.registration``): each method alone, and both voting
 PRIORS = (*REGISTRATIONS, "+".join(REGISTRATIONS))
 
 _CHILD = r"""
@@ -87,50 +87,107 @@ def ants_syn(fixed: Path, template: Path, template_label: Path) -> np.ndarray:
     return np.rint(warped.numpy()).astype(np.uint8)
 
 
+def timed_ants_syn(fixed: Path, template: Path, template_label: Path, truth: np.ndarray, classes: dict[str, int]) -> dict:
+    """:func:`ants_syn` scored: ``{"ants_syn": per-class Dice, "ants_syn_seconds"}`` (also the task a
+    separate process runs, so that ANTs' memory stays out of the caller's peak RSS)."""
+    start = time.perf_counter()
+    dice_ = per_class(ants_syn(fixed, template, template_label), truth, classes)
+    return {"ants_syn": dice_, "ants_syn_seconds": round(time.perf_counter() - start, 2), "ants_process_peak_rss_bytes": peak_rss_bytes()}
+
+
+def copy_images(images: Path, studies: Path, cases) -> None:
+    """The images of ``cases`` copied into the work datastore ``studies`` (once)."""
+    studies.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        if not (studies / f"{case}.nii.gz").exists():
+            shutil.copy(images / f"{case}.nii.gz", studies / f"{case}.nii.gz")
+
+
+class Extraction:
+    """Features of a work datastore's images, per case as a benchmark reaches it (so an interrupted run
+    has whole cases), timed. With ``child`` the first cache miss runs in a child process, whose peak RSS
+    is one volume's extraction (PCA basis fit included); the others run in this process. Timings are kept
+    in ``<studies>/<timing_name>`` for reruns (a cached image is not timed again)."""
+
+    def __init__(self, studies: Path, cache, conf: dict, child: bool = True, timing_name: str = "extraction_timing.json"):
+        self.studies, self.cache, self.conf, self.child = studies, cache, conf, child
+        self.timing_file = studies / timing_name
+        self.timing = json.loads(self.timing_file.read_text()) if self.timing_file.exists() else {"seconds": {}, "peak_rss_bytes": None}
+
+    def __call__(self, case: str) -> None:
+        image = load_image(self.studies / f"{case}.nii.gz")
+        if self.cache.get(image) is not None:
+            return
+        if self.child and self.timing["peak_rss_bytes"] is None:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+            out = subprocess.run([sys.executable, "-c", _CHILD, str(self.studies), str(image.path), json.dumps(self.conf)], env=env,
+                                 capture_output=True, text=True, check=True)
+            child = json.loads(out.stdout.strip().splitlines()[-1])
+            self.timing["peak_rss_bytes"], self.timing["seconds"][case] = child["peak_rss_bytes"], child["seconds"]
+        else:
+            start = time.perf_counter()
+            self.cache.get_or_compute(image)
+            self.timing["seconds"][case] = time.perf_counter() - start
+        from filelock import FileLock
+
+        with FileLock(f"{self.timing_file}.lock"):  # another benchmark process on the same work datastore may time other images
+            if self.timing_file.exists():
+                on_disk = json.loads(self.timing_file.read_text())
+                self.timing["seconds"] = {**on_disk["seconds"], **self.timing["seconds"]}
+                self.timing["peak_rss_bytes"] = self.timing["peak_rss_bytes"] or on_disk["peak_rss_bytes"]
+            tmp = self.timing_file.with_name(f"{self.timing_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.timing))
+            os.replace(tmp, self.timing_file)
+        print(f"features {case}: {self.timing['seconds'][case]:.1f} s", flush=True)
+
+    def bytes_per_voxel(self, done: list[str]) -> float:
+        images = [load_image(self.studies / f"{c}.nii.gz") for c in done]
+        return sum(self.cache.path(i.path).stat().st_size for i in images) / sum(i.array.size for i in images)
+
+    def summary(self) -> dict:
+        secs = list(self.timing["seconds"].values())
+        return {"extraction_seconds_per_volume": round(float(np.mean(secs)), 2) if secs else None, "extraction_volumes_timed": len(secs),
+                "extraction_peak_rss_bytes": self.timing["peak_rss_bytes"]}
+
+
+def stage_one_columns(stage_one: StageOne, path: Path, templates, truth: np.ndarray, classes: dict[str, int], key: str) -> dict:
+    """One stage-one prediction of ``path`` scored: ``{key: per-class Dice, key_voted: before the safety floor,
+    key_seconds, key_fallback: classes that fell back to the registration, key_floor: the floor's checks}``."""
+    start = time.perf_counter()
+    prediction = stage_one.predict(path, templates)
+    seconds = time.perf_counter() - start
+    voted = prediction.voted if prediction.voted is not None else prediction.label
+    return {key: per_class(prediction.label, truth, classes), f"{key}_voted": per_class(voted, truth, classes),
+            f"{key}_seconds": round(seconds, 2), f"{key}_fallback": [nm for nm, v in classes.items() if v in prediction.fallback_values],
+            f"{key}_floor": {nm: prediction.floor.get(v) for nm, v in classes.items()}}
+
+
+def registration_only(demons: StageOne, path: Path, template_path: Path, label_itk, truth: np.ndarray, classes: dict[str, int]) -> dict:
+    """The registration-only peer: the template label warped by our affine + demons registration (the transform
+    stage one caches; registered now if it is not cached): ``{"registration_only": per-class Dice, "registration_seconds"}``."""
+    start = time.perf_counter()
+    transform = demons.transform(path, template_path, "demons")
+    seconds = round(time.perf_counter() - start, 2)
+    return {"registration_only": per_class(warp_label(label_itk, read_image(path), transform), truth, classes), "registration_seconds": seconds}
+
+
 def run(name: str, images: Path, labels: Path, template: str, classes: dict[str, int], args) -> int:
     ids = sorted(p.name[: -len(".nii.gz")] for p in images.glob("*.nii.gz"))
     pool = [i for i in ids if i != template][: args.limit]
     studies = args.work
     (studies / "labels" / "final").mkdir(parents=True, exist_ok=True)
-    for case in [template, *pool]:
-        if not (studies / f"{case}.nii.gz").exists():
-            shutil.copy(images / f"{case}.nii.gz", studies / f"{case}.nii.gz")
+    copy_images(images, studies, [template, *pool])
     shutil.copy(labels / f"{template}.nii.gz", studies / "labels" / "final" / f"{template}.nii.gz")
     conf = {"labels": ",".join(f"{n}={v}" for n, v in classes.items()), **dict(args.conf)}
     config = AppConfig.from_conf(conf)
     base = build_stage_one(studies, config)
     stage_ones = {m: StageOne(studies, base.cache, label_names=config.labels, registration=m, params=base.params) for m in PRIORS}
-    default = config.registration
+    default = config.stage_one_params().registration
     templates = find_templates(open_datastore(studies))
     template_path, template_label = templates[0].image_path, templates[0].label_path
 
-    # features, per case as the loop reaches it (so an interrupted run has whole cases): the first cache
-    # miss runs in a child process (its peak RSS = one volume's extraction, PCA basis fit included), the
-    # others in this process, timed. Timings are kept in the work dir for reruns.
-    timing_file = studies / "extraction_timing.json"
-    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"seconds": {}, "peak_rss_bytes": None}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-    def features(case: str) -> None:
-        image = load_image(studies / f"{case}.nii.gz")
-        if base.cache.get(image) is not None:
-            return
-        if timing["peak_rss_bytes"] is None:
-            out = subprocess.run([sys.executable, "-c", _CHILD, str(studies), str(image.path), json.dumps(conf)], env=env,
-                                 capture_output=True, text=True, check=True)
-            child = json.loads(out.stdout.strip().splitlines()[-1])
-            timing["peak_rss_bytes"], timing["seconds"][case] = child["peak_rss_bytes"], child["seconds"]
-        else:
-            start = time.perf_counter()
-            base.cache.get_or_compute(image)
-            timing["seconds"][case] = time.perf_counter() - start
-        timing_file.write_text(json.dumps(timing))
-        print(f"features {case}: {timing['seconds'][case]:.1f} s", flush=True)
-
-    def bytes_per_voxel(done: list[str]) -> float:
-        images = [load_image(studies / f"{c}.nii.gz") for c in done]
-        return sum(base.cache.path(i.path).stat().st_size for i in images) / sum(i.array.size for i in images)
-
+    # features, per case as the loop reaches it; the first cache miss in a child process (its peak RSS)
+    features = Extraction(studies, base.cache, conf)
     features(template)
     cases = {}
     out_path = args.out or RESULTS / f"{name}.json"
@@ -148,42 +205,29 @@ def run(name: str, images: Path, labels: Path, template: str, classes: dict[str,
             continue
         features(case)
         truth = load_label(labels / f"{case}.nii.gz", load_image(path))
-        row: dict = {}
         # registration-only: our affine + demons (the transform stage one's default caches), label warped
         cached = stage_ones["demons"].registration_path(path, template_path).exists()
-        start = time.perf_counter()
-        transform = stage_ones["demons"].transform(path, template_path)
-        row["registration_seconds"] = round(time.perf_counter() - start, 2)
+        row: dict = registration_only(stage_ones["demons"], path, template_path, label_itk, truth, classes)
         if cached and case in reuse:  # the registration's own cost, from the run that computed it
             row["registration_seconds"] = reuse[case]["registration_seconds"]
             for method in PRIORS:  # stage one's seconds when it registered (not from cache)
                 first = reuse[case].get(f"stage1_{method}_seconds_first_run", reuse[case].get(f"stage1_{method}_seconds"))
                 if first is not None:
                     row[f"stage1_{method}_seconds_first_run"] = first
-        row["registration_only"] = per_class(warp_label(label_itk, read_image(path), transform), truth, classes)
         if case in reuse:  # ANTs SyN does not depend on this project's code: its numbers from the previous run
             row["ants_syn"], row["ants_syn_seconds"] = reuse[case]["ants_syn"], reuse[case]["ants_syn_seconds"]
         elif not args.skip_ants:
-            start = time.perf_counter()
-            row["ants_syn"] = per_class(ants_syn(path, template_path, template_label), truth, classes)
-            row["ants_syn_seconds"] = round(time.perf_counter() - start, 2)
+            syn = timed_ants_syn(path, template_path, template_label, truth, classes)
+            row["ants_syn"], row["ants_syn_seconds"] = syn["ants_syn"], syn["ants_syn_seconds"]
         for method, stage_one in stage_ones.items():
-            start = time.perf_counter()
-            prediction = stage_one.predict(path, templates)
-            seconds = time.perf_counter() - start
-            voted = prediction.voted if prediction.voted is not None else prediction.label
-            row[f"stage1_{method}"] = per_class(prediction.label, truth, classes)
-            row[f"stage1_{method}_voted"] = per_class(voted, truth, classes)
-            row[f"stage1_{method}_seconds"] = round(seconds, 2)
-            row[f"stage1_{method}_fallback"] = [nm for nm, v in classes.items() if v in prediction.fallback_values]
-            row[f"stage1_{method}_floor"] = {nm: prediction.floor.get(v) for nm, v in classes.items()}
+            row.update(stage_one_columns(stage_one, path, templates, truth, classes, f"stage1_{method}"))
         cases[case] = row
         print(f"[{n + 1}/{len(pool)}] {case}: " + json.dumps({k: v for k, v in row.items() if not k.endswith("_floor")}), flush=True)
-        write(name, cases, classes, default, timing, bytes_per_voxel([template, *cases]), args, template, pool_size)
+        write(name, cases, classes, default, features, features.bytes_per_voxel([template, *cases]), args, template, pool_size)
     stage_two = stage_two_result(studies, base, config, templates, {c: studies / f"{c}.nii.gz" for c in pool}, labels, classes,
                                  args.seed) if args.stage2 else None
     if cases:  # (a resumed run may have measured nothing new)
-        write(name, cases, classes, default, timing, bytes_per_voxel([template, *cases]), args, template, pool_size, stage_two)
+        write(name, cases, classes, default, features, features.bytes_per_voxel([template, *cases]), args, template, pool_size, stage_two)
     return 0
 
 
@@ -223,12 +267,13 @@ def stage_two_result(studies: Path, stage_one: StageOne, config: AppConfig, temp
             "stage2_pseudo_templates_volume_change": state.get("pseudo_templates_volume_change"),
             "stage2_pseudo_templates_note": state.get("pseudo_templates_note"), "stage2_boundary_changed": state.get("boundary_changed"),
             "stage2_seconds": round(seconds, 1),
-            "stage2_params": {"rounds": config.rounds, "iterations": two.params.train.iterations, "publish": config.publish,
-                              "pseudo_templates": config.pseudo_templates, "boundary": config.boundary, "network_voxels": config.network_voxels,
-                              "real_share": config.real_share, "warm_start": config.warm_start, "warm_lr": config.warm_lr, "seed": seed}}
+            "stage2_params": {"rounds": config.rounds, "iterations": two.params.train.iterations, "publish": two.params.publish,
+                              "pseudo_templates": two.params.pseudo_templates, "boundary": two.params.boundary,
+                              "network_voxels": two.params.network_voxels, "real_share": two.params.real_share,
+                              "warm_start": two.params.warm_start, "warm_lr": two.params.warm_lr, "seed": seed}}
 
 
-def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, template, pool_size, stage_two=None) -> None:
+def write(name, cases, classes, default, features: Extraction, cache_bytes_per_voxel, args, template, pool_size, stage_two=None) -> None:
     rows = list(cases.values())
     result: dict = {"complete": len(rows) == pool_size, "cases_done": len(rows), "pool_size": pool_size, "template": template,
                     "default_registration": default, "conf": dict(args.conf)}
@@ -251,10 +296,7 @@ def write(name, cases, classes, default, timing, cache_bytes_per_voxel, args, te
         stage_two = {k: v for k, v in previous.items() if k.startswith(("final_dice", "stage2_"))}
     result["final_dice"] = None  # (no --stage2 run)
     result.update(stage_two or {})
-    secs = list(timing["seconds"].values())
-    result["extraction_seconds_per_volume"] = round(float(np.mean(secs)), 2) if secs else None
-    result["extraction_volumes_timed"] = len(secs)
-    result["extraction_peak_rss_bytes"] = timing["peak_rss_bytes"]
+    result.update(features.summary())
     result["cache_bytes_per_voxel"] = round(cache_bytes_per_voxel, 3)
     result["device"] = "cpu"
     # a stage-two round on this pool is measured by scale.py (LA: its 19-volume pool, each step in its own process)

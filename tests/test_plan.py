@@ -28,7 +28,8 @@ def test_plan_is_written_once_and_read_back(tiny_studies):
     written = json.loads((tiny_studies / PLAN_FILE).read_text())
     assert written["feature_stride"] == 1 and written["planned_from"]["images"] == 3  # crops: a feature per voxel
     assert written["planned_from"]["median_shape"] == [35, 51, 35]
-    assert Plan.load(tiny_studies) == Plan(**{k: written[k] for k in ("encoder_image_size", "feature_stride", "registration_voxels")})
+    assert written["modality"] == "mri"  # detected: float MRI crops
+    assert Plan.load(tiny_studies) == Plan(**{k: written[k] for k in ("encoder_image_size", "feature_stride", "registration_voxels", "modality")})
     # an explicit option overrides the plan, rewrites it, and changes the cache folder (settings id)
     other = build_stage_one(tiny_studies, AppConfig.from_conf({**FAST, "stage_one.feature_stride": "2"}))
     assert json.loads((tiny_studies / PLAN_FILE).read_text())["feature_stride"] == 2
@@ -153,3 +154,54 @@ def test_a_network_prediction_too_large_for_memory_is_refused_naming_the_image(t
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": need // 2})())
     with pytest.raises(InputError, match=r"hippocampus_003\.nii\.gz: network prediction: \d+x\d+x\d+ voxels .* GiB available"):
         two.predict(net, image)
+
+
+def _write_volumes(studies, arrays):
+    studies.mkdir(parents=True, exist_ok=True)
+    for n, array in enumerate(arrays):
+        nib.save(nib.Nifti1Image(array, np.diag([2.0, 2.0, 2.5, 1.0])), str(studies / f"case_{n}.nii.gz"))
+    return studies
+
+
+def _ct_like(rng):
+    """A head in air as a scanner stores it: int16 Hounsfield units, -1000 around a soft-tissue body with a bone rim."""
+    zz, yy, xx = np.mgrid[:40, :40, :24]
+    r = np.sqrt((zz - 20) ** 2 + (yy - 20) ** 2 + ((xx - 12) * 1.25) ** 2)
+    hu = np.where(r < 14, 40 + rng.normal(0, 15, r.shape), -1000 + rng.normal(0, 5, r.shape))
+    hu[(r >= 12) & (r < 14)] = 900
+    return np.rint(hu).astype(np.int16)
+
+
+def test_ct_is_detected_from_the_data_and_an_explicit_modality_wins(tmp_path):
+    """``--conf modality auto`` (the default): integer volumes with air (<= -900 HU) plan as CT and their
+    features are normalised by the CT window (the cache's settings id says so); float MRI-like volumes,
+    8-bit MRI (integers, no air) and z-scored MRI (negative, no air) plan as MRI. The plan file keeps the
+    detected modality; an explicit ``--conf modality`` wins for the run but does not overwrite it."""
+    rng = np.random.default_rng(0)
+    fast = {k: v for k, v in FAST.items() if k != "labels"}
+    ct = _write_volumes(tmp_path / "ct", [_ct_like(rng) for _ in range(3)])
+    stage_one = build_stage_one(ct, AppConfig.from_conf(fast))
+    assert stage_one.cache.modality == "ct" and "-ct-w-160-240-" in stage_one.cache.settings_id
+    written = json.loads((ct / PLAN_FILE).read_text())
+    assert written["modality"] == "ct" and all(e["ct"] for e in written["planned_from"]["modality_evidence"])
+
+    mri_like = rng.gamma(2.0, 100.0, (40, 40, 24)).astype(np.float32)
+    mri = _write_volumes(tmp_path / "mri", [mri_like, mri_like * 1.1])
+    assert build_stage_one(mri, AppConfig.from_conf(fast)).cache.modality == "mri"
+    eight_bit = _write_volumes(tmp_path / "uint8", [np.clip(mri_like, 0, 255).astype(np.uint8)])
+    assert build_stage_one(eight_bit, AppConfig.from_conf(fast)).cache.modality == "mri"
+    zscored = _write_volumes(tmp_path / "zscored", [((mri_like - mri_like.mean()) / mri_like.std()).astype(np.float32)])
+    assert build_stage_one(zscored, AppConfig.from_conf(fast)).cache.modality == "mri"
+    # a float CT in HU whose values are whole (a converted DICOM series) is still CT; fractional values with air are not
+    assert build_stage_one(_write_volumes(tmp_path / "ct_float", [_ct_like(rng).astype(np.float32)]), AppConfig.from_conf(fast)).cache.modality == "ct"
+    assert build_stage_one(_write_volumes(tmp_path / "not_hu", [_ct_like(rng) + rng.random((40, 40, 24)).astype(np.float32)]),
+                           AppConfig.from_conf(fast)).cache.modality == "mri"
+
+    # the override wins, both ways, and the features go to that normalisation's cache folder
+    forced = build_stage_one(ct, AppConfig.from_conf({**fast, "modality": "mri"}))
+    assert forced.cache.modality == "mri" and "-mri-p0.5-99.5-" in forced.cache.settings_id
+    assert json.loads((ct / PLAN_FILE).read_text())["modality"] == "ct"  # the data's, not the override's
+    assert build_stage_one(ct, AppConfig.from_conf(fast)).cache.modality == "ct"  # auto again: detected, not inherited
+    assert build_stage_one(mri, AppConfig.from_conf({**fast, "modality": "ct"})).cache.modality == "ct"
+    with pytest.raises(ConfError, match="modality"):
+        AppConfig.from_conf({"modality": "pet"})

@@ -376,9 +376,11 @@ def test_pseudo_templates_join_round_zero_but_are_never_final_labels(tiny_studie
     image = load_image(pool[other])
     round0 = nib.load(str(two.labels_dir(0) / f"{other}.nii.gz")).get_fdata().astype(np.uint8)
     np.testing.assert_array_equal(round0, stage_one.predict(image.path, [*templates, pseudo]).label)
-    # the chosen image itself is labelled from the real templates only
+    # the chosen image itself is labelled from the real templates only: the first pass's label and soft label, not a second stage one
     own = nib.load(str(two.labels_dir(0) / f"{chosen}.nii.gz")).get_fdata().astype(np.uint8)
     np.testing.assert_array_equal(own, stage_one.predict(pool[chosen], templates).label)
+    for sub, name in (("labels", f"{chosen}.nii.gz"), ("probs", f"{chosen}.npy")):
+        assert (two.work / "pseudo" / sub / name).read_bytes() == (two.work / "stage1" / sub / name).read_bytes()
     # the recorded volume change is the pool's, with against without the pseudo-template
     count = lambda where: {str(c): sum(int((label_array(two.work / where / "labels" / f"{i}.nii.gz") == c).sum()) for i in pool)  # noqa: E731
                            for c in (1, 2)}

@@ -169,7 +169,11 @@ class AppConfig:
     )
     encoder: str = _option("litemedsam", parse_choice(*ENCODERS), "foundation image encoder: " + ", ".join(ENCODERS))
     encoder_checkpoint: str = _option("", str, "SAM checkpoint file (needed for sam_vit_*; LiteMedSAM ships with its package)")
-    modality: str = _option("mri", parse_choice("mri", "ct"), "intensity normalisation: mri (percentiles) or ct (Hounsfield window)")
+    modality: str = _option(
+        "auto", parse_choice("auto", "mri", "ct"),
+        "intensity normalisation: mri (percentiles) or ct (Hounsfield window); auto = detected from the images and kept in the plan "
+        "(ct: integer values with at least 1 percent of voxels at or below -900 HU, air)",
+    )
     device: str = _option("auto", parse_device, "where the encoder and the network run: auto (CUDA if available), cpu, cuda, cuda:N")
     ray_address: str = _option(
         "", parse_ray_address,

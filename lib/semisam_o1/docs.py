@@ -64,8 +64,11 @@ def results_table(results_dir: Path = RESULTS_DIR) -> str:
         if matrix.exists():
             m = json.loads(matrix.read_text())
             spread = m.get("stage1_dice_spread")
-            done = "" if m.get("complete", True) else " (partial)"
-            where = f"{m.get('pool_per_template', '?')} targets per template, mean of {len(m['templates'])} templates{done}"
+            spread = spread.get("std") if isinstance(spread, dict) else spread  # the std over templates
+            targets = m.get("pool_per_template")
+            targets = targets.get("targets") if isinstance(targets, dict) else targets
+            done = "" if m.get("complete", True) else f" (partial: {m.get('cases_done')} of {m.get('cases_total')} cases)"
+            where = f"{targets} targets per template, mean of {len(m['templates'])} templates{done}"
             cells = [None, m.get("registration_only_dice_mean"), m.get("ants_syn_dice_mean"), m.get("stage1_dice_mean"),
                      m.get("final_dice_mean"), None]
             stage1 = _num(cells[3]) + (f" ± {spread:.3f}" if isinstance(spread, (int, float)) else "")

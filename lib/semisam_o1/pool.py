@@ -38,13 +38,15 @@ def open_datastore(studies: Path) -> LocalDatastore:
 
 
 def build_stage_one(studies: Path, config: AppConfig) -> StageOne:
-    """Stage one over ``studies`` with the datastore's plan (read, or planned now from its images and written)."""
+    """Stage one over ``studies`` with the datastore's plan (read, or planned now from its images and written); its features
+    normalised for the plan's modality (``--conf modality auto``: detected from the images) or the explicit one."""
     device = resolve_device(config.device)
     one = config.stage_one_params()
-    overrides = {"encoder_image_size": one.encoder_image_size, "feature_stride": one.feature_stride}
+    overrides = {"encoder_image_size": one.encoder_image_size, "feature_stride": one.feature_stride,
+                 "modality": None if config.modality == "auto" else config.modality}
     images = sorted(p for ext in ("*.nii.gz", "*.nii") for p in Path(studies).glob(ext))
     plan = load_or_make_plan(studies, images, device, overrides)
-    cache = FeatureCache(studies, config.encoder_spec(plan.encoder_image_size), one.feature_dims, config.modality, plan, device)
+    cache = FeatureCache(studies, config.encoder_spec(plan.encoder_image_size), one.feature_dims, plan.modality, plan, device)
     return StageOne(studies, cache, label_values=set(config.labels.values()) or None, label_names=config.labels,
                     registration=one.registration, propagation=one.propagation, params=config.section("propagation"),
                     floor=config.section("floor"))

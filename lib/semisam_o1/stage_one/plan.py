@@ -21,6 +21,11 @@ the command line) encodes every image the same way::
 - ``network_iterations``: stage-two training iterations per round when ``--conf iterations`` is
   ``auto`` (the default): :data:`CROP_ITERATIONS` for crops, :data:`SCAN_ITERATIONS` for scans (the
   same median-size rule as the feature stride).
+- ``modality`` (``ct`` or ``mri``): the intensity normalisation when ``--conf modality`` is ``auto``
+  (the default), detected from the first images (:func:`detect_modality`): CT when their values are
+  integers (Hounsfield units, as scanners store them) with at least :data:`CT_AIR_SHARE` of the voxels
+  at or below :data:`CT_AIR_HU` (air), else MRI. ``planned_from["modality_evidence"]`` keeps what it
+  saw per image.
 
 Labels, confidence and uncertainty always come back on each image's own grid: the plan changes
 only how features are sampled and where registration is computed. The plan is part of the feature
@@ -32,7 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
@@ -57,6 +62,12 @@ THICK_SLICE_MM = 2.0
 CROP_ITERATIONS, SCAN_ITERATIONS = 1000, 3000
 #: Slice size on CPU: the encoder's cost grows ~quadratically with it (0.1 s per slice at 64 px).
 CPU_IMAGE_SIZE = 64
+#: CT detection (:func:`detect_modality`): an image is CT when its values are integers and at least
+#: ``CT_AIR_SHARE`` of its voxels are at or below ``CT_AIR_HU`` (air is -1000 HU; z-scored or
+#: percentile-scaled MRI never goes there, and an 8-bit MRI has no negative values).
+CT_AIR_HU, CT_AIR_SHARE = -900.0, 0.01
+#: Images (the first ones, sorted) :func:`detect_modality` reads; the majority decides.
+MODALITY_IMAGES = 3
 
 
 class DeviceError(ValueError):
@@ -126,6 +137,8 @@ class Plan:
     feature_stride: int = 2
     registration_voxels: int = 1_000_000
     network_iterations: int = 1000
+    #: ``ct`` or ``mri``; ``None``: not decided yet (:func:`load_or_make_plan` detects it)
+    modality: str | None = None
     planned_from: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -169,8 +182,8 @@ class Plan:
         data = json.loads(path.read_text())
         if "network_iterations" not in data and data.get("planned_from", {}).get("median_shape"):  # a plan written before it existed
             data["network_iterations"] = planned_iterations(data["planned_from"]["median_shape"])
-        return cls(**{k: data[k] for k in ("encoder_image_size", "feature_stride", "registration_voxels", "network_iterations", "planned_from")
-                      if k in data})
+        return cls(**{k: data[k] for k in ("encoder_image_size", "feature_stride", "registration_voxels", "network_iterations", "modality",
+                                           "planned_from") if k in data})
 
 
 def shrink_factors(shape: Iterable[int], spacing: Iterable[float], max_voxels: int | None) -> tuple[int, int, int]:
@@ -222,9 +235,44 @@ def image_geometries(paths: Iterable[Path]) -> list[tuple[tuple[int, ...], tuple
     return out
 
 
+def modality_evidence(path: Path) -> dict | None:
+    """What :func:`detect_modality` looks at in one NIfTI image: ``{"integral": values are integers (an
+    integer dtype on disk, or every value whole), "air_share": share of voxels <= CT_AIR_HU, "ct": both
+    hold}``; every 4th slice of the last axis is read (the share of a whole CT is the same within a
+    fraction of a percent). ``None`` for an unreadable file."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        values = np.asarray(img.dataobj[..., ::4] if len(img.shape) >= 3 and img.shape[2] >= 8 else img.dataobj)
+    except Exception:
+        return None
+    if values.size == 0:
+        return None
+    integral = bool(np.issubdtype(values.dtype, np.integer) or np.all(np.mod(values, 1) == 0))
+    air = float(np.mean(values <= CT_AIR_HU))
+    return {"image": Path(path).name, "integral": integral, "air_share": round(air, 4), "ct": integral and air >= CT_AIR_SHARE}
+
+
+def detect_modality(image_paths: Iterable[Path], images: int = MODALITY_IMAGES) -> tuple[str, list[dict]]:
+    """``("ct" | "mri", evidence)``: CT when most of the first ``images`` readable images (sorted) look
+    like CT (:func:`modality_evidence`: integer values with >= 1 % of voxels at or below -900, i.e. air in
+    Hounsfield units), else MRI (also for an empty datastore)."""
+    evidence = []
+    for path in sorted(Path(p) for p in image_paths):
+        if len(evidence) == images:
+            break
+        seen = modality_evidence(path)
+        if seen is not None:
+            evidence.append(seen)
+    ct = sum(e["ct"] for e in evidence)
+    return ("ct" if evidence and 2 * ct > len(evidence) else "mri"), evidence
+
+
 def make_plan(geometries: list[tuple[tuple[int, ...], tuple[float, ...]]], device: str = "cpu", feature_stride: int | None = None) -> Plan:
     """Plan from the datastore's image geometries (``[(shape, spacing), ...]``) for ``device``
-    (``feature_stride`` ``None``: planned from the median volume size)."""
+    (``feature_stride`` ``None``: planned from the median volume size). The modality is left undecided
+    (:func:`load_or_make_plan` detects it from the images)."""
     if geometries:
         shapes = np.array([g[0] for g in geometries])
         spacings = np.array([g[1] for g in geometries])
@@ -249,13 +297,22 @@ def load_or_make_plan(studies: Path, image_paths: Iterable[Path], device: str, o
     """The datastore's plan: read from ``plan.json``, else planned from ``image_paths`` and written.
 
     ``overrides`` (explicit ``--conf`` values, e.g. ``{"encoder_image_size": 128}``) replace the planned
-    values; the file is rewritten when they change it.
+    values; the file is rewritten when they change it. The modality is detected from ``image_paths``
+    (:func:`detect_modality`) when the file has none (a new plan, or one written before it was planned)
+    and written; an explicit ``{"modality": "ct" | "mri"}`` wins in the plan returned but is not written,
+    so the file keeps what the data looks like and a later ``auto`` run detects, not inherits, it.
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    plan = Plan.load(studies)
+    image_paths = list(image_paths)
+    stored = plan = Plan.load(studies)
     if plan is None:
         plan = make_plan(image_geometries(image_paths), device, overrides.get("feature_stride"))
+    if plan.modality is None:
+        modality, evidence = detect_modality(image_paths)
+        plan = replace(plan, modality=modality, planned_from={**plan.planned_from, "modality_evidence": evidence})
+        logger.info(f"plan: modality {modality} detected from {[e['image'] for e in evidence]} (--conf modality ct|mri overrides)")
     merged = Plan(**{**asdict(plan), **overrides})
-    if merged != plan or not (Path(studies) / PLAN_FILE).exists():
-        merged.save(studies)
+    written = replace(merged, modality=plan.modality)
+    if written != stored or not (Path(studies) / PLAN_FILE).exists():
+        written.save(studies)
     return merged

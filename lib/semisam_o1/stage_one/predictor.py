@@ -162,6 +162,7 @@ class StageOne:
         self.params = params or PropagationParams()
         self.floor = floor or FloorParams()
         self._banks: dict[tuple, TemplateBank] = {}
+        self._consistency: dict[tuple, float] = {}  # mapping_consistency per (registration file, template label, settings)
 
     def settings(self) -> dict:
         """What this stage one's labels depend on besides the images and templates, as plain data:
@@ -214,10 +215,14 @@ class StageOne:
         label, confidence = propagate_prototypes(protos, self.cache.get_or_compute(image, progress=progress), image.array.shape)
         return Prediction(image=image, label=label, confidence=confidence)
 
+    @staticmethod
+    def _bank_key(template: Template) -> tuple:
+        stat = template.label_path.stat()
+        return (str(template.image_path), sha256(template.image_path), str(template.label_path), stat.st_mtime_ns, stat.st_size)
+
     def bank(self, template: Template, progress: bool = False) -> TemplateBank:
         """Sampled, labelled feature vectors of one template (rebuilt when its files change)."""
-        stat = template.label_path.stat()
-        key = (str(template.image_path), sha256(template.image_path), str(template.label_path), stat.st_mtime_ns, stat.st_size)
+        key = self._bank_key(template)
         if key not in self._banks:
             image = load_image(template.image_path)
             label = load_label(template.label_path, image, allowed=self.label_values)
@@ -229,6 +234,16 @@ class StageOne:
             feats = self.cache.get_or_compute(image, progress=progress)
             self._banks[key] = build_bank(None, label, feats, params=self.params, spacing=image.spacing)
         return self._banks[key]
+
+    def _mapping_consistency(self, image: Volume, template: Template, method: str, bank: TemplateBank, feats, coords) -> float:
+        """:func:`~semisam_o1.propagation.mapping_consistency` of one mapping, kept in memory per registration file (named by
+        both images' contents and the grid), template label and settings: stage two's pseudo-template pass predicts every pool
+        image again from the real templates plus the pseudo-templates, and the real templates' mappings score the same."""
+        key = (str(self.registration_path(image.path, template.image_path, method)), self._bank_key(template), self.cache.settings_id,
+               repr(self.params))
+        if key not in self._consistency:
+            self._consistency[key] = mapping_consistency(bank, feats, coords, image.array.shape, self.params)
+        return self._consistency[key]
 
     def warped_labels(self, image_path: Path, templates: list[Template], method: str | None = None) -> np.ndarray:
         """The registration-only prediction of ``method`` (default: the first of :attr:`methods`): each
@@ -269,7 +284,7 @@ class StageOne:
         coords = [partial(map_voxels, target_grid, self.transform(image.path, t.image_path, m), read_sitk_grid(t.image_path)) for t, m in pairs]
         mappings = {}
         if len(pairs) > 1 or score_mappings:  # leave out the mappings the features contradict (failed registrations)
-            scores = [mapping_consistency(b, feats, c, image.array.shape, self.params) for b, c in zip(banks, coords)]
+            scores = [self._mapping_consistency(image, t, m, b, feats, c) for (t, m), b, c in zip(pairs, banks, coords)]
             keep = consistent_mappings(scores, self.params.mapping_tolerance)
             mappings = {f"{t.image_id}:{m}": {"consistency": round(s, 4), "used": k} for (t, m), s, k in zip(pairs, scores, keep)}
             if not all(keep):

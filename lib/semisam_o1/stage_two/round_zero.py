@@ -125,7 +125,14 @@ class RoundZero:
             return {"pseudo_templates": [], "pseudo_templates_note": note, **self._round_zero("stage1", pool, progress)}
         pseudo = [Template(i, pool[i], self.work / "stage1" / "labels" / f"{i}.nii.gz") for i in chosen]
         for i, path in tqdm(pool.items(), desc=f"stage 1 + {len(chosen)} pseudo-templates", disable=not progress, leave=False):
-            self._stage_one_labels([*templates, *(t for t in pseudo if t.image_id != i)], {i: path}, "pseudo", n_classes, progress=False)
+            others = [t for t in pseudo if t.image_id != i]
+            if others:
+                self._stage_one_labels([*templates, *others], {i: path}, "pseudo", n_classes, progress=False)
+            else:  # the only pseudo-template is this image: its templates are the real ones, whose label stage1/ already holds
+                for sub, name in (("labels", f"{i}.nii.gz"), ("probs", f"{i}.npy"), ("trust", f"{i}.json")):
+                    target = self.work / "pseudo" / sub / name
+                    if not target.exists():
+                        atomic_write(target, lambda tmp, src=self.work / "stage1" / sub / name: _link_or_copy(src, tmp))
         change = volume_change(*(self._class_voxels(where, pool, n_classes) for where in ("pseudo", "stage1")))
         entries = [{"image": i, "trust": round(records[i]["trust"], 4), "consistency": records[i]["consistency"]} for i in chosen]
         logger.info(f"stage 2: pseudo-templates {chosen} (stage-one trust {[e['trust'] for e in entries]}); not eligible: {excluded}; "
