@@ -10,24 +10,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
+from test_datastore_safety import client, upload  # noqa: F401  (client: the app in-process, as there)
 from test_stage_two import FAST, make_client
 
 POOL = "hippocampus_003"
 #: an absolute path of this machine in an answer
 SERVER_PATH = re.compile(r"(?<![\w:/.])/(tmp|work|root|home|srv|var)/")
-
-
-@pytest.fixture()
-def client(tiny_studies, monkeypatch):
-    with make_client(tiny_studies, monkeypatch, FAST) as c:
-        yield c
-
-
-def put_image(client, image_id, path):
-    with open(path, "rb") as f:
-        return client.put("/datastore/", params={"image": image_id}, files={"file": (path.name, f)})
 
 
 def header_bomb(path, shape=(3000, 3000, 3000)):
@@ -59,7 +48,7 @@ def bad_images(tmp_path, tiny_studies):
 def test_a_bad_image_upload_is_refused_naming_the_image_and_nothing_is_kept(client, tiny_studies, tmp_path):
     before = sorted(p.name for p in tiny_studies.iterdir())
     for name, (path, status, words) in bad_images(tmp_path, tiny_studies).items():
-        res = put_image(client, f"bad_{name}", path)
+        res = upload(client, f"bad_{name}", path)
         assert res.status_code == status, (name, res.text)
         detail = res.json()["detail"]
         assert f"image 'bad_{name}'" in detail and words in detail, (name, detail)
@@ -67,7 +56,7 @@ def test_a_bad_image_upload_is_refused_naming_the_image_and_nothing_is_kept(clie
     assert sorted(p.name for p in tiny_studies.iterdir()) == before
     listed = client.get("/datastore/", params={"output": "all"}).json()["objects"]
     assert not any(i.startswith("bad_") for i in listed)  # no strategy can pick them
-    assert put_image(client, "good_copy", tiny_studies / f"{POOL}.nii.gz").status_code == 200
+    assert upload(client, "good_copy", tiny_studies / f"{POOL}.nii.gz").status_code == 200
 
 
 def test_an_uploaded_image_to_infer_and_a_session_pass_the_same_check(client, tiny_studies, tmp_path):
