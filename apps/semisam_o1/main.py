@@ -27,7 +27,7 @@ from semisam_o1.tasks.network_infer import NetworkInfer
 from semisam_o1.tasks.pseudo_labels import PseudoLabelBatchInfer, refuse_final
 from semisam_o1.tasks.self_training import SelfTraining
 from semisam_o1.tasks.stage_one_infer import StageOneInfer
-from semisam_o1.tasks.strategies import Diverse, Uncertain, UncertainDiverse
+from semisam_o1.tasks.strategies import Diverse, Representative, Uncertain, UncertainDiverse
 from semisam_o1.tasks.template_refresh import PseudoLabelRefresher
 from semisam_o1.tasks.uncertainty_scoring import UncertaintyScoring
 from semisam_o1.templates import STAGE_ONE_MODEL, find_templates, label_map
@@ -105,6 +105,7 @@ class SemiSAMO1App(MONAILabelApp):
         skip = self.config.skip_served_seconds
         return {
             "uncertain": Uncertain(skip),
+            "representative": Representative(self.stage_one, skip),
             "diverse": Diverse(self.stage_one, skip),
             "uncertain_diverse": UncertainDiverse(self.stage_one, skip),
             "random": Random(),

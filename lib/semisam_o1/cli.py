@@ -91,7 +91,7 @@ def cmd_sample_data(args) -> int:
 
 def cmd_pipeline(args) -> int:
     from semisam_o1.distributed import ClusterError
-    from semisam_o1.pipeline import run_stage_one, run_stage_two
+    from semisam_o1.pipeline import first_label_advice, run_stage_one, run_stage_two
     from semisam_o1.volumes import InputError
 
     studies = Path(args.studies)
@@ -104,6 +104,10 @@ def cmd_pipeline(args) -> int:
         if args.rounds is not None:
             conf["rounds"] = str(args.rounds)
         config = AppConfig.from_conf(conf)
+        advice = first_label_advice(studies, config)
+        if advice:
+            print(f"error: no image of {studies} has a 'final' label yet; {advice}", file=sys.stderr)
+            return 2
         report = run_stage_one(studies, config)
         print(f"stage 1: {report['images']} pseudo-labels (tag 'pseudo') in {report['seconds']} s")
         for image_id, reason in report["errors"].items():

@@ -24,6 +24,23 @@ from semisam_o1.pool import (
 from semisam_o1.templates import find_templates, label_map
 
 
+def first_label_advice(studies: Path, config: AppConfig) -> str | None:
+    """With no ``final`` label in the datastore: which image to annotate first (the ``representative``
+    strategy's pick, :mod:`semisam_o1.representative`) as one sentence; ``None`` once a label exists."""
+    from semisam_o1.representative import most_representative
+
+    datastore = open_datastore(Path(studies))
+    if find_templates(datastore):
+        return None
+    paths = {i: Path(datastore.get_image_uri(i)) for i in datastore.list_images()}
+    ranked = most_representative(paths, build_stage_one(Path(studies), config).cache.plan.modality)
+    if not ranked:
+        return None
+    best, cost = ranked[0]
+    return (f"annotate {best} first: it is the pool's most representative image (mean thumbnail distance {cost:.3f} to the "
+            f"{len(ranked) - 1} other image(s)), so the best single template; save its label as 'final' and run the pipeline again")
+
+
 def run_stage_one(studies: Path, config: AppConfig, progress: bool = True) -> dict:
     """Pseudo-label every image without a ``final`` label; saved in the datastore under tag ``pseudo``.
 

@@ -270,7 +270,8 @@ class StageOne:
         if not templates:
             raise NoTemplateError(
                 "stage one needs a template: save a 'final' label for at least one image "
-                "(PUT /datastore/label?tag=final) and try again"
+                "(PUT /datastore/label?tag=final) and try again; the 'representative' strategy "
+                "(POST /activelearning/representative) names the image to annotate first"
             )
         image = load_image(image_path)
         # the image, label + confidence outputs, the vote state of the searched box (best, 2 class votes, smoothing)

@@ -1,9 +1,13 @@
-"""Active-learning strategies ``uncertain``, ``diverse`` and ``uncertain_diverse`` (POST /activelearning/<name>).
+"""Active-learning strategies ``representative``, ``uncertain``, ``diverse`` and ``uncertain_diverse`` (POST /activelearning/<name>).
 
 Each returns ``{"id", "why", ...}`` for the next image to label. Candidates are the images without a
 ``final`` label that no other client was served within ``skip_seconds`` (MONAI Label records every
 serving in the image info), so two annotators working at once never get the same volume.
 
+- ``representative``: for the first labels, from an unlabelled datastore on: the image most like the rest of
+  the pool (its medoid under thumbnail correlation, :mod:`semisam_o1.representative`), then the one that,
+  labelled too, leaves the pool closest to its nearest labelled image (greedy k-medoids). No model and no
+  encoder: about a second per image the first time, then cached.
 - ``uncertain``: highest current uncertainty score (:mod:`semisam_o1.tasks.uncertainty_scoring`)
   first; images not scored yet come after every scored one. Unlike MONAI Label's ``Epistemic``,
   the ranking is what decides.
@@ -29,7 +33,9 @@ from semisam_o1.active_learning import (
     uncertain_then_diverse,
     volume_descriptor,
 )
+from semisam_o1.representative import Thumbnails, most_representative
 from semisam_o1.stage_one.predictor import StageOne
+from semisam_o1.safe_names import public
 from semisam_o1.volumes import load_image
 
 logger = logging.getLogger(__name__)
@@ -61,6 +67,40 @@ class PoolStrategy(Strategy):
         value, why = ranked[image_id]
         logger.info(f"{request.get('strategy')}: {image_id} ({why}); {len(candidates)} candidates")
         return {"id": image_id, "value": value, "why": why, "candidates": len(candidates)}
+
+
+class Representative(PoolStrategy):
+    """Ranks every candidate by the pool coverage it would give as the next label (see the module docstring).
+
+    The whole datastore is the pool (labelled images included); an image that cannot be read is never served."""
+
+    def __init__(self, stage_one: StageOne, skip_seconds: float):
+        super().__init__("The image most like the rest of the pool (the best first template); then the one covering the pool best", skip_seconds)
+        self.stage_one = stage_one
+        self._thumbnails: Thumbnails | None = None
+
+    def rank(self, candidates, datastore):
+        modality = self.stage_one.cache.plan.modality
+        if self._thumbnails is None or self._thumbnails.modality != modality:
+            self._thumbnails = Thumbnails(modality)
+        paths = {i: datastore.get_image_uri(i) for i in datastore.list_images()}
+        labelled = tuple(datastore.get_labeled_images(DefaultLabelTag.FINAL))
+        ranked = dict(most_representative(paths, modality, labelled, self._thumbnails))
+        unreadable = self._thumbnails.unreadable
+        for i in unreadable:
+            logger.warning(f"representative: {i} left out: {public(unreadable[i])}")
+        labelled = tuple(i for i in labelled if i not in unreadable)
+        pool = len(paths) - len(unreadable)
+        out = {}
+        for i in candidates:
+            if i not in ranked:
+                out[i] = (float("-inf"), "unreadable image" if i in unreadable else "not rankable")
+            elif not labelled:
+                out[i] = (-ranked[i], f"the pool's most representative image (mean thumbnail distance {ranked[i]:.3f} to the {pool - 1} "
+                                      f"other image(s)): annotate it first")
+            else:
+                out[i] = (-ranked[i], f"with the {len(labelled)} labelled image(s), covers the pool best (mean distance {ranked[i]:.3f})")
+        return out
 
 
 def scores_of(candidates: list[str], datastore: Datastore) -> dict[str, float | None]:

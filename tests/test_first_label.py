@@ -1,0 +1,87 @@
+"""The first label: the ``representative`` strategy names the image to annotate first, from a datastore with no label."""
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from semisam_o1.cli import main as cli_main
+from semisam_o1.representative import Thumbnails, coverage_ranking, distances, most_representative, thumbnail
+from semisam_o1.volumes import load_image
+from test_stage_two import FAST, make_client
+
+POOL = ["hippocampus_001", "hippocampus_003", "hippocampus_008", "hippocampus_017", "hippocampus_026"]
+
+
+def ball(radius: float, shape=(40, 40, 40), centre=(20, 20, 20)) -> np.ndarray:
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    inside = (z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= radius**2
+    return np.where(inside, 100.0, 10.0).astype(np.float32) + np.linspace(0, 1, shape[2], dtype=np.float32)
+
+
+def write(array: np.ndarray, path: Path, affine=None) -> Path:
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def test_the_medoid_is_served_first_then_the_image_the_labels_cover_worst(tmp_path):
+    paths = {f"ball_{r}": write(ball(r), tmp_path / f"ball_{r}.nii.gz") for r in (7, 8, 9, 10)}
+    paths["dark_ball"] = write(110.0 - ball(8), tmp_path / "dark_ball.nii.gz")  # the odd one out: another contrast
+
+    ranked = most_representative(paths, "mri")
+    assert ranked[0][0] in {"ball_8", "ball_9"}, ranked  # the middle of the balls, never the odd one out
+    assert ranked[-1][0] == "dark_ball"
+    second = most_representative(paths, "mri", labelled=(ranked[0][0],))
+    assert second[0][0] == "dark_ball", second  # with the typical ball labelled, the unlike image gains the pool most
+    assert ranked[0][0] not in dict(second)
+
+
+def test_a_thumbnail_does_not_depend_on_orientation_or_voxel_size(tmp_path):
+    array = ball(9) + np.linspace(0, 50, 40, dtype=np.float32)[:, None, None]  # not symmetric along D
+    plain = load_image(write(array, tmp_path / "plain.nii.gz"))
+    flipped_affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flipped_affine[0, 3] = 39.0  # the same world positions, the D axis stored the other way round
+    flipped = load_image(write(array[::-1].copy(), tmp_path / "flipped.nii.gz", flipped_affine))
+    coarse = load_image(write(array[::2, ::2, ::2].copy(), tmp_path / "coarse.nii.gz", np.diag([2.0, 2.0, 2.0, 1.0])))
+    a, b, c = (thumbnail(v, "mri", step_mm=2.0) for v in (plain, flipped, coarse))
+    assert np.allclose(a, b, atol=1e-4)
+    assert distances(np.stack([a, c]))[0, 1] < 0.1
+    other = thumbnail(load_image(write(ball(4), tmp_path / "small.nii.gz")), "mri", step_mm=2.0)
+    assert distances(np.stack([a, other]))[0, 1] > 0.2
+
+
+def test_coverage_without_labels_is_the_mean_distance_to_the_pool():
+    d = np.array([[0.0, 0.2, 0.9], [0.2, 0.0, 0.8], [0.9, 0.8, 0.0]])
+    assert coverage_ranking(d, [0, 1, 2], []) == pytest.approx({0: 1.1 / 3, 1: 1.0 / 3, 2: 1.7 / 3})
+    assert coverage_ranking(d, [0, 2], [1]) == pytest.approx({0: 0.8 / 3, 2: 0.2 / 3})
+
+
+def unlabelled_studies(tmp_path, sample_source) -> Path:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for case in POOL:
+        shutil.copy(sample_source.images / f"{case}.nii.gz", studies)
+    return studies
+
+
+def test_representative_answers_the_image_to_annotate_first_on_a_datastore_without_labels(tmp_path, sample_source, monkeypatch):
+    studies = unlabelled_studies(tmp_path, sample_source)
+    expected = most_representative({c: studies / f"{c}.nii.gz" for c in POOL}, "mri")[0][0]
+    (studies / "zz_broken.nii.gz").write_bytes(b"not an image")  # put in the folder by hand: never served, no error
+    with make_client(studies, monkeypatch, FAST) as client:
+        assert "representative" in client.get("/info/").json()["strategies"]
+        res = client.post("/activelearning/representative", json={"client_id": "alice"})
+        assert res.status_code == 200, res.text
+        answer = res.json()
+        assert answer["id"] == expected and "annotate it first" in answer["why"], answer
+        bob = client.post("/activelearning/representative", json={"client_id": "bob"}).json()
+        assert bob["id"] not in {expected, "zz_broken"}  # served to alice a moment ago: bob gets the next best
+
+
+def test_pipeline_without_a_label_says_which_image_to_annotate_first(tmp_path, sample_source, capsys):
+    studies = unlabelled_studies(tmp_path, sample_source)
+    expected = most_representative({c: studies / f"{c}.nii.gz" for c in POOL}, "mri", thumbnails=Thumbnails("mri"))[0][0]
+    code = cli_main(["pipeline", "--studies", str(studies), "--stage", "1", "--conf", "labels", "anterior=1,posterior=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"annotate {expected} first" in err, err
