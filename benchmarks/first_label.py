@@ -16,7 +16,7 @@ Per dataset (the matrix's: ``../shared/data/{hippocampus,la,chaos-t2,kbp-ct}``, 
    and in 3 random orders (``default_rng(1..3)`` over the non-target ids). ``final_dice`` (stage two per
    point) is ``null``: not measured (see ``final_dice_note``).
 
-Writes ``benchmarks/results/first_label_<dataset>.json`` after every stage-one case (``complete``: false until done).
+Writes ``benchmarks/results/first_label_<dataset>.json`` after every stage-one case (``complete``: false until done), and\nthe curve as ``first_label_<dataset>.png``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from common import RESULTS, machine
 from matrix import DATA, DATASETS, ORDER, choose_templates, ids_of
 from semisam_o1.config import AppConfig
 from semisam_o1.pool import build_stage_one
+from semisam_o1.report import curve_plot
 from semisam_o1.representative import Thumbnails, coverage_ranking, distances, most_representative
 from semisam_o1.stage_one.plan import resolve_device
 from semisam_o1.templates import Template
@@ -77,7 +78,7 @@ def run_dataset(name: str, args) -> dict:
     for seed in range(1, RANDOM_ORDERS + 1):
         others = [i for i in ids if i not in used]
         orders[f"random_{seed}"] = [others[int(j)] for j in np.random.default_rng(seed).permutation(len(others))[:max_labels]]
-    reserved = {*used, *(i for o in orders.values() for i in o)}
+    reserved = {*protocol, recommended} if args.no_curve else {*used, *(i for o in orders.values() for i in o)}
     targets = [i for i in ids if i not in reserved][: args.limit]
     print(f"== {name}: recommended {recommended} ({selection_seconds:.1f} s); protocol {protocol}; {len(targets)} targets; "
           f"orders {json.dumps(orders)}", flush=True)
@@ -138,6 +139,12 @@ def run_dataset(name: str, args) -> dict:
             rep = next(c["stage1_dice"] for c in summary["curve"] if c["labels"] == k and c["strategy"] == "representative")
             summary.setdefault("representative_minus_random_mean", {})[str(k)] = round(rep - float(np.mean(rnd)), 4)
     result = write(partial=False)
+    if result["curve"]:
+        curves: dict[str, dict[int, float]] = {}
+        for c in result["curve"]:
+            curves.setdefault(c["strategy"], {})[c["labels"]] = c["stage1_dice"]
+        curve_plot(curves, out.with_suffix(".png"), "real labels", "stage-one Dice (same targets)",
+                   f"{name}: labels in the order 'representative' serves them vs random")
     print(f"== {name}: recommended {result['recommended_stage1_dice']} vs protocol mean {result['mean_template_stage1_dice']} "
           f"{json.dumps(result['protocol_stage1_dice'])}; curve gains {json.dumps(result.get('representative_minus_random_mean'))}", flush=True)
     return result

@@ -85,3 +85,29 @@ def test_pipeline_without_a_label_says_which_image_to_annotate_first(tmp_path, s
     code = cli_main(["pipeline", "--studies", str(studies), "--stage", "1", "--conf", "labels", "anterior=1,posterior=2"])
     err = capsys.readouterr().err
     assert code == 2 and f"annotate {expected} first" in err, err
+
+
+def test_a_labelled_image_s_pseudo_label_is_scored_against_its_new_final_label(tiny_studies, sample_source, monkeypatch):
+    from semisam_o1.config import AppConfig
+    from semisam_o1.evaluation import scores
+    from semisam_o1.pipeline import run_stage_one
+    from semisam_o1.volumes import load_label
+    from test_active_learning import put_label, wait_refresh
+
+    run_stage_one(tiny_studies, AppConfig.from_conf(FAST), progress=False)  # pseudo-labels of 003 and 008 from the 1 template
+    pseudo = tiny_studies / "labels" / "pseudo" / "hippocampus_003.nii.gz"
+    truth = sample_source.labels / "hippocampus_003.nii.gz"
+    image = load_image(tiny_studies / "hippocampus_003.nii.gz")
+    per_class = scores(load_label(pseudo, image), load_label(truth, image), {"anterior": 1, "posterior": 2})
+    expected = round(float(np.mean([round(s["dice"], 4) for s in per_class.values()])), 4)
+    with make_client(tiny_studies, monkeypatch, FAST) as client:
+        assert client.get("/info/").json()["semisam"]["label_curve"]["points"] == []
+        assert put_label(client, "hippocampus_003", truth).status_code == 200
+        curve = client.get("/info/").json()["semisam"]["label_curve"]
+        assert curve["points"] == [{"labels": 1, "dice": expected, "images": 1}] and curve["expected_gain_next_label"] is None, curve
+        wait_refresh(client, runs=1)
+        assert put_label(client, "hippocampus_003", truth).status_code == 200  # a correction of the same image adds no point
+        assert client.get("/info/").json()["semisam"]["label_curve"]["points"] == curve["points"]
+        wait_refresh(client, runs=2)
+    saved = tiny_studies / "labels" / "final" / "hippocampus_003.nii.gz"
+    assert np.array_equal(nib.load(str(saved)).get_fdata(), nib.load(str(truth)).get_fdata())  # the clinician's label, untouched

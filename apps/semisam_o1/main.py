@@ -11,6 +11,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.scoring.dice import Dice
+from semisam_o1 import label_curve
 from semisam_o1.config import AppConfig, is_dicomweb
 from semisam_o1.distributed import check_reachable
 from semisam_o1.pool import build_stage_one, pool_runner, refresh_pseudo_labels, unreadable_images
@@ -116,9 +117,15 @@ class SemiSAMO1App(MONAILabelApp):
         return {"features": FeatureExtraction(self.stage_one, self.config), "uncertainty": UncertaintyScoring(self.stage_two, self.config), "dice": Dice()}
 
     def on_save_label(self, image_id, label_id):
-        """A new ``final`` label is a template: refresh the pool's stage-one pseudo-labels in the background."""
-        if image_id not in self.datastore().get_labeled_images(DefaultLabelTag.FINAL):
+        """A new ``final`` label is a template: its image's pseudo-label is scored against it (:mod:`semisam_o1.label_curve`),
+        then the pool's stage-one pseudo-labels are refreshed in the background."""
+        datastore = self.datastore()
+        if image_id not in datastore.get_labeled_images(DefaultLabelTag.FINAL):
             return {}
+        try:
+            label_curve.record_saved_label(datastore, work_dir(self.studies), image_id, label_map(find_templates(datastore), self.config.labels))
+        except Exception as e:  # noqa: BLE001 - the curve is advice: a failure never fails the clinician's save
+            logger.warning(f"label curve: {image_id} not scored: {e}")
         self.refresher.request()
         return {"template": image_id, "templates": len(find_templates(self.datastore())), "pseudo_label_refresh": "started"}
 
@@ -141,5 +148,6 @@ class SemiSAMO1App(MONAILabelApp):
         self.labels = self.current_labels()
         info = super().info()
         info["semisam"] = {"templates": [t.image_id for t in find_templates(self.datastore())], "pseudo_label_refresh": self.refresher.status(),
-                           "unreadable_images": unreadable_images(work_dir(self.studies)), **self.config.describe()}
+                           "unreadable_images": unreadable_images(work_dir(self.studies)), "label_curve": label_curve.summary(work_dir(self.studies)),
+                           **self.config.describe()}
         return info

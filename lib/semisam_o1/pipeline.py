@@ -69,10 +69,12 @@ def run_stage_two(studies: Path, config: AppConfig, truth: Path | None = None, r
 
     Report (``report_dir``, default ``studies/.semisam/report``): ``rounds.json`` (per-round stats and,
     with ``truth``, pool Dice per round), ``dice_per_round.png`` (with ``truth``) and
-    ``overlay_<case>.png`` for the first three cases (image, final pseudo-label, uncertainty).
+    ``overlay_<case>.png`` for the first three cases (image, final pseudo-label, uncertainty), and ``label_curve.png`` once
+    clinicians' labels have measured two label counts (:mod:`semisam_o1.label_curve`).
     """
     from semisam_o1.evaluation import mean_dice, scores
-    from semisam_o1.report import dice_per_round_plot, overlay
+    from semisam_o1 import label_curve
+    from semisam_o1.report import curve_plot, dice_per_round_plot, overlay
     from semisam_o1.stage_two.rounds import StageTwo
     from semisam_o1.volumes import load_image, load_label, load_map
 
@@ -108,6 +110,11 @@ def run_stage_two(studies: Path, config: AppConfig, truth: Path | None = None, r
         label = load_label(two.labels_dir(published) / f"{image_id}.nii.gz", image, require_foreground=False)
         entropy = load_map(two.work / f"round_{published}" / "uncertainty" / f"{image_id}.nii.gz")
         overlay(image.array, label, entropy, report_dir / f"overlay_{image_id}.png", title=f"{image_id}: round {published} pseudo-label and uncertainty")
+    curve = label_curve.summary(studies)
+    if len(curve["points"]) >= 2:  # what each label bought so far, measured on the images clinicians labelled
+        report["label_curve"] = curve
+        curve_plot({"pseudo-label vs the clinician's label": {p["labels"]: p["dice"] for p in curve["points"]}}, report_dir / "label_curve.png",
+                   "real labels", "Dice", "what each label bought (semisam_o1.label_curve)")
     (report_dir / "rounds.json").write_text(json.dumps(report, indent=2))
     return report
 
