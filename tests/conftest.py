@@ -72,14 +72,15 @@ class Server(ChildProcess):
 
     stop_timeout = 30.0
 
-    def __init__(self, studies: Path | str, *extra: str, env: dict | None = None, start_timeout: float = 120.0, log_dir: Path | None = None):
+    def __init__(self, studies: Path | str, *extra: str, env: dict | None = None, start_timeout: float = 120.0, log_dir: Path | None = None,
+                 port: int | None = None):
         import os
         import subprocess
         import sys
 
         from semisam_o1 import PROJECT_ROOT
 
-        self.port = free_port()
+        self.port = port or free_port()  # a port chosen before: the OpenID provider registers the server's redirect URI first
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_") and k != "PYTHONPATH"}, **(env or {})}
         env = {k: v for k, v in env.items() if v is not None}  # env={"X": None}: X unset for the server

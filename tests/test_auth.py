@@ -12,7 +12,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import jwt
@@ -37,22 +39,35 @@ CLIENT = {"client_id": "semisam-o1", "client_secret": "semisam-o1-secret"}
 SHORT_CLIENT = {"client_id": "semisam-o1-short", "client_secret": "semisam-o1-short-secret"}  # 3 s tokens
 
 
-@pytest.fixture(scope="module")
-def oidc_issuer():
-    """The issuer URL of a running oidc-provider (stopped after the module)."""
+@contextmanager
+def openid_provider(*ohif_origins: str):
+    """A running oidc-provider (tests/oidc/provider.mjs) on a free loopback port; yields its issuer URL.
+
+    ``ohif_origins`` (``http://127.0.0.1:<port>``): servers whose OHIF may log in (client ``semisam-o1-ohif``).
+    """
     if shutil.which("node") is None:
         pytest.skip("Node.js is not installed (make test installs it with apt as root: make oidc-deps)")
     if not (OIDC_DIR / "node_modules" / "oidc-provider").is_dir():
         pytest.fail("oidc-provider is not installed: run `make oidc-deps` (npm ci in tests/oidc)")
-    process = subprocess.Popen(["node", str(OIDC_DIR / "provider.mjs"), str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"oidc-provider did not start: {process.stderr.read()}")
-        yield json.loads(line)["issuer"]
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(["node", str(OIDC_DIR / "provider.mjs"), str(free_port()), *ohif_origins], stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            line = process.stdout.readline()
+            if not line:
+                process.wait(timeout=10)
+                stderr.seek(0)
+                raise RuntimeError(f"oidc-provider did not start: {stderr.read()}")
+            yield json.loads(line)["issuer"]
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def oidc_issuer():
+    """The issuer URL of a running oidc-provider (stopped after the module)."""
+    with openid_provider() as issuer:
+        yield issuer
 
 
 def auth_env(issuer: str) -> dict:
@@ -159,14 +174,15 @@ def test_a_valid_token_without_a_role_is_403(auth_server):
     assert answer.status_code == 403 and "monailabel-user" in answer.json()["detail"]
 
 
-#: What answers without a token: the login, whether auth is on, and the API description.
+#: What answers without a token: the login, whether auth is on, the API description and OHIF's files.
 PUBLIC = {("GET", "/auth/"), ("POST", "/auth/token")}
 
 
 def test_every_endpoint_needs_a_token(auth_server):
     api = requests.get(f"{auth_server.url}/openapi.json", timeout=30).json()
     calls = {(method.upper(), path) for path, item in api["paths"].items() for method in item} - PUBLIC
-    calls |= {("POST", "/reload"), ("GET", "/ohif/"), ("GET", "/ohif-api/info/"), ("GET", "/ohif-api/datastore/"), ("POST", "/train/")}
+    calls |= {("POST", "/reload"), ("GET", "/ohif-api/info/"), ("GET", "/ohif-api/datastore/"), ("POST", "/train/"),
+              ("GET", "/proxy/dicom/qido/studies"), ("POST", "/proxy/dicom/wado/studies"), ("POST", "/ohif-api/proxy/dicom/studies")}
     assert len(calls) > 40
     opened = {}
     for method, path in sorted(calls):
@@ -174,6 +190,21 @@ def test_every_endpoint_needs_a_token(auth_server):
         if answer.status_code != 401:
             opened[f"{method} {path}"] = answer.status_code
     assert not opened
+
+
+def test_ohif_files_are_public_and_log_in_at_the_issuer(auth_server, oidc_issuer):
+    """OHIF's JavaScript answers without a token; its app-config logs in at the server's issuer (tests/test_ohif_login.py: in a browser)."""
+    index = requests.get(f"{auth_server.url}/ohif/", timeout=30)
+    assert index.status_code == 200 and '<script src="/ohif/semisam-o1-auth.js"></script></head>' in index.text
+    config = requests.get(f"{auth_server.url}/ohif/app-config.js", timeout=30)
+    assert config.status_code == 200 and "/proxy/dicom/qido" in config.text
+    assert f'"authority": "{oidc_issuer}"' in config.text and '"client_id": "semisam-o1"' in config.text and '"response_type": "code"' in config.text
+    script = requests.get(f"{auth_server.url}/ohif/semisam-o1-auth.js", timeout=30)
+    assert script.status_code == 200 and "oidc.user:" in script.text
+    assert requests.get(f"{auth_server.url}/ohif/assets/favicon-16x16.png", timeout=30).headers["content-type"] == "image/png"
+    # a user without a role for a POST through the DICOMweb proxy (a STOW of OHIF): annotator, as saving a label
+    answer = requests.post(f"{auth_server.url}/proxy/dicom/wado/studies", data=b"", headers=bearer(login(auth_server, "user")), timeout=30)
+    assert answer.status_code == 403 and "monailabel-annotator" in answer.json()["detail"]
 
 
 def test_non_loopback_bind_needs_auth_or_insecure(tiny_studies):

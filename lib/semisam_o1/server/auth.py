@@ -17,11 +17,13 @@ realm-specific ``public_key`` field. This module replaces only that one dependen
   MONAI Label's documented realm, so a token that carries only ``monailabel-annotator`` may also
   call the ``user`` endpoints. Changes from MONAI Label (:func:`role_changes`): starting/stopping
   training needs ``reviewer`` (MONAI Label: admin), uploading/deleting model weights ``admin``
-  (MONAI Label: annotator).
+  (MONAI Label: annotator), a POST through the DICOMweb proxy (``/proxy/dicom/...``, STOW-RS: e.g. OHIF storing a
+  DICOM SEG in the PACS) ``annotator`` (MONAI Label: user), as saving a label.
 - ``POST /auth/token`` (3D Slicer's login): the user name and password go to the issuer's token
   endpoint as a password grant (Keycloak: "Direct access grants") for ``MONAI_LABEL_AUTH_CLIENT_ID``,
   with ``MONAI_LABEL_AUTH_CLIENT_SECRET`` if the client is confidential; refused credentials -> 401.
 - ``MONAI_LABEL_AUTH_LEEWAY``: seconds of clock difference allowed with the issuer (default 10).
+- OHIF's login (authorization code + PKCE at the same issuer): :mod:`semisam_o1.server.ohif_login`.
 
 Answers: no or malformed token, bad signature, wrong issuer/audience, expired -> 401 with
 ``WWW-Authenticate: Bearer``; a valid token without the endpoint's role -> 403 (MONAI Label's RBAC);
@@ -39,7 +41,7 @@ from typing import Any
 
 import jwt
 import requests
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.routing import APIRoute
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
 from monailabel.config import settings
@@ -252,6 +254,19 @@ def reload(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
 
     clear_cache()
     return {}
+
+
+@router.post("/proxy/dicom/{path:path}", include_in_schema=False)
+async def proxy_post(request: Request, path: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+    """MONAI Label's DICOMweb proxy for a POST (STOW-RS, e.g. OHIF storing a DICOM SEG in the PACS): annotator,
+    as saving a label (MONAI Label: user, the role of its GET on the same function, so the role cannot
+    be changed in place as :func:`role_changes` does)."""
+    from monailabel.endpoints.proxy import proxy_dicom
+
+    op, slash, rest = path.partition("/")
+    if slash and op in ("wado", "qido", "stow"):
+        return await proxy_dicom(request, op, rest)
+    return await proxy_dicom(request, "", path)
 
 
 def role_changes() -> list[tuple[Any, set[str], str, str]]:

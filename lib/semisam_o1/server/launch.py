@@ -74,7 +74,10 @@ def serve(studies: Path | str, conf: dict[str, str], host: str = "127.0.0.1", po
         raise ServeRefused(str(e)) from None
     if settings.MONAI_LABEL_AUTH_ENABLE and not auth.is_loopback(host):
         print(f"authentication: OpenID Connect, issuer {settings.MONAI_LABEL_AUTH_REALM_URI}; serve clients over TLS (a reverse proxy), bearer tokens must not cross a network in clear text")
-    elif insecure and not auth.is_loopback(host):
+    if settings.MONAI_LABEL_AUTH_ENABLE and os.environ.get("MONAI_LABEL_AUTH_CLIENT_SECRET") and not os.environ.get("MONAI_LABEL_AUTH_OHIF_CLIENT_ID"):
+        print(f"WARNING: OHIF logs in as client {settings.MONAI_LABEL_AUTH_CLIENT_ID!r}, which has a secret (MONAI_LABEL_AUTH_CLIENT_SECRET) a browser "
+              "cannot keep: the issuer will refuse OHIF's login; name a public client for OHIF in MONAI_LABEL_AUTH_OHIF_CLIENT_ID")
+    if insecure and not auth.is_loopback(host) and not settings.MONAI_LABEL_AUTH_ENABLE:
         print(f"WARNING: serving {host} WITHOUT authentication (--insecure): anyone who reaches it can overwrite labels and start training")
 
     from monailabel.main import Main  # after the environment: monailabel reads settings at import

@@ -1,4 +1,4 @@
-"""The ASGI app the server runs: MONAI Label's own, with two fixes for OHIF and DICOMweb.
+"""The ASGI app the server runs: MONAI Label's own, with fixes for OHIF and DICOMweb.
 
 ``python main.py serve`` starts uvicorn on ``semisam_o1.server.web:app`` (MONAI Label's ``--uvicorn_app``)
 instead of ``monailabel.app:app``:
@@ -12,7 +12,9 @@ instead of ``monailabel.app:app``:
   inside the OHIF folder (never outside it); unknown paths still get ``index.html`` (OHIF's client
   side routes such as ``/ohif/viewer?StudyInstanceUIDs=...``). ``index.html`` also sets the cookie
   OHIF's MONAI Label panel reads for the server address (``MONAILABEL_SERVER_URL``) to this
-  server's ``/ohif-api/``, unless the browser has one, so the panel needs no typing.
+  server's ``/ohif-api/``, unless the browser has one, so the panel needs no typing. The files are
+  public (OHIF's JavaScript); with authentication on, OHIF logs its user in at the server's OpenID issuer
+  and its calls carry the token (:mod:`semisam_o1.server.ohif_login`).
 - ``/infer/{model}?output=dicom_seg`` converts with pydicom-seg (:mod:`semisam_o1.server.dicomweb`) instead of
   dcmqi's ``itkimage2segimage``, which is never downloaded; the SEG file is deleted once answered.
 - With ``MONAI_LABEL_AUTH_ENABLE``: OpenID Connect bearer tokens under MONAI Label's role checks, and
@@ -31,14 +33,14 @@ from pathlib import Path
 
 import anyio
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from monailabel.app import app as monailabel_app
 from monailabel.config import settings
 from monailabel.endpoints import infer as infer_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.utils.others.generic import get_mime_type
 
-from semisam_o1.server import auth
+from semisam_o1.server import auth, ohif_login
 
 OHIF_DIR = Path(infer_endpoint.__file__).resolve().parent / "static" / "ohif"
 SERVER_COOKIE = "MONAILABEL_SERVER_URL"
@@ -64,13 +66,21 @@ router = APIRouter()
 
 
 @router.get("/ohif/{path:path}", include_in_schema=False)
-async def ohif(path: str, request: Request, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+async def ohif(path: str, request: Request):
+    """OHIF's files, without a token (public JavaScript; the studies and the API need one)."""
+    login = ohif_login.enabled()
+    if login and path == ohif_login.SCRIPT:
+        return FileResponse(ohif_login.SCRIPT_FILE, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
     file = ohif_file(path)
     if file is None:
         raise HTTPException(status_code=404, detail=f"{'/ohif/' + path!r}: not a page or file of OHIF")
     if not file.exists():
         raise HTTPException(status_code=404, detail=f"OHIF is not installed with MONAI Label ({OHIF_DIR})")
-    response = FileResponse(file, media_type=get_mime_type(str(file)))
+    if login and file.name in ohif_login.CHANGED and file.parent == OHIF_DIR.resolve():
+        # made from the server's auth settings at each request: never cached
+        response = Response(ohif_login.served(file), media_type=get_mime_type(str(file)), headers={"Cache-Control": "no-cache"})
+    else:
+        response = FileResponse(file, media_type=get_mime_type(str(file)))
     root = str(request.base_url)
     # absent, or this server's root (OHIF's own default, whose /info/ the panel cannot read): point it at /ohif-api/
     if file.name == "index.html" and request.cookies.get(SERVER_COOKIE, root) == root:
