@@ -1,4 +1,4 @@
-"""``python main.py <command>``: serve (default), pipeline, evaluate, params, docs, sample-data."""
+"""``python main.py <command>``: serve (default), pipeline, export, evaluate, params, docs, sample-data."""
 
 from __future__ import annotations
 
@@ -121,6 +121,31 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from semisam_o1.pipeline import export_bundle
+    from semisam_o1.stage_two.export import NothingPublished
+
+    studies = Path(args.studies)
+    if not studies.is_dir():
+        print(f"error: studies folder {studies} does not exist", file=sys.stderr)
+        return 2
+    try:
+        config = AppConfig.from_conf({**sample_conf(studies), **_conf_pairs(args.conf, None, args.set, args.params)})
+        out = export_bundle(studies, config, args.out)
+    except ConfError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NothingPublished as e:
+        print(f"error: {studies}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot write the bundle to {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wrote the MONAI Bundle {out}; run it with: python -m monai.bundle run --config_file {out}/configs/inference.json "
+          f"--bundle_root {out} --dataset_dir IMAGES --output_dir LABELS")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from semisam_o1.config import parse_label_map
     from semisam_o1.evaluation import evaluate_folders
@@ -206,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help=set_help)
     pipeline.add_argument("--params", type=Path, default=None, metavar="FILE", help=params_help)
     pipeline.set_defaults(func=cmd_pipeline)
+
+    export = sub.add_parser("export", help="write the published stage-two network as a MONAI Bundle (python -m monai.bundle run)")
+    export.add_argument("--studies", default=str(SAMPLE_DATASTORE), help="local datastore folder whose published network to export")
+    export.add_argument("--out", type=Path, required=True, help="bundle folder to write (configs/, models/, docs/; created)")
+    export.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help=conf_help + " (the ones the server runs with)")
+    export.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help=set_help)
+    export.add_argument("--params", type=Path, default=None, metavar="FILE", help=params_help)
+    export.set_defaults(func=cmd_export)
 
     evaluate = sub.add_parser("evaluate", help="Dice and HD95 per class of predictions vs ground truth")
     evaluate.add_argument("--pred", type=Path, required=True, help="folder of predicted label files")

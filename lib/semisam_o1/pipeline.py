@@ -118,3 +118,19 @@ def run_stage_two(studies: Path, config: AppConfig, truth: Path | None = None, r
     (report_dir / "rounds.json").write_text(json.dumps(report, indent=2))
     return report
 
+
+def export_bundle(studies: Path, config: AppConfig, out: Path) -> Path:
+    """The datastore's published stage-two network as a MONAI Bundle in the folder ``out``, as the server started with
+    ``config`` on ``studies`` serves it (its label map, inference patch and the plan's modality).
+
+    Raises:
+        NothingPublished: no network is published in ``studies`` yet.
+    """
+    from semisam_o1.stage_two.export import NothingPublished
+    from semisam_o1.stage_two.rounds import StageTwo
+
+    studies = Path(studies)
+    if not (studies / ".semisam" / "stage2" / "model.pt").exists():  # StageTwo's model_path; checked before planning anything
+        raise NothingPublished()
+    two = StageTwo(studies, build_stage_one(studies, config), config.stage_two_params())
+    return two.export_bundle(Path(out), label_map(find_templates(open_datastore(studies)), config.labels))

@@ -17,6 +17,9 @@ instead of ``monailabel.app:app``:
   and its calls carry the token (:mod:`semisam_o1.server.ohif_login`).
 - ``/infer/{model}?output=dicom_seg`` converts with pydicom-seg (:mod:`semisam_o1.server.dicomweb`) instead of
   dcmqi's ``itkimage2segimage``, which is never downloaded; the SEG file is deleted once answered.
+- ``GET /model/{model}/bundle`` (admin, as ``GET /model/{model}``): the model's published network as a MONAI Bundle, a
+  zip of ``<model>/configs/...`` and ``<model>/models/...`` (:mod:`semisam_o1.stage_two.export`); 409 before any
+  training, 404 for a model without a network (stage one).
 - With ``MONAI_LABEL_AUTH_ENABLE``: OpenID Connect bearer tokens under MONAI Label's role checks, and
   ``/auth/token`` as a password grant at the issuer (:mod:`semisam_o1.server.auth`).
 - Shutdown stops every queued and running background job (:mod:`semisam_o1.server.jobs`).
@@ -32,7 +35,7 @@ import asyncio
 from pathlib import Path
 
 import anyio
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, Response
 from monailabel.app import app as monailabel_app
 from monailabel.config import settings
@@ -100,6 +103,37 @@ async def ohif_info(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USE
     if isinstance(labels, dict):
         info["labels"] = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
     return info
+
+
+@router.get("/model/{model}/bundle", summary="[Admin] Download the published network as a MONAI Bundle (zip)")
+async def model_bundle(model: str, background_tasks: BackgroundTasks, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    """The infer task ``model``'s published network as a MONAI Bundle zip (its ``export_bundle``), deleted once sent."""
+    import tempfile
+
+    from monailabel.interfaces.utils.app import app_instance
+    from monailabel.utils.others.generic import remove_file
+
+    from semisam_o1.stage_two.export import NothingPublished, export_zip
+
+    infers = app_instance()._infers
+    if model not in infers:
+        raise HTTPException(status_code=404, detail=f"unknown model '{model}' (known: {', '.join(sorted(infers))})")
+    task = infers[model]
+    if not hasattr(task, "export_bundle"):
+        exportable = sorted(name for name, t in infers.items() if hasattr(t, "export_bundle"))
+        raise HTTPException(status_code=404, detail=f"model '{model}' has no network to export as a bundle (these have: "
+                                                    f"{', '.join(exportable)})")
+    archive = Path(tempfile.NamedTemporaryFile(suffix=".zip", delete=False).name)
+    try:
+        export_zip(task.export_bundle, archive, name=model)
+    except NothingPublished as e:
+        archive.unlink(missing_ok=True)
+        raise HTTPException(status_code=409, detail=str(e)) from None
+    except BaseException:
+        archive.unlink(missing_ok=True)
+        raise
+    background_tasks.add_task(remove_file, str(archive))
+    return FileResponse(archive, media_type="application/zip", filename=f"{model}_bundle.zip")
 
 
 class OhifApiPrefix:

@@ -99,6 +99,19 @@ class PublishedModel:
             return None
         return load_label(paths[0], image, require_foreground=False), load_map(paths[1])
 
+    def export_bundle(self, out: Path, labels: dict[str, int]) -> Path:
+        """The published network as a MONAI Bundle in the folder ``out`` (:func:`~semisam_o1.stage_two.export.export_bundle`)
+        with this stage's inference patch, the plan's modality and median spacing, and ``labels`` ``{name: value}``.
+
+        Raises:
+            NothingPublished: before any training (nothing published)."""
+        from semisam_o1 import __version__
+        from semisam_o1.stage_two.export import export_bundle
+
+        plan = self.stage_one.cache.plan
+        return export_bundle(self.model_path, out, labels, self.params.train.patch, self.stage_one.cache.modality,
+                             plan.planned_from.get("median_spacing"), self.model_version() or "", __version__)
+
     def model_version(self) -> str | None:
         """Content hash of the published network (changes with every finished round), ``None`` before any."""
         return f"stage2-{sha256(self.model_path)[:12]}" if self.model_path.exists() else None

@@ -59,6 +59,14 @@ class NetworkInfer(LabelInfer):
         atomic_write(target, lambda tmp: shutil.copyfile(path, tmp))
         return {"checksum": f"SHA256:{sha256(target)}", "modified_time": int(target.stat().st_mtime)}
 
+    def export_bundle(self, folder: Path) -> Path:
+        """The published network as a MONAI Bundle in ``folder`` (``GET /model/semisam_o1/bundle``), labelled with this
+        server's label map (:meth:`~semisam_o1.stage_two.published.PublishedModel.export_bundle`).
+
+        Raises:
+            NothingPublished: before any training."""
+        return self.stage_two.export_bundle(Path(folder), self._labels())
+
     def _network(self):
         path = self.stage_two.model_path
         mtime = path.stat().st_mtime_ns if path.exists() else None
