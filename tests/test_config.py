@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 from semisam_o1.choices import ENCODERS
-from semisam_o1.config import AppConfig, ConfError, parse_label_map
+from semisam_o1.config import AppConfig, parse_label_map
+from semisam_o1.parsers import ConfError
 
 
 def test_label_map_parses_names_and_indices():
@@ -69,7 +70,8 @@ def test_options_parse_without_loading_torch_or_an_implementation():
     code = ("import sys; from semisam_o1.config import AppConfig; AppConfig.from_conf({'encoder': 'litemedsam', 'stage_two.ensemble': 'anchored'}); "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('semisam_o1.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(["semisam_o1.choices", "semisam_o1.config", "semisam_o1.stage_one", "semisam_o1.stage_one.params",
+    assert out.strip() == str(["semisam_o1.choices", "semisam_o1.config", "semisam_o1.parsers", "semisam_o1.research",
+                               "semisam_o1.stage_one", "semisam_o1.stage_one.params",
                                "semisam_o1.stage_two", "semisam_o1.stage_two.params"])
 
 

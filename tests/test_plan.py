@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from semisam_o1.config import AppConfig, ConfError
+from semisam_o1.config import AppConfig
+from semisam_o1.parsers import ConfError
 from semisam_o1.pool import build_stage_one, open_datastore
 from semisam_o1.stage_one.plan import PLAN_FILE, Plan, make_plan, resolve_device
 from semisam_o1.templates import find_templates
@@ -127,8 +128,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu_with_a_warning(caplog):
 
 
 def test_a_scan_too_large_for_memory_is_refused_naming_it():
-    from semisam_o1.stage_one.plan import check_memory
-    from semisam_o1.volumes import InputError
+    from semisam_o1.volumes import InputError, check_memory
 
     with pytest.raises(InputError, match=r"big\.nii\.gz: encoding: 4096x4096x4096 voxels .* GiB available"):
         check_memory("big.nii.gz: encoding", (4096, 4096, 4096), 8)

@@ -292,11 +292,12 @@ def test_auto_replace_confidence_holds_labels_back_only_when_round_1_kept_the_cl
     previous round's only where the soft label's top class holds >= 0.6; when it moved them more (a network
     correcting stage one's volumes), everywhere. Round 1 decides from its own pool-wide change, later rounds
     from round 1's; each round's stats say which threshold it used."""
-    from semisam_o1.config import ConfError
-    from semisam_o1.stage_two import rounds as stage_two_module
+    from semisam_o1.parsers import ConfError
+    from semisam_o1.stage_two import relabel, rounds
 
-    real_change = stage_two_module.volume_change
-    monkeypatch.setattr(stage_two_module, "volume_change", lambda network, labels: moved if real_change(network, labels) is not None else None)
+    real_change = rounds.volume_change
+    for module in (rounds, relabel):  # the round's recorded change (rounds) and round 1's own threshold (relabel)
+        monkeypatch.setattr(module, "volume_change", lambda network, labels: moved if real_change(network, labels) is not None else None)
     config = AppConfig.from_conf({**FAST, "rounds": "2", "stage_two.publish": "last", "stage_two.refinement": "none", "stage_two.teacher_floor": "false"})
     assert config.stage_two_params().replace_confidence is None  # auto is the default
     datastore = open_datastore(tiny_studies)
@@ -713,7 +714,7 @@ def test_on_thick_slices_affine_augmentation_turns_and_scales_in_plane_only(tmp_
 def test_real_share_draws_that_share_of_training_patches_from_the_real_labels(tiny_studies, monkeypatch):
     """``real_share`` 0.5 (the default): half of every round's training patches come from the templates (and final
     labels), the rest from the pool's pseudo-labels; with 0 each image is drawn as often as any other."""
-    from semisam_o1.config import ConfError
+    from semisam_o1.parsers import ConfError
     from semisam_o1.stage_two import rounds as stage_two_module
     from semisam_o1.stage_two.labels import training_weights
     from semisam_o1.stage_two.loop import _prepare
@@ -747,7 +748,7 @@ def test_warm_start_trains_each_round_on_from_the_previous_rounds_network(tiny_s
     """``warm_start`` (the default): round 1 trains a fresh network, every later round starts from the weights of
     the round before (as saved in its ``model.pt``) at ``warm_lr`` x round 1's peak learning rate; off, every
     round starts fresh at round 1's rate (the paper's design)."""
-    from semisam_o1.config import ConfError
+    from semisam_o1.parsers import ConfError
     from semisam_o1.stage_two import rounds as stage_two_module
     from semisam_o1.stage_two.training import train_network
 

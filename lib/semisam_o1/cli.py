@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from semisam_o1.config import OPTIONS, AppConfig, ConfError, is_dicomweb
+from semisam_o1.config import OPTIONS, AppConfig, is_dicomweb
+from semisam_o1.parsers import ConfError
 from semisam_o1.sample_data import SAMPLE_DATASTORE, SampleDataError, load_manifest, populate, verify
 
 
@@ -173,7 +174,7 @@ def evaluation_table(result: dict) -> str:
 
 
 def cmd_params(args) -> int:
-    from semisam_o1.config import research_settings
+    from semisam_o1.research import research_settings
 
     rows = research_settings()
     if args.json:

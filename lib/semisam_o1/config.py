@@ -1,26 +1,25 @@
-"""The app's settings: a dozen operator options (``--conf key value``) and the research settings
-(``--set section.field=value`` or ``--params FILE``), parsed and validated in one place.
+"""The operator options: a dozen ``--conf key value`` settings, typed and validated in :class:`AppConfig`.
 
 MONAI Label hands an app its ``--conf`` pairs as a ``dict[str, str]``. :class:`AppConfig` turns that into typed
-values; an unknown key or a malformed value is an error naming the key, so a typo never silently falls back to a
-default. Operator options are :class:`AppConfig`'s fields (``python main.py serve --help``, README). Research
-settings are the fields of the params dataclasses (:data:`SECTIONS`, ``python main.py params``): each default is
-written there once, and a conf key ``<section>.<field>`` (what ``--set`` becomes) overrides it. ``params`` names a
-JSON or YAML file of such overrides (``{"stage_two": {"warm_lr": 2}}``); a ``--set`` of the same field wins.
+values; an unknown key or a malformed value is a :class:`~semisam_o1.parsers.ConfError` naming the key, so a typo
+never silently falls back to a default. Operator options are :class:`AppConfig`'s fields (``python main.py serve
+--help``, README). A conf key ``<section>.<field>`` (what ``--set`` becomes) is a research setting
+(:mod:`semisam_o1.research`): its default is the params dataclass's, and only the settings given that differ from it
+are kept (``AppConfig.research``). ``params`` names a JSON or YAML file of such settings
+(``{"stage_two": {"warm_lr": 2}}``); a ``--set`` of the same field wins.
 """
 
 from __future__ import annotations
 
-import ast
-import inspect
-import json
 import re
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from semisam_o1.choices import ENCODERS
-from semisam_o1.stage_one.params import FloorParams, PropagationParams, StageOneParams
-from semisam_o1.stage_two.params import RefineParams, StageTwoParams, TrainParams
+from semisam_o1.parsers import ConfError, as_text, parse_auto_int, parse_choice, parse_int
+from semisam_o1.research import SECTIONS, parse_research, read_params_file
+from semisam_o1.stage_one.params import StageOneParams
+from semisam_o1.stage_two.params import StageTwoParams, TrainParams
 
 
 def is_dicomweb(studies) -> bool:
@@ -31,10 +30,6 @@ def is_dicomweb(studies) -> bool:
     (True, False)
     """
     return str(studies).startswith(("http://", "https://"))
-
-
-class ConfError(ValueError):
-    """A ``--conf`` key is unknown or its value cannot be parsed."""
 
 
 def parse_label_map(text: str) -> dict[str, int]:
@@ -52,68 +47,6 @@ def parse_label_map(text: str) -> dict[str, int]:
             raise ConfError(f"'{entry}' repeats a name or an index")
         labels[name.strip()] = int(index)
     return labels
-
-
-def parse_bool(text: str) -> bool:
-    """``true/false``, ``1/0``, ``yes/no`` (any case)."""
-    value = str(text).strip().lower()
-    if value not in {"true", "false", "1", "0", "yes", "no"}:
-        raise ConfError(f"'{text}' is not true/false")
-    return value in {"true", "1", "yes"}
-
-
-def parse_axes(text: str) -> tuple[int, ...]:
-    """``"0,1,2"`` -> ``(0, 1, 2)``: slice orientations (volume axes) the encoder runs on."""
-    try:
-        axes = tuple(int(a) for a in str(text).split(",") if a.strip())
-    except ValueError:
-        raise ConfError(f"'{text}' is not a comma-separated list of axes 0, 1, 2") from None
-    if not axes or set(axes) - {0, 1, 2} or len(set(axes)) != len(axes):
-        raise ConfError(f"'{text}' is not a comma-separated list of distinct axes 0, 1, 2")
-    return axes
-
-
-def parse_int(low: int, high: int):
-    """Parser of an integer in ``[low, high]``."""
-
-    def parse(text: str) -> int:
-        if not str(text).strip().lstrip("-").isdigit() or not low <= int(text) <= high:
-            raise ConfError(f"'{text}' is not an integer in [{low}, {high}]")
-        return int(text)
-
-    return parse
-
-
-def parse_float(low: float, high: float):
-    """Parser of a number in ``[low, high]``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ConfError(f"'{text}' is not a number") from None
-        if not low <= value <= high:
-            raise ConfError(f"'{text}' is not in [{low}, {high}]")
-        return value
-
-    return parse
-
-
-def parse_auto_int(low: int, high: int):
-    """Parser of ``auto`` (-> ``None``: planned from the datastore) or an integer in ``[low, high]``."""
-    return _or_auto(parse_int(low, high))
-
-
-def parse_auto_float(low: float, high: float):
-    """Parser of ``auto`` (-> ``None``: decided from the data) or a number in ``[low, high]``."""
-    return _or_auto(parse_float(low, high))
-
-
-def _or_auto(parse_number):
-    def parse(text: str):
-        return None if str(text).strip().lower() == "auto" else parse_number(text)
-
-    return parse
 
 
 def parse_device(text: str) -> str:
@@ -135,28 +68,10 @@ def parse_ray_address(text: str) -> str:
     raise ConfError(f"{text!r} is not a Ray address (empty, local, auto, ray://host:port or host:port)")
 
 
-def parse_choice(*choices: str):
-    """Parser of one of ``choices``."""
-
-    def parse(text: str) -> str:
-        if text not in choices:
-            raise ConfError(f"'{text}' is not one of {', '.join(choices)}")
-        return text
-
-    return parse
-
-
 def _option(default, parse, help: str):
     """A dataclass field carrying its ``--conf`` parser and help text."""
     kwargs = {"default_factory": default} if callable(default) else {"default": default}
     return field(metadata={"parse": parse, "help": help}, **kwargs)
-
-
-#: research-setting sections: ``--set <section>.<field>=<value>`` sets a field of that dataclass
-SECTIONS = {"stage_one": StageOneParams, "propagation": PropagationParams, "floor": FloorParams,
-            "stage_two": StageTwoParams, "train": TrainParams, "refine": RefineParams}
-#: fields that are operator options (:class:`AppConfig`) or nested sections, not research settings
-NOT_RESEARCH = frozenset({"stage_two.rounds", "stage_two.train", "stage_two.refine", "train.iterations", "train.processes"})
 
 
 @dataclass(frozen=True)
@@ -220,14 +135,14 @@ class AppConfig:
         """What ``/info/`` shows of the settings: ``{"options": {option: value as --conf writes it}, "research_settings":
         {"<section>.<field>": value} (only those set differently from their default)}``; file paths are not shown
         (``encoder_checkpoint``, ``params``: whether one is set)."""
-        options = {name: _text(getattr(self, name)) for name, _ in OPTIONS if name not in ("labels", "encoder_checkpoint", "params")}
+        options = {name: as_text(getattr(self, name)) for name, _ in OPTIONS if name not in ("labels", "encoder_checkpoint", "params")}
         options.update(labels=",".join(f"{n}={v}" for n, v in self.labels.items()), encoder_checkpoint=bool(self.encoder_checkpoint),
                        params=bool(self.params))
         return {"options": options, "research_settings": self.conf()}
 
     def conf(self) -> dict[str, str]:
         """The research settings as conf keys (``{"stage_two.warm_lr": "2.0"}``): what rebuilds them elsewhere."""
-        return {f"{s}.{f}": _text(v) for s, f, v in self.research}
+        return {f"{s}.{f}": as_text(v) for s, f, v in self.research}
 
     @classmethod
     def from_conf(cls, conf: dict[str, str] | None) -> "AppConfig":
@@ -240,12 +155,12 @@ class AppConfig:
         conf = dict(conf or {})
         if conf.get("params"):
             for key, raw in read_params_file(conf["params"]).items():
-                research[key] = _parse_research(key, raw, f"{Path(conf['params']).name}: ")
+                research[key] = parse_research(key, raw, f"{Path(conf['params']).name}: ")
         for key, raw in conf.items():
             if key in MONAI_LABEL_KEYS:
                 continue
             if "." in key:
-                research[key] = _parse_research(key, raw, "--set ")
+                research[key] = parse_research(key, raw, "--set ")
                 continue
             try:
                 values[key] = cls.parse_option(key, raw)
@@ -264,7 +179,7 @@ class AppConfig:
             ConfError: ``"<key>: <problem>"``, for an unknown key or a value its parser rejects.
         """
         if "." in key:
-            return _parse_research(key, raw, "")
+            return parse_research(key, raw, "")
         by_name = {f.name: f for f in fields(cls) if f.name != "research"}
         if key not in by_name:
             raise ConfError(f"{key}: unknown option; known options: {', '.join(sorted(by_name))} "
@@ -273,163 +188,6 @@ class AppConfig:
             return by_name[key].metadata["parse"](raw)
         except ConfError as e:
             raise ConfError(f"{key}: {e}") from None
-
-
-def read_params_file(path: str | Path) -> dict[str, object]:
-    """A research-settings file as ``{"<section>.<field>": value}``: JSON, or YAML (``.yaml``/``.yml``), holding
-    ``{section: {field: value}}`` or ``{"<section>.<field>": value}``.
-
-    Raises:
-        ConfError: naming the file, when it cannot be read or parsed.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except (OSError, ValueError) as e:
-        raise ConfError(f"--conf params: {path.name} cannot be read: {e}") from None
-    except Exception as e:  # yaml.YAMLError
-        raise ConfError(f"--conf params: {path.name} is not YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfError(f"--conf params: {path.name} must hold a mapping of sections to settings")
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
-
-
-def research_field(key: str):
-    """The dataclass field a research key ``<section>.<field>`` names.
-
-    Raises:
-        ConfError: the section or the field does not exist, or it is an operator option.
-    """
-    section, _, name = key.partition(".")
-    if section not in SECTIONS:
-        raise ConfError(f"{key}: unknown section '{section}'; sections: {', '.join(SECTIONS)}")
-    by_name = {f.name: f for f in fields(SECTIONS[section])}
-    if name not in by_name or key in NOT_RESEARCH:
-        if key in NOT_RESEARCH and name in ("rounds", "iterations", "processes"):
-            raise ConfError(f"{key}: an operator option, set it with --conf {'train_processes' if name == 'processes' else name}")
-        known = [n for n in by_name if f"{section}.{n}" not in NOT_RESEARCH]
-        raise ConfError(f"{key}: unknown setting; {section} has {', '.join(known)}")
-    return by_name[name]
-
-
-def research_settings() -> list[dict]:
-    """Every research setting: ``[{"key": "<section>.<field>", "type", "default", "help"}]`` in section order, the help
-    being the ``#:`` comment above the field in its dataclass (``python main.py params``, README)."""
-    rows = []
-    for section, cls in SECTIONS.items():
-        docs = field_comments(cls)
-        for f in fields(cls):
-            key = f"{section}.{f.name}"
-            if key in NOT_RESEARCH:
-                continue
-            default = f.default if f.default is not MISSING else f.default_factory()
-            rows.append({"key": key, "type": str(f.type), "default": _text(default), "help": plain(docs.get(f.name, ""))})
-    return rows
-
-
-def plain(text: str) -> str:
-    """Docstring markup as plain Markdown: ``:func:`~a.b.c` `` -> `` `c` ``, double backquotes -> single.
-
-    >>> plain("see :func:`~semisam_o1.stage_two.labels.resolve_ensemble` and ``auto``")
-    'see `resolve_ensemble` and `auto`'
-    """
-    import re
-
-    text = re.sub(r":\w+:`~?([\w.]+)`", lambda m: f"`{m.group(1).rsplit('.', 1)[-1]}`", text)
-    return text.replace("``", "`")
-
-
-def field_comments(cls) -> dict[str, str]:
-    """``{field: the #: comment lines right above it, joined}`` of a dataclass, read from its source."""
-    lines = inspect.getsource(cls).splitlines()
-    out, pending = {}, []
-    for line in lines:
-        stripped = line.strip()
-        if stripped.startswith("#:"):
-            pending.append(stripped[2:].strip())
-            continue
-        node = None
-        try:
-            node = ast.parse(stripped).body[0] if stripped and not stripped.startswith(("@", "class ", "def ", '"""')) else None
-        except SyntaxError:
-            pass
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and pending:
-            out[node.target.id] = " ".join(pending)
-        pending = []
-    return out
-
-
-def _parse_research(key: str, raw, where: str):
-    f = research_field(key)
-    try:
-        return parse_typed(f, raw)
-    except ConfError as e:
-        raise ConfError(f"{where}{key}: {e}") from None
-
-
-def parse_typed(f, raw):
-    """A research value (text from the command line, or a JSON/YAML value) as field ``f``'s type, checked against
-    its ``metadata`` ``choices`` or ``range``; ``auto``/``none`` is ``None`` where the field allows it.
-
-    >>> from semisam_o1.stage_two.params import StageTwoParams
-    >>> parse_typed(research_field("stage_two.warm_lr"), "2"), parse_typed(research_field("train.patch"), "48")
-    (2.0, (48, 48, 48))
-    """
-    kind = str(f.type).replace(" ", "")
-    optional = "|None" in kind or "None|" in kind or kind.startswith("Optional")
-    kind = kind.replace("|None", "").replace("None|", "")
-    text = _text(raw)
-    if optional and text.strip().lower() in ("auto", "none", ""):
-        return None
-    meta = f.metadata
-    low, high = meta.get("range", (-float("inf"), float("inf")))
-    if kind == "bool":
-        return parse_bool(text)
-    if kind == "int":
-        return parse_int(int(low) if low != -float("inf") else -10**18, int(high) if high != float("inf") else 10**18)(text)
-    if kind == "float":
-        return parse_float(low, high)(text)
-    if kind == "str":
-        return parse_choice(*meta["choices"])(text) if "choices" in meta else text
-    if kind.startswith("tuple[int"):
-        try:
-            values = tuple(int(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise ConfError(f"'{text}' is not a comma-separated list of integers") from None
-        default = f.default if f.default is not MISSING else ()
-        if "..." not in kind and len(values) == 1 and len(default) > 1:
-            values = values * len(default)
-        if not values or ("..." not in kind and len(values) != len(default)):
-            raise ConfError(f"'{text}' is not {len(default)} comma-separated integers")
-        if any(not low <= v <= high for v in values):
-            raise ConfError(f"'{text}' has a value outside [{low}, {high}]")
-        if meta.get("distinct") and len(set(values)) != len(values):
-            raise ConfError(f"'{text}' repeats a value")
-        return values
-    raise ConfError(f"settings of type {f.type} cannot be set from the command line")
-
-
-def _text(value) -> str:
-    """A setting's value as the command line writes it: ``(0, 1, 2)`` -> ``0,1,2``, ``None`` -> ``auto``."""
-    if value is None:
-        return "auto"
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    if is_dataclass(value):
-        return type(value).__name__
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 #: Keys MONAI Label itself puts into an app's conf.

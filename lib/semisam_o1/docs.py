@@ -7,7 +7,7 @@ Each table sits between ``<!-- <name>:begin -->`` and ``<!-- <name>:end -->`` ma
   supervision, from ``benchmarks/results/*.json`` (:data:`RESULTS`; with a ``matrix_<dataset>.json`` also the mean
   over its templates);
 - ``options``: the operator options (``--conf``) with their defaults, from :class:`~semisam_o1.config.AppConfig`;
-- ``params``: the research settings (``--set``), from the params dataclasses (:func:`~semisam_o1.config.research_settings`).
+- ``params``: the research settings (``--set``), from the params dataclasses (:func:`~semisam_o1.research.research_settings`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from semisam_o1 import PROJECT_ROOT
-from semisam_o1.config import OPTIONS, AppConfig, _text, research_settings
+from semisam_o1.config import OPTIONS, AppConfig
+from semisam_o1.parsers import as_text
+from semisam_o1.research import research_settings
 
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 
@@ -81,7 +83,7 @@ def results_table(results_dir: Path = RESULTS_DIR) -> str:
 def options_table() -> str:
     """The operator options (``--conf KEY VALUE``) with defaults, from :class:`~semisam_o1.config.AppConfig`."""
     defaults = {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(AppConfig)}
-    rows = [f"| `{k}` | {f'`{_text(defaults[k])}`' if defaults[k] not in ('', {}) else 'none'} | {h} |" for k, h in OPTIONS]
+    rows = [f"| `{k}` | {f'`{as_text(defaults[k])}`' if defaults[k] not in ('', {}) else 'none'} | {h} |" for k, h in OPTIONS]
     return "| option | default | what it sets |\n|---|---|---|\n" + "\n".join(rows)
 
 

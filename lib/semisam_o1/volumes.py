@@ -1,4 +1,6 @@
-"""Reading images and labels with their geometry, and refusing bad input with a message naming the file.
+"""Reading images and labels with their geometry, and refusing bad input with a message naming the file: an
+unreadable or malformed file, or an image too large for this machine (:func:`check_image_file` against its memory,
+:func:`check_memory` against what is free before each heavy step).
 
 Arrays stay in the file's own voxel order (nibabel's ``(i, j, k)`` = ``(D, H, W)`` here): nothing is
 reoriented, so a label written with :func:`save_label` has exactly the image's affine and header.
@@ -12,6 +14,7 @@ import glob
 import os
 import tempfile
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +123,23 @@ def check_image_file(path: Path | str, name: str, memory_bytes: int | None = Non
         return load_image(path)
     except InputError as e:
         raise InputError(str(e).replace(str(path), name)) from None
+
+
+def check_memory(what: str, shape: Iterable[int], bytes_per_voxel: float, fixed_bytes: int = 0) -> None:
+    """Refuse work whose estimate (``bytes_per_voxel`` x voxels + ``fixed_bytes``) exceeds the memory
+    available now, with an :class:`InputError` naming ``what`` and its size (an HTTP 422 on the server)
+    instead of the kernel killing the server. :func:`check_image_file` refuses, once, what no amount of
+    free memory would fit; this is asked before each heavy step, against what is free at that moment."""
+    import psutil
+
+    shape = [int(n) for n in shape]
+    need = bytes_per_voxel * float(np.prod(shape)) + fixed_bytes
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise InputError(
+            f"{what}: {'x'.join(map(str, shape))} voxels ({np.prod(shape) / 1e6:.0f} M) needs about {need / 2**30:.1f} GiB, "
+            f"more than the {available / 2**30:.1f} GiB available; free memory or crop/downsample the scan"
+        )
 
 
 def read_geometry(path: Path | str) -> Volume:

@@ -51,7 +51,7 @@ from monailabel.endpoints import train as train_endpoint
 from monailabel.utils.async_tasks.utils import tasks
 from monailabel.utils.others.generic import remove_file
 
-from semisam_o1.config import ConfError
+from semisam_o1.parsers import ConfError
 from semisam_o1.safe_names import result_suffix, safe_name
 from semisam_o1.server.errors import client_errors, unknown
 from semisam_o1.volumes import InputError

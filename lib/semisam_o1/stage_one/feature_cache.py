@@ -42,8 +42,16 @@ from tqdm import tqdm
 
 from semisam_o1.stage_one.encoders import EncoderSpec, SliceEncoder
 from semisam_o1.stage_one.normalize import normalization_id, normalize
-from semisam_o1.stage_one.plan import Plan, check_memory, with_cpu_fallback
-from semisam_o1.volumes import Volume, atomic_write, load_array, load_arrays, remove_interrupted_writes, sha256
+from semisam_o1.stage_one.plan import Plan, with_cpu_fallback
+from semisam_o1.volumes import (
+    Volume,
+    atomic_write,
+    check_memory,
+    load_array,
+    load_arrays,
+    remove_interrupted_writes,
+    sha256,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -111,24 +111,6 @@ def with_cpu_fallback(run: Callable[[str], T], device: str, what: str) -> T:
         return run("cpu")
 
 
-def check_memory(what: str, shape: Iterable[int], bytes_per_voxel: float, fixed_bytes: int = 0) -> None:
-    """Refuse work whose estimate (``bytes_per_voxel`` x voxels + ``fixed_bytes``) exceeds the memory
-    available now, with an :class:`~semisam_o1.volumes.InputError` naming ``what`` and its size
-    (an HTTP 422 on the server) instead of the kernel killing the server."""
-    import psutil
-
-    from semisam_o1.volumes import InputError
-
-    shape = [int(n) for n in shape]
-    need = bytes_per_voxel * float(np.prod(shape)) + fixed_bytes
-    available = psutil.virtual_memory().available
-    if need > available:
-        raise InputError(
-            f"{what}: {'x'.join(map(str, shape))} voxels ({np.prod(shape) / 1e6:.0f} M) needs about {need / 2**30:.1f} GiB, "
-            f"more than the {available / 2**30:.1f} GiB available; free memory or crop/downsample the scan"
-        )
-
-
 @dataclass(frozen=True)
 class Plan:
     """How a datastore's volumes are encoded and registered (see the module docstring)."""

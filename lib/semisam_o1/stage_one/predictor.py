@@ -29,7 +29,6 @@ import SimpleITK as sitk
 from semisam_o1.choices import PROPAGATIONS, REGISTRATIONS
 from semisam_o1.stage_one.feature_cache import FeatureCache, FeatureGrid, stored_grid
 from semisam_o1.stage_one.params import FloorParams, PropagationParams
-from semisam_o1.stage_one.plan import check_memory
 from semisam_o1.stage_one.propagation import (
     TemplateBank,
     build_bank,
@@ -37,12 +36,14 @@ from semisam_o1.stage_one.propagation import (
     mapping_consistency,
     propagate,
 )
-from semisam_o1.stage_one.prototypes import class_prototypes, propagate_prototypes
+from semisam_o1.stage_one.prototypes import predict_prototypes
 from semisam_o1.stage_one.registration import RegistrationCache, map_voxels, warp_label
 from semisam_o1.templates import Template
 from semisam_o1.volumes import (
+    PROCESS_BYTES_PER_VOXEL,
     InputError,
     Volume,
+    check_memory,
     class_volumes,
     load_image,
     load_label,
@@ -206,15 +207,6 @@ class StageOne:
         slabs = [map_voxels(fixed, transform, moving, int(z), int(z) + 1)[0][kept[1]][:, kept[2]] for z in kept[0]]
         return FeatureGrid(np.stack(slabs), stride, shape)
 
-    def _predict_prototypes(self, image: Volume, templates: list[Template], progress: bool) -> Prediction:
-        """The paper's stage one (ablation): class prototypes of every template, nearest by cosine."""
-        labels = [load_label(t.label_path, load_image(t.image_path), allowed=self.label_values) for t in templates]
-        n_classes = 1 + max(int(lab.max()) for lab in labels)
-        protos = [class_prototypes(self.cache.get_or_compute(load_image(t.image_path), progress=progress), lab, n_classes)
-                  for t, lab in zip(templates, labels)]
-        label, confidence = propagate_prototypes(protos, self.cache.get_or_compute(image, progress=progress), image.array.shape)
-        return Prediction(image=image, label=label, confidence=confidence)
-
     @staticmethod
     def _bank_key(template: Template) -> tuple:
         stat = template.label_path.stat()
@@ -275,9 +267,10 @@ class StageOne:
             )
         image = load_image(image_path)
         # the image, label + confidence outputs, the vote state of the searched box (best, 2 class votes, smoothing)
-        check_memory(f"{image.path}: stage one", image.array.shape, 4 + 1 + 4 + 4 * 4)
-        if self.propagation == "prototype":
-            return self._predict_prototypes(image, templates, progress)
+        check_memory(f"{image.path}: stage one", image.array.shape, PROCESS_BYTES_PER_VOXEL)
+        if self.propagation == "prototype":  # the paper's stage one (ablation): no registration, no safety floor
+            label, confidence = predict_prototypes(self.cache, image, templates, self.label_values, progress)
+            return Prediction(image=image, label=label, confidence=confidence)
         pairs = [(t, m) for t in templates for m in self.methods]  # one mapping per template and registration
         banks = [self.bank(t, progress) for t, _ in pairs]
         feats = self.cache.get_or_compute(image, progress=progress)

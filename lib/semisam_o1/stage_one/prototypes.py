@@ -1,13 +1,32 @@
 """The paper's stage one (an ablation here, ``propagation prototype``): one mean feature vector per class of each
-template, every target voxel labelled by its nearest prototype (cosine).
+template, every target voxel labelled by its nearest prototype (cosine). No registration is used and no safety
+floor applies; :meth:`~semisam_o1.stage_one.predictor.StageOne.predict` calls :func:`predict_prototypes` and
+returns its label and confidence as they are.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from semisam_o1.stage_one.feature_cache import as_grid, unit_rows
+from semisam_o1.stage_one.feature_cache import FeatureCache, as_grid, unit_rows
 from semisam_o1.stage_one.propagation import SLAB_VOXELS
+from semisam_o1.templates import Template
+from semisam_o1.volumes import Volume, load_image, load_label
+
+
+def predict_prototypes(cache: FeatureCache, image: Volume, templates: list[Template], allowed: set[int] | None = None,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's stage one on ``image``: the class prototypes of every template (:func:`class_prototypes`, classes
+    ``0..`` the largest value of any template label), then the nearest prototype per voxel (:func:`propagate_prototypes`).
+    Features come from ``cache`` (encoded on a miss); template labels are checked against ``allowed`` label values.
+
+    Returns ``label (D, H, W) uint8`` and ``confidence (D, H, W) float32``.
+    """
+    labels = [load_label(t.label_path, load_image(t.image_path), allowed=allowed) for t in templates]
+    n_classes = 1 + max(int(lab.max()) for lab in labels)
+    protos = [class_prototypes(cache.get_or_compute(load_image(t.image_path), progress=progress), lab, n_classes)
+              for t, lab in zip(templates, labels)]
+    return propagate_prototypes(protos, cache.get_or_compute(image, progress=progress), image.array.shape)
 
 
 def class_prototypes(features, label: np.ndarray, n_classes: int) -> np.ndarray:

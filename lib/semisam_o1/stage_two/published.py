@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from semisam_o1.stage_one.normalize import normalize
-from semisam_o1.stage_one.plan import check_memory, shrink_factors, with_cpu_fallback
+from semisam_o1.stage_one.plan import shrink_factors, with_cpu_fallback
 from semisam_o1.stage_two.network import (
     entropy,
     image_to_grid,
@@ -27,7 +27,7 @@ from semisam_o1.stage_two.network import (
     probs_to_grid,
     shrunk_shape,
 )
-from semisam_o1.volumes import Volume, load_label, load_map, sha256
+from semisam_o1.volumes import Volume, check_memory, load_label, load_map, sha256
 
 
 class PublishedModel:

@@ -29,11 +29,18 @@ import numpy as np
 from tqdm import tqdm
 
 from semisam_o1.stage_one.normalize import normalize
-from semisam_o1.stage_one.plan import check_memory
 from semisam_o1.stage_two.boundary import SNAP_SLAB_BYTES, snap_to_edges
 from semisam_o1.stage_two.labels import soft_label, volume_change
 from semisam_o1.templates import Template
-from semisam_o1.volumes import atomic_write, label_array, load_image, read_geometry, save_array, save_label
+from semisam_o1.volumes import (
+    atomic_write,
+    check_memory,
+    label_array,
+    load_image,
+    read_geometry,
+    save_array,
+    save_label,
+)
 
 logger = logging.getLogger(__name__)
 

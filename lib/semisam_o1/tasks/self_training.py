@@ -16,8 +16,10 @@ import logging
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from semisam_o1.config import AppConfig, ConfError, parse_typed, research_field
+from semisam_o1.config import AppConfig
+from semisam_o1.parsers import ConfError
 from semisam_o1.pool import readable_pool, record_unreadable, save_published_labels
+from semisam_o1.research import parse_typed, research_field
 from semisam_o1.server.errors import client_errors
 from semisam_o1.stage_two.rounds import Progress, StageTwo
 from semisam_o1.templates import find_templates
