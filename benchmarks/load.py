@@ -15,6 +15,10 @@ Then, for ``--seconds``, every client loops over requests picked at random (seed
   switched to the other class, a new label each time; the client keeps the array it sent;
 - ``GET /datastore/?output=all`` (datastore listing).
 
+With ``--auth`` the server runs with authentication on against the test OpenID provider (``tests/oidc/provider.mjs``,
+Node.js): every client logs in as ``annotator`` through ``POST /auth/token`` (as Slicer does), sends its bearer token
+with every request and logs in again before the token's 300 s lifetime ends.
+
 Each save makes the server's background refresh run again, as in real use. Recorded: status codes
 (5xx expected: none), latency per request (p50, p95, also per operation) and, after the run, whether
 each client's stored ``final`` label (downloaded, and read on disk) has exactly the voxels of the
@@ -53,10 +57,49 @@ OPERATIONS = ("infer", "next_sample", "save_label", "list")
 CHANGED_VOXELS = 40
 
 
-def start_server(studies: Path, conf: dict, log: Path) -> tuple[subprocess.Popen, str]:
+OIDC_DIR = PROJECT_ROOT / "tests" / "oidc"
+#: the test provider's confidential client (tests/oidc/provider.mjs), tokens of 300 s
+OIDC_CLIENT = {"client_id": "semisam-o1", "client_secret": "semisam-o1-secret"}
+TOKEN_RENEW_SECONDS = 240.0
+
+
+def start_provider() -> tuple[subprocess.Popen, str]:
+    """The test OpenID provider on a free port: ``(process, issuer URL)``."""
+    process = subprocess.Popen(["node", str(OIDC_DIR / "provider.mjs"), str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    if not line:
+        sys.exit(f"error: the OpenID provider did not start (make oidc-deps): {process.stderr.read()}")
+    return process, json.loads(line)["issuer"]
+
+
+class Login:
+    """A bearer token for ``username`` from the server's ``/auth/token`` (Slicer's login), renewed before it expires."""
+
+    def __init__(self, url: str, username: str):
+        self.url, self.username = url, username
+        self.token, self.at = None, 0.0
+        self.lock = threading.Lock()
+
+    def headers(self) -> dict:
+        with self.lock:
+            if self.token is None or time.monotonic() - self.at > TOKEN_RENEW_SECONDS:
+                answer = requests.post(f"{self.url}/auth/token", data={"username": self.username, "password": f"{self.username}-pw"}, timeout=60)
+                answer.raise_for_status()
+                self.token, self.at = answer.json()["access_token"], time.monotonic()
+            return {"Authorization": f"Bearer {self.token}"}
+
+
+def no_login() -> dict:
+    return {}
+
+
+def start_server(studies: Path, conf: dict, log: Path, issuer: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_") and k != "PYTHONPATH"}
     env.update({"OMP_NUM_THREADS": "1", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    if issuer:
+        env.update({"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": issuer, "MONAI_LABEL_AUTH_CLIENT_ID": OIDC_CLIENT["client_id"],
+                    "MONAI_LABEL_AUTH_CLIENT_SECRET": OIDC_CLIENT["client_secret"]})
     cmd = [sys.executable, str(PROJECT_ROOT / "main.py"), "serve", "--studies", str(studies), "--port", str(port)]
     cmd += [arg for key, value in conf.items() for arg in ("--conf", key, value)]
     process = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -66,7 +109,7 @@ def start_server(studies: Path, conf: dict, log: Path) -> tuple[subprocess.Popen
         if process.poll() is not None:
             sys.exit(f"server exited with {process.returncode}: see {log}")
         try:
-            if requests.get(f"{url}/info/", timeout=5).ok:
+            if requests.get(f"{url}/info/", timeout=5).status_code in ((401,) if issuer else (200,)):
                 return process, url
         except requests.ConnectionError:
             pass
@@ -75,11 +118,11 @@ def start_server(studies: Path, conf: dict, log: Path) -> tuple[subprocess.Popen
     sys.exit(f"server not ready in 300 s: see {log}")
 
 
-def wait_refresh_idle(url: str, timeout: float) -> float:
+def wait_refresh_idle(url: str, timeout: float, headers=no_login) -> float:
     """Seconds until the app's background stage-one refresh has nothing left to do."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        if not requests.get(f"{url}/info/", timeout=60).json()["semisam"]["pseudo_label_refresh"]["running"]:
+        if not requests.get(f"{url}/info/", headers=headers(), timeout=60).json()["semisam"]["pseudo_label_refresh"]["running"]:
             return time.monotonic() - start
         time.sleep(2)
     raise SystemExit(f"background refresh still running after {timeout} s")
@@ -88,8 +131,9 @@ def wait_refresh_idle(url: str, timeout: float) -> float:
 class Client(threading.Thread):
     """One annotator: its own image, a seeded mix of requests, the labels it was told were saved."""
 
-    def __init__(self, index: int, url: str, image_id: str, studies: Path, pool: list[str], work: Path, until: float):
+    def __init__(self, index: int, url: str, image_id: str, studies: Path, pool: list[str], work: Path, until: float, headers=no_login):
         super().__init__(name=f"client-{index}")
+        self.headers = headers
         self.url, self.image_id, self.pool, self.until = url, image_id, pool, until
         self.rng = np.random.default_rng(index)
         self.session = requests.Session()
@@ -106,7 +150,7 @@ class Client(threading.Thread):
     def request(self, operation: str, method: str, path: str, **kwargs) -> requests.Response | None:
         start = time.perf_counter()
         try:
-            answer = self.session.request(method, self.url + path, timeout=600, **kwargs)
+            answer = self.session.request(method, self.url + path, timeout=600, headers=self.headers(), **kwargs)
             answer.content  # the whole body
             self.records.append((operation, answer.status_code, time.perf_counter() - start))
             return answer
@@ -151,7 +195,7 @@ class Client(threading.Thread):
     def label_intact(self, studies: Path) -> dict:
         """The stored final label, downloaded and on disk, against the last acknowledged (or an unanswered) save."""
         expected = [a for a in [self.acknowledged, *self.in_doubt] if a is not None]
-        answer = self.session.get(f"{self.url}/datastore/label", params={"label": self.image_id, "tag": "final"}, timeout=120)
+        answer = self.session.get(f"{self.url}/datastore/label", params={"label": self.image_id, "tag": "final"}, headers=self.headers(), timeout=120)
         if not answer.ok or not expected:
             return {"image": self.image_id, "saves_including_warmup": self.saves, "intact": False, "error": f"HTTP {answer.status_code}" if not answer.ok else "no save answered"}
         downloaded = self.work / f"{self.image_id}-downloaded.nii.gz"
@@ -177,8 +221,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-timeout", type=float, default=1800.0, help="longest wait for the background refresh after the warm-up saves")
     p.add_argument("--out", type=Path, default=RESULTS / "load.json")
     p.add_argument("--note", default="", help="recorded in the JSON (e.g. what else ran on the machine)")
+    p.add_argument("--auth", action="store_true", help="authentication on: the test OpenID provider, every client logged in as annotator")
     args = p.parse_args(argv)
     conf = {**LIGHT_CONF, **dict(args.conf or [])}
+    provider, issuer = start_provider() if args.auth else (None, None)
 
     source = find_local_source()
     if source is None:
@@ -192,14 +238,15 @@ def main(argv=None) -> int:
         sys.exit(f"error: --clients must be between 1 and {len(pool) - 1} (one pool image each, some left to annotate)")
     owned, unlabelled = pool[: args.clients], pool[args.clients :]
 
-    process, url = start_server(studies, {"labels": ",".join(f"{k}={v}" for k, v in manifest["labels"].items()), **conf}, work / "server.log")
+    process, url = start_server(studies, {"labels": ",".join(f"{k}={v}" for k, v in manifest["labels"].items()), **conf}, work / "server.log", issuer)
     try:
         warm = time.monotonic()
-        clients = [Client(i, url, image_id, studies, unlabelled, work, until=0.0) for i, image_id in enumerate(owned)]
+        logins = [Login(url, "annotator").headers if args.auth else no_login for _ in owned]  # one login per annotator
+        clients = [Client(i, url, image_id, studies, unlabelled, work, until=0.0, headers=logins[i]) for i, image_id in enumerate(owned)]
         for client in clients:
             client.save(client.truth)
         assert all(c.acknowledged is not None for c in clients), "a warm-up save failed: see the server log"
-        refresh = wait_refresh_idle(url, args.warmup_timeout)
+        refresh = wait_refresh_idle(url, args.warmup_timeout, logins[0])
         warmup_seconds = time.monotonic() - warm
         print(f"warm-up: {len(clients)} templates saved, background refresh done, {warmup_seconds:.0f} s")
         for client in clients:
@@ -219,6 +266,8 @@ def main(argv=None) -> int:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
+        if provider is not None:
+            provider.terminate()
 
     records = [r for c in clients for r in c.records]
     statuses = Counter(str(status) for _, status, _ in records)
@@ -227,6 +276,7 @@ def main(argv=None) -> int:
         per_op[operation].append((status, seconds))
     result = {
         "clients": args.clients,
+        "auth": bool(args.auth),
         "seconds": args.seconds,
         "requests": len(records),
         "status_5xx": sum(1 for _, s, _ in records if isinstance(s, int) and s >= 500),
