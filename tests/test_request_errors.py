@@ -20,7 +20,7 @@ def client(tiny_studies, monkeypatch):
     [
         (f"/infer/nope?image={POOL}", "unknown model 'nope'; known models: semisam_o1, semisam_stage_one"),
         ("/batch/infer/nope", "unknown model 'nope'; known models: semisam_o1, semisam_stage_one"),
-        ("/activelearning/nope", "unknown strategy 'nope'; known strategies: diverse, first, random, uncertain, uncertain_diverse"),
+        ("/activelearning/nope", "unknown strategy 'nope'; known strategies: diverse, first, random, representative, uncertain, uncertain_diverse"),
         ("/train/nope", "unknown trainer 'nope'; known trainers: semisam_o1"),
         ("/scoring/nope", "unknown scoring method 'nope'; known scoring methods: dice, features, uncertainty"),
     ],
