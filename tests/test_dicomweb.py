@@ -236,6 +236,31 @@ def browser(tmp_path):
         driver.quit()
 
 
+VIEWPORT_RECTS = """
+return [...document.querySelectorAll('canvas.cornerstone-canvas')].map(c => c.getBoundingClientRect())
+  .filter(r => r.width > 50).map(r => ({x: r.x, y: r.y, width: r.width, height: r.height}));
+"""
+
+
+HIDE_BANNER = """
+for (const b of document.querySelectorAll('button')) if (b.textContent.includes('Confirm and Hide')) b.click();
+"""
+
+
+def hide_banner(browser) -> None:
+    """Dismiss OHIF's "investigational use" banner (it covers the viewports' lower part), in one script."""
+    browser.execute_script(HIDE_BANNER)
+
+
+def viewport_rects(browser) -> list[dict]:
+    """The rectangles (CSS pixels, window coordinates) of the viewer's image canvases wider than 50 px.
+
+    Read in one script so that a canvas cornerstone replaces while it loads a series cannot go stale between
+    finding it and reading its size (a list of WebElements can: StaleElementReferenceException).
+    """
+    return browser.execute_script(VIEWPORT_RECTS)
+
+
 def coloured_pixels(png: bytes, rects: list[dict]) -> int:
     """Clearly coloured pixels inside the viewports' canvases (the MR image is grey, segments are coloured)."""
     from PIL import Image
@@ -284,9 +309,8 @@ def test_ohif_study_list_to_segmentation_in_headless_chromium(pacs, server, brow
         shot("ohif_2_viewer")
         click("//input[@id='monailabelServerURL']/ancestor::tr//button")
         click("//label[contains(., 'Auto-Segmentation')]")
-        for hide in browser.find_elements(By.XPATH, "//button[contains(., 'Confirm and Hide')]"):
-            browser.execute_script("arguments[0].click()", hide)  # OHIF's "investigational use" banner covers the viewports' lower part
-        canvases = [c.rect for c in browser.find_elements(By.CSS_SELECTOR, "canvas.cornerstone-canvas") if c.rect["width"] > 50]
+        hide_banner(browser)
+        canvases = viewport_rects(browser)
         assert canvases, "no cornerstone viewport canvas"
         before = shot("ohif_3_connected")
         model = wait.until(ec.presence_of_element_located((By.XPATH, "//select[option[@value='semisam_stage_one']]")))

@@ -21,7 +21,7 @@ from conftest import Server
 from orthanc_harness import SHARED_DICOM, missing_binaries
 from semisam_o1.distributed import free_port
 from test_auth import openid_provider
-from test_dicomweb import ARTIFACTS, FAST, NO_INTERNET, browser, coloured_pixels, pacs, seg_series  # noqa: F401 (fixtures)
+from test_dicomweb import ARTIFACTS, FAST, NO_INTERNET, browser, coloured_pixels, hide_banner, pacs, seg_series, viewport_rects  # noqa: F401 (fixtures)
 from test_server import QUIET
 
 OHIF_CLIENT = "semisam-o1-ohif"
@@ -233,7 +233,6 @@ return {infer: inferred.status, save: saved.status, body: await saved.text()};
 
 @in_browser
 def test_annotator_logs_in_runs_stage_one_and_saves_a_label(pacs, login_server, browser):  # noqa: F811
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
     started = time.monotonic()
@@ -249,14 +248,10 @@ def test_annotator_logs_in_runs_stage_one_and_saves_a_label(pacs, login_server, 
         ohif.click("//button[contains(., 'MONAI Label')]")
         url_input = ohif.find("//input[@id='monailabelServerURL']")
         assert url_input.get_attribute("value") == f"{login_server.url}/ohif-api/"
-        for hide in browser.find_elements(By.XPATH, "//button[contains(., 'Confirm and Hide')]"):
-            browser.execute_script("arguments[0].click()", hide)
-        def viewports():
-            return [c.rect for c in browser.find_elements(By.CSS_SELECTOR, "canvas.cornerstone-canvas") if c.rect["width"] > 50]
-
-        wait_for(viewports, "cornerstone viewport canvas (the series did not load)", timeout=60)
+        hide_banner(browser)
+        wait_for(lambda: viewport_rects(browser), "cornerstone viewport canvas (the series did not load)", timeout=60)
         time.sleep(2)  # the images render
-        canvases = viewports()
+        canvases = viewport_rects(browser)
         before = ohif.shot("3_viewer")
 
         # stage one from the MONAI Label panel: its own axios calls (info/, infer/)
