@@ -12,7 +12,7 @@ import torch
 from semisam_o1.config import AppConfig
 from semisam_o1.parsers import ConfError
 from semisam_o1.pool import build_stage_one, open_datastore
-from semisam_o1.stage_one.plan import PLAN_FILE, Plan, make_plan, resolve_device
+from semisam_o1.stage_one.plan import PLAN_FILE, Plan, make_plan, resolve_device, shrink_factors
 from semisam_o1.templates import find_templates
 from semisam_o1.volumes import load_label, save_label
 
@@ -55,6 +55,28 @@ def test_thick_slice_axes_keep_every_slice():
     assert Plan(registration_voxels=1000).registration_shrink((50, 40, 30), (1, 1, 1)) == (5, 5, 5)  # 60 k -> 10 x 8 x 6
     assert Plan(registration_voxels=10_000).registration_shrink((34, 52, 11), (1, 1, 3)) == (2, 2, 1)  # thick axis kept
     assert Plan().registration_shrink((35, 51, 35), (1, 1, 1)) == (1, 1, 1)
+
+
+def test_a_coarsest_grid_keeps_small_organs_two_grid_points_across(tmp_path):
+    """``--set stage_one.coarsest_grid_mm=5`` on head-and-neck CT (4 x 4 x 2.5 mm, 2.1 M voxels): the 1 M voxel
+    registration limit gives way rather than register on a 7.8 x 7.8 x 7.5 mm grid, and features are stored per
+    voxel in-plane. Scans whose grids are within 5 mm keep their plans; without it (the default) nothing changes."""
+    ct = ((128, 128, 128), (3.906, 3.906, 2.5))
+    floor = Plan(coarsest_grid_mm=5.0)
+    assert Plan().registration_shrink(*ct) == shrink_factors(*ct, 1_000_000) == (2, 2, 3) and Plan().stride(ct[1]) == (2, 2, 2)
+    assert floor.registration_shrink(*ct) == (1, 1, 2) and floor.stride(ct[1]) == (1, 1, 2)
+    assert floor.registration_shrink((128, 128, 128), (5.078, 5.078, 2.5)) == (1, 1, 2)  # an axis coarser already stays whole
+    unchanged = [((183, 140, 88), (0.625,) * 3), ((256, 256, 36), (1.25, 1.25, 7.7)), ((35, 51, 35), (1.0,) * 3),
+                 ((512, 512, 300), (0.8, 0.8, 1.0))]  # LA, CHAOS T2, a hippocampus crop, a thin-slice CT
+    for shape, spacing in unchanged:
+        assert floor.registration_shrink(shape, spacing) == Plan().registration_shrink(shape, spacing)
+        assert floor.stride(spacing) == Plan().stride(spacing)
+    # the option is written to the plan and read back; a plan written before the field existed has no floor
+    (tmp_path / PLAN_FILE).parent.mkdir(parents=True)
+    floor.save(tmp_path)
+    assert Plan.load(tmp_path).stride(ct[1]) == (1, 1, 2)
+    (tmp_path / PLAN_FILE).write_text(json.dumps({"encoder_image_size": 64, "feature_stride": 2, "registration_voxels": 1_000_000}))
+    assert Plan.load(tmp_path).coarsest_grid_mm == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -31,6 +31,8 @@ class StageOneParams:
     feature_dims: int = field(default=32, metadata={"range": (4, 256)})
     #: features stored every N voxels per axis (thick-slice axes: 1), interpolated on lookup; None = planned (2)
     feature_stride: int | None = field(default=None, metadata={"range": (1, 8)})
+    #: no registration grid or feature stride coarser than this (mm) on an axis finer than that (e.g. 5); 0 = no such floor
+    coarsest_grid_mm: float = field(default=0.0, metadata={"range": (0.0, 50.0)})
 
 
 @dataclass

@@ -18,6 +18,10 @@ the command line) encodes every image the same way::
   hippocampus crop's cache is ~4 MB, and every voxel keeps its own feature).
 - ``registration_voxels``: template-to-target registration runs on both images bin-shrunk to at most
   this many voxels (finest axes first, towards one working spacing; smaller scans are untouched).
+- ``coarsest_grid_mm`` (research, ``--set stage_one.coarsest_grid_mm=5``): when set, neither the registration
+  shrink nor the feature stride coarsens an axis beyond this spacing (mm) - the voxel limit above gives way -
+  unless the axis is that coarse already (two grid points across a 10 mm organ at 5 mm). 0 (the default):
+  no such floor.
 - ``network_iterations``: stage-two training iterations per round when ``--conf iterations`` is
   ``auto`` (the default): :data:`CROP_ITERATIONS` for crops, :data:`SCAN_ITERATIONS` for scans (the
   same median-size rule as the feature stride).
@@ -121,6 +125,8 @@ class Plan:
     network_iterations: int = 1000
     #: ``ct`` or ``mri``; ``None``: not decided yet (:func:`load_or_make_plan` detects it)
     modality: str | None = None
+    #: no working grid coarser than this (mm) where the image is finer; 0: no floor (see the module docstring)
+    coarsest_grid_mm: float = 0.0
     planned_from: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -139,10 +145,20 @@ class Plan:
         (2, 2, 1)
         >>> Plan(feature_stride=2).stride((0.8, 0.8, 0.3))
         (2, 2, 2)
+
+        With :attr:`coarsest_grid_mm` no axis is strided beyond it (head-and-neck CT at 4 x 4 x 2.5 mm):
+
+        >>> Plan(feature_stride=2).stride((3.906, 3.906, 2.5)), Plan(feature_stride=2, coarsest_grid_mm=5).stride((3.906, 3.906, 2.5))
+        ((2, 2, 2), (1, 1, 2))
         """
         spacing = [float(s) for s in spacing]
         finest = min(spacing)
-        return tuple(1 if s > 2 * finest and s > THICK_SLICE_MM else self.feature_stride for s in spacing)
+        return tuple(1 if s > 2 * finest and s > THICK_SLICE_MM else max(1, min(self.feature_stride, self._steps_within_floor(s)))
+                     for s in spacing)
+
+    def _steps_within_floor(self, spacing: float) -> int:
+        """How many voxels of ``spacing`` mm fit in :attr:`coarsest_grid_mm` (at least 1; no floor: unbounded)."""
+        return max(1, int(self.coarsest_grid_mm / spacing + 1e-6)) if self.coarsest_grid_mm else 1 << 30
 
     def registration_shrink(self, shape: Iterable[int], spacing: Iterable[float]) -> tuple[int, int, int]:
         """Integer bin-shrink factors per axis that bring a volume under ``registration_voxels``
@@ -150,8 +166,13 @@ class Plan:
 
         >>> Plan(registration_voxels=10_000).registration_shrink((34, 52, 11), (1.0, 1.0, 3.0))
         (2, 2, 1)
+
+        The voxel limit gives way to :attr:`coarsest_grid_mm` (a 2.1 M voxel CT: 1.05 M on a 3.9 x 3.9 x 5 mm grid):
+
+        >>> Plan().registration_shrink((128, 128, 128), (3.906, 3.906, 2.5)), Plan(coarsest_grid_mm=5).registration_shrink((128, 128, 128), (3.906, 3.906, 2.5))
+        ((2, 2, 3), (1, 1, 2))
         """
-        return shrink_factors(shape, spacing, self.registration_voxels)
+        return shrink_factors(shape, spacing, self.registration_voxels, self.coarsest_grid_mm)
 
     def save(self, studies: Path) -> Path:
         return atomic_write(Path(studies) / PLAN_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=2)))
@@ -165,15 +186,17 @@ class Plan:
         if "network_iterations" not in data and data.get("planned_from", {}).get("median_shape"):  # a plan written before it existed
             data["network_iterations"] = planned_iterations(data["planned_from"]["median_shape"])
         return cls(**{k: data[k] for k in ("encoder_image_size", "feature_stride", "registration_voxels", "network_iterations", "modality",
-                                           "planned_from") if k in data})
+                                           "coarsest_grid_mm", "planned_from") if k in data})
 
 
-def shrink_factors(shape: Iterable[int], spacing: Iterable[float], max_voxels: int | None) -> tuple[int, int, int]:
+def shrink_factors(shape: Iterable[int], spacing: Iterable[float], max_voxels: int | None,
+                   coarsest_mm: float | None = None) -> tuple[int, int, int]:
     """Integer shrink factors per axis that bring a volume of ``shape`` voxels and ``spacing`` (mm) under
     ``max_voxels`` (``None`` or 0: no limit, ``(1, 1, 1)``).
 
     The finest axes are shrunk first, towards one working spacing, so thick slices stay whole; no axis
-    keeps shrinking once it is down to 4 voxels (the limit then gives way). The shrunk shape is ``ceil(n / f)`` per axis.
+    keeps shrinking once it is down to 4 voxels, nor (``coarsest_mm`` given) beyond ``coarsest_mm`` mm unless
+    it is that coarse already: the limit then gives way. The shrunk shape is ``ceil(n / f)`` per axis.
 
     >>> shrink_factors((183, 140, 88), (0.625, 0.625, 0.625), 1_000_000)  # LA: 2.3 M voxels -> 92 x 70 x 44
     (2, 2, 2)
@@ -186,12 +209,14 @@ def shrink_factors(shape: Iterable[int], spacing: Iterable[float], max_voxels: i
     if not max_voxels:
         return (1,) * len(shape)
     target = min(spacing)
+    if coarsest_mm:
+        target = min(target, coarsest_mm)
     while True:
         factors = tuple(max(1, int(target / sp + 1e-6)) for sp in spacing)
         if np.prod([-(-n // f) for n, f in zip(shape, factors)]) <= max_voxels or min(
-                -(-n // f) for n, f in zip(shape, factors)) <= 4:
+                -(-n // f) for n, f in zip(shape, factors)) <= 4 or (coarsest_mm and target >= coarsest_mm):
             return factors
-        target *= 1.1
+        target = min(target * 1.1, coarsest_mm) if coarsest_mm else target * 1.1
 
 
 def planned_iterations(median_shape: list[int]) -> int:
