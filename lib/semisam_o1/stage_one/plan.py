@@ -153,12 +153,13 @@ class Plan:
         """
         spacing = [float(s) for s in spacing]
         finest = min(spacing)
-        return tuple(1 if s > 2 * finest and s > THICK_SLICE_MM else max(1, min(self.feature_stride, self._steps_within_floor(s)))
-                     for s in spacing)
 
-    def _steps_within_floor(self, spacing: float) -> int:
-        """How many voxels of ``spacing`` mm fit in :attr:`coarsest_grid_mm` (at least 1; no floor: unbounded)."""
-        return max(1, int(self.coarsest_grid_mm / spacing + 1e-6)) if self.coarsest_grid_mm else 1 << 30
+        def axis(s: float) -> int:
+            if s > 2 * finest and s > THICK_SLICE_MM:
+                return 1
+            return max(1, min(self.feature_stride, int(self.coarsest_grid_mm / s + 1e-6))) if self.coarsest_grid_mm else self.feature_stride
+
+        return tuple(axis(s) for s in spacing)
 
     def registration_shrink(self, shape: Iterable[int], spacing: Iterable[float]) -> tuple[int, int, int]:
         """Integer bin-shrink factors per axis that bring a volume under ``registration_voxels``
