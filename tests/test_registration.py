@@ -5,8 +5,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import SimpleITK as sitk
-from semisam_o1.stage_one.registration import (affine_register, demons_register, load_transform, map_voxels, read_image,
-                                               save_transform, shrink)
+from semisam_o1.stage_one.plan import Plan
+from semisam_o1.stage_one.registration import (RegistrationCache, affine_register, ants_affine_register, demons_register, load_transform,
+                                               map_voxels, read_image, save_transform, shrink)
 
 
 def _pair(sample_source):
@@ -24,6 +25,23 @@ def test_a_stored_registration_maps_every_voxel_as_the_original(sample_source, t
         want, got = map_voxels(fixed, transform, moving), map_voxels(fixed, back, moving)
         assert np.abs(want - got).max() < 1e-3, name  # float32 field on disk: far below a voxel
         assert not any(p.suffix == ".h5" for p in tmp_path.iterdir())
+
+
+def test_the_ants_affine_finds_a_known_shift_and_is_cached_under_its_own_name(sample_source, tmp_path):
+    """``--set stage_one.demons_affine=ants``: the demons start from ANTs' affine. A template moved by a known
+    3 mm / -2 mm shift is found again (to well under a voxel), and its registrations never mix with the default's."""
+    fixed, _ = _pair(sample_source)
+    shift = sitk.TranslationTransform(3, (3.0, -2.0, 0.0))
+    moving = sitk.Resample(fixed, fixed, shift, sitk.sitkLinear, 0.0)  # moving(x) = fixed(x + shift): fixed -> moving is -shift
+    found = ants_affine_register(fixed, moving)
+    centre = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
+    moved = np.subtract(found.TransformPoint(centre), centre)
+    assert np.abs(moved - (-3.0, 2.0, 0.0)).max() < 0.5, moved
+    back = load_transform(save_transform(found, tmp_path / "a.npz"))
+    assert np.abs(map_voxels(fixed, back, moving) - map_voxels(fixed, found, moving)).max() < 1e-6
+    images = sorted(sample_source.images.glob("hippocampus_*.nii.gz"))[:2]
+    names = {a: RegistrationCache(tmp_path, Plan(demons_affine=a)).path(images[0], images[1], "demons").name for a in ("sitk", "ants")}
+    assert "-affine-demons" in names["sitk"] and "-antsaffine-demons" in names["ants"]
 
 
 def test_many_threads_read_registrations_and_images_at_once(sample_source, tmp_path, thread_switches_in_gc):

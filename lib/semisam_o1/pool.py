@@ -43,6 +43,7 @@ def build_stage_one(studies: Path, config: AppConfig) -> StageOne:
     device = resolve_device(config.device)
     one = config.stage_one_params()
     overrides = {"encoder_image_size": one.encoder_image_size, "feature_stride": one.feature_stride, "coarsest_grid_mm": one.coarsest_grid_mm,
+                 "demons_affine": one.demons_affine,
                  "modality": None if config.modality == "auto" else config.modality}
     images = sorted(p for ext in ("*.nii.gz", "*.nii") for p in Path(studies).glob(ext))
     plan = load_or_make_plan(studies, images, device, overrides)

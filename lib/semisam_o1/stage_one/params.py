@@ -33,6 +33,8 @@ class StageOneParams:
     feature_stride: int | None = field(default=None, metadata={"range": (1, 8)})
     #: no registration grid or feature stride coarser than this (mm) on an axis finer than that (e.g. 5); 0 = no such floor
     coarsest_grid_mm: float = field(default=0.0, metadata={"range": (0.0, 50.0)})
+    #: the affine registration the demons refine: sitk (SimpleITK, Mattes MI) or ants (ANTs Affine, seeded)
+    demons_affine: str = field(default="sitk", metadata={"choices": ("sitk", "ants")})
 
 
 @dataclass

@@ -22,6 +22,9 @@ the command line) encodes every image the same way::
   shrink nor the feature stride coarsens an axis beyond this spacing (mm) - the voxel limit above gives way -
   unless the axis is that coarse already (two grid points across a 10 mm organ at 5 mm). 0 (the default):
   no such floor.
+- ``demons_affine`` (research, ``--set stage_one.demons_affine=ants``): the affine registration the demons
+  refine: ``sitk`` (the default: SimpleITK, Mattes mutual information, 2-level pyramid) or ``ants`` (ANTs'
+  ``Affine``, seeded). Registrations of the other kind are cached under another file name.
 - ``network_iterations``: stage-two training iterations per round when ``--conf iterations`` is
   ``auto`` (the default): :data:`CROP_ITERATIONS` for crops, :data:`SCAN_ITERATIONS` for scans (the
   same median-size rule as the feature stride).
@@ -127,6 +130,8 @@ class Plan:
     modality: str | None = None
     #: no working grid coarser than this (mm) where the image is finer; 0: no floor (see the module docstring)
     coarsest_grid_mm: float = 0.0
+    #: the affine stage under the demons registration: ``sitk`` (SimpleITK, Mattes MI) or ``ants`` (see the module docstring)
+    demons_affine: str = "sitk"
     planned_from: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -187,7 +192,7 @@ class Plan:
         if "network_iterations" not in data and data.get("planned_from", {}).get("median_shape"):  # a plan written before it existed
             data["network_iterations"] = planned_iterations(data["planned_from"]["median_shape"])
         return cls(**{k: data[k] for k in ("encoder_image_size", "feature_stride", "registration_voxels", "network_iterations", "modality",
-                                           "coarsest_grid_mm", "planned_from") if k in data})
+                                           "coarsest_grid_mm", "demons_affine", "planned_from") if k in data})
 
 
 def shrink_factors(shape: Iterable[int], spacing: Iterable[float], max_voxels: int | None,

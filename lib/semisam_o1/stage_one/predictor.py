@@ -168,10 +168,12 @@ class StageOne:
     def settings(self) -> dict:
         """What this stage one's labels depend on besides the images and templates, as plain data:
         ``{"features": the feature cache's settings id, "registration", "propagation", "params": PropagationParams
-        fields, "floor": FloorParams fields}`` (stage two records it with a run's inputs and uncertainty scores
-        are versioned by it, so a changed setting is neither resumed on old labels nor served old scores)."""
+        fields, "floor": FloorParams fields}``, and ``"demons_affine"`` where the plan's is not the default ``sitk``
+        (stage two records it with a run's inputs and uncertainty scores are versioned by it, so a changed setting
+        is neither resumed on old labels nor served old scores)."""
+        affine = self.cache.plan.demons_affine
         return {"features": self.cache.settings_id, "registration": self.registration, "propagation": self.propagation,
-                "params": asdict(self.params), "floor": asdict(self.floor)}
+                "params": asdict(self.params), "floor": asdict(self.floor), **({"demons_affine": affine} if affine != "sitk" else {})}
 
     @property
     def registrations(self) -> RegistrationCache:

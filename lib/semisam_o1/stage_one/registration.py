@@ -198,6 +198,33 @@ def affine_register(
     return out
 
 
+def ants_affine_register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> sitk.AffineTransform:
+    """Affine registration of ``moving`` (template) to ``fixed`` (target) by ANTs (``antspyx``:
+    ``ants.registration(type_of_transform="Affine")``: mutual information, its own multi-resolution schedule),
+    seeded and on one thread (:func:`deterministic_ants`), so a pair gives the same transform in every process.
+
+    Returns:
+        ``sitk.AffineTransform`` mapping fixed physical points (mm) to moving physical points (mm).
+    """
+    with deterministic_ants(seed), tempfile.TemporaryDirectory(prefix="semisam-affine-") as tmp:
+        import ants
+
+        tmp = Path(tmp)
+        sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), str(tmp / "fixed.nii.gz"))
+        sitk.WriteImage(sitk.Cast(moving, sitk.sitkFloat32), str(tmp / "moving.nii.gz"))
+        f, m = ants.image_read(str(tmp / "fixed.nii.gz")), ants.image_read(str(tmp / "moving.nii.gz"))
+        reg = ants.registration(fixed=f, moving=m, type_of_transform="Affine", outprefix=str(tmp / "affine_"))
+        read = sitk.ReadTransform(reg["fwdtransforms"][0])  # ITK's MatrixOffsetTransformBase: 9 matrix + 3 translation, centre
+    out = sitk.AffineTransform(3)
+    out.SetFixedParameters(read.GetFixedParameters())
+    out.SetParameters(read.GetParameters())
+    return out
+
+
+#: The affine stage under the demons registration (the plan's ``demons_affine``): name -> register(fixed, moving).
+DEMONS_AFFINES = {"sitk": affine_register, "ants": ants_affine_register}
+
+
 def demons_register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, iterations: int = 30) -> sitk.Transform:
     """Deformable refinement on top of an affine ``initial`` (fixed -> moving physical points): SimpleITK's
     fast symmetric-forces demons (``iterations``, field smoothing sigma 1.5 voxels, one thread) between
@@ -318,7 +345,8 @@ class RegistrationCache:
 
     Files: ``<folder>/<sha256(target)[:20]>-<sha256(template)[:20]>-affine-<method>[-shrink<f>-<f>].npz``
     (:func:`save_transform`); ``method`` is ``demons`` (affine + diffeomorphic demons, SimpleITK) or ``syn``
-    (ANTs SyN). Volumes above the plan's ``registration_voxels`` are registered on a copy shrunk by the plan's
+    (ANTs SyN). The demons' affine stage is the plan's ``demons_affine`` (:data:`DEMONS_AFFINES`); other than
+    the default ``sitk`` it is named in the file (``-antsaffine-demons``). Volumes above the plan's ``registration_voxels`` are registered on a copy shrunk by the plan's
     factors (bin average), named in the file. A file lock makes concurrent requests for one pair register it once.
 
     Args:
@@ -333,7 +361,8 @@ class RegistrationCache:
         """The cache file of ``method``'s registration of ``template`` to ``target``."""
         factors = ["".join(map(str, self.plan.registration_shrink(*nib_geometry(p)))) for p in (target, template)]
         grid = "" if factors == ["111", "111"] else f"-shrink{factors[0]}-{factors[1]}"
-        return self.folder / f"{sha256(target)[:20]}-{sha256(template)[:20]}-affine-{method}{grid}.npz"
+        affine = "affine" if method != "demons" or self.plan.demons_affine == "sitk" else f"{self.plan.demons_affine}affine"
+        return self.folder / f"{sha256(target)[:20]}-{sha256(template)[:20]}-{affine}-{method}{grid}.npz"
 
     def transform(self, target: Path, template: Path, method: str) -> sitk.Transform:
         """Target -> template transform (physical mm), registered now or read from its file.
@@ -353,7 +382,7 @@ class RegistrationCache:
                         if method == "syn":
                             transform = syn_register(fixed, moving)
                         else:
-                            transform = demons_register(fixed, moving, affine_register(fixed, moving))
+                            transform = demons_register(fixed, moving, DEMONS_AFFINES[self.plan.demons_affine](fixed, moving))
                     except Exception as e:
                         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
                         raise RegistrationError(
