@@ -16,6 +16,11 @@ Per dataset (the matrix's: ``../shared/data/{hippocampus,la,chaos-t2,kbp-ct}``, 
    and in 3 random orders (``default_rng(1..3)`` over the non-target ids). ``final_dice`` (stage two per
    point) is ``null``: not measured (see ``final_dice_note``).
 
+4. ``candidates`` (``--candidates N``): stage one from N single templates - the pick, the protocol's 3 and the
+   rest drawn with ``default_rng(0)`` - each on the targets minus itself, with the strategy's cost of each
+   (``representative_cost``): where the pick ranks among the choices (``recommended_rank_among_candidates``)
+   and whether the cost predicts the Dice at all.
+
 Writes ``benchmarks/results/first_label_<dataset>.json`` after every stage-one case (``complete``: false until done), and\nthe curve as ``first_label_<dataset>.png``.
 """
 
@@ -33,7 +38,7 @@ from matrix import DATA, DATASETS, ORDER, choose_templates, ids_of
 from semisam_o1.config import AppConfig
 from semisam_o1.pool import build_stage_one
 from semisam_o1.report import curve_plot
-from semisam_o1.representative import Thumbnails, coverage_ranking, distances, most_representative
+from semisam_o1.representative import Thumbnails, coverage_ranking, most_representative
 from semisam_o1.stage_one.plan import resolve_device
 from semisam_o1.templates import Template
 from semisam_o1.volumes import load_image, load_label
@@ -42,10 +47,9 @@ LABEL_COUNTS = (1, 2, 3, 5)
 RANDOM_ORDERS = 3
 
 
-def representative_order(paths: dict[str, Path], modality: str, n: int) -> list[str]:
+def representative_order(paths: dict[str, Path], thumbnails: Thumbnails, n: int) -> list[str]:
     """The first ``n`` images the ``representative`` strategy serves, each labelled before the next is chosen."""
-    ids, thumbnails = Thumbnails(modality).of(paths)
-    d = distances(thumbnails)
+    ids, d = thumbnails.pool_distances(paths)
     chosen: list[int] = []
     for _ in range(n):
         costs = coverage_ranking(d, [c for c in range(len(ids)) if c not in chosen], chosen)
@@ -66,20 +70,22 @@ def run_dataset(name: str, args) -> dict:
     modality = stage_one.cache.plan.modality
     paths = {i: images / f"{i}.nii.gz" for i in ids}
 
+    thumbnails = Thumbnails(modality)
     start = time.perf_counter()
-    recommended = most_representative(paths, modality)[0][0]
+    ranking = most_representative(paths, modality, thumbnails=thumbnails)
     selection_seconds = time.perf_counter() - start
+    recommended = ranking[0][0]
     protocol = choose_templates(ids, ds.suggested, 3)
     max_labels = min(max(LABEL_COUNTS), args.max_labels)
     counts = [k for k in LABEL_COUNTS if k <= max_labels]
-    orders = {"representative": representative_order(paths, modality, max_labels)}
+    orders = {"representative": representative_order(paths, thumbnails, max_labels)}
     assert orders["representative"][0] == recommended
     used = {*protocol, *orders["representative"]}
     for seed in range(1, RANDOM_ORDERS + 1):
         others = [i for i in ids if i not in used]
         orders[f"random_{seed}"] = [others[int(j)] for j in np.random.default_rng(seed).permutation(len(others))[:max_labels]]
     reserved = {*protocol, recommended} if args.no_curve else {*used, *(i for o in orders.values() for i in o)}
-    targets = [i for i in ids if i not in reserved][: args.limit]
+    targets = args.targets.split(",") if args.targets else [i for i in ids if i not in reserved][: args.limit]
     print(f"== {name}: recommended {recommended} ({selection_seconds:.1f} s); protocol {protocol}; {len(targets)} targets; "
           f"orders {json.dumps(orders)}", flush=True)
 
@@ -92,22 +98,24 @@ def run_dataset(name: str, args) -> dict:
         done = json.loads(out.read_text()).get("stage1_cases", {})
 
     def stage_one_dice(template_ids: list[str]) -> float:
+        """Mean stage-one Dice over ``targets`` (minus the templates themselves) from ``template_ids``."""
         key = "+".join(sorted(template_ids))
         rows = done.setdefault(key, {})
         templates = [Template(t, studies / f"{t}.nii.gz", labels / f"{t}.nii.gz") for t in sorted(template_ids)]
         for t in template_ids:
             features(t)
-        for case in targets:
+        cases = [c for c in targets if c not in template_ids]
+        for case in cases:
             if case not in rows:
                 features(case)
                 row = stage_one_columns(stage_one, studies / f"{case}.nii.gz", templates, truths[case], ds.classes, "stage1")
                 rows[case] = {"dice": float(np.mean(list(row["stage1"].values()))), "per_class": row["stage1"], "seconds": row["stage1_seconds"]}
                 write(partial=True)
-        return round(float(np.mean([rows[c]["dice"] for c in targets])), 4)
+        return round(float(np.mean([rows[c]["dice"] for c in cases])), 4)
 
     def write(partial: bool) -> dict:
         result = {"dataset": name, "complete": not partial, "recommended_template": recommended, "protocol_templates": protocol,
-                  "selection": "representative: the pool's medoid under thumbnail correlation (semisam_o1.representative)",
+                  "selection": "representative: the pool's medoid under affinely aligned thumbnail correlation (semisam_o1.representative)",
                   "selection_seconds": round(selection_seconds, 2), "selection_images": len(ids),
                   "selection_seconds_per_image": round(selection_seconds / len(ids), 3),
                   "selection_seconds_200_images": round(selection_seconds / len(ids) * 200, 1),
@@ -128,6 +136,19 @@ def run_dataset(name: str, args) -> dict:
     summary["mean_template_stage1_dice"] = round(float(np.mean(list(summary["protocol_stage1_dice"].values()))), 4)
     summary["recommended_minus_protocol_mean"] = round(summary["recommended_stage1_dice"] - summary["mean_template_stage1_dice"], 4)
     write(partial=True)
+    if args.candidates:
+        # every image (or a seeded draw of them) as the single template: how good is the pick among all choices?
+        costs = dict(ranking)
+        pool = [i for i in ids if i not in {recommended, *protocol}]
+        drawn = [pool[int(j)] for j in np.random.default_rng(0).permutation(len(pool))[: max(0, args.candidates - 1 - len(protocol))]]
+        summary["candidates"] = {}
+        for t in sorted({recommended, *protocol, *drawn}, key=lambda i: costs[i]):
+            summary["candidates"][t] = {"stage1_dice": stage_one_dice([t]), "representative_cost": round(costs[t], 5)}
+            write(partial=True)
+        dice = np.array([c["stage1_dice"] for c in summary["candidates"].values()])
+        summary["recommended_rank_among_candidates"] = int((dice > summary["recommended_stage1_dice"]).sum()) + 1
+        summary["candidates_stage1_dice_mean"] = round(float(dice.mean()), 4)
+        write(partial=True)
     if not args.no_curve:
         for k in counts:
             for strategy, order in orders.items():
@@ -156,6 +177,11 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=15, help="targets (default 15; fewer where the dataset has fewer images left)")
     p.add_argument("--max-labels", type=int, default=5, help="the curve's largest label count (1, 2, 3, 5)")
     p.add_argument("--no-curve", action="store_true", help="the first label only")
+    p.add_argument("--targets", default="", help="comma-separated target ids instead of the rule above (e.g. an earlier run's, "
+                                                 "so its cases are reused); a template among them is scored on the others")
+    p.add_argument("--candidates", type=int, default=0,
+                   help="also stage one from this many single templates (the pick, the protocol's 3, the rest drawn with "
+                        "default_rng(0)), each on the targets minus itself: where the pick ranks among the choices")
     p.add_argument("--work", type=Path, default=Path("/tmp/semisam-matrix"), help="parent of the per-dataset work datastores")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--resume", action="store_true", help="keep the stage-one cases the output JSON already has")

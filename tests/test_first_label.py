@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from semisam_o1.cli import main as cli_main
-from semisam_o1.representative import Thumbnails, coverage_ranking, distances, most_representative, thumbnail
+from semisam_o1.representative import Thumbnails, aligned_distance, coverage_ranking, most_representative, partners, thumbnail
 from semisam_o1.volumes import load_image
 from test_stage_two import FAST, make_client
 
@@ -25,16 +25,35 @@ def write(array: np.ndarray, path: Path, affine=None) -> Path:
     return path
 
 
+def shell(core: float) -> np.ndarray:
+    """A bright ball of radius 10 voxels with a darker core of radius ``core``: no affine map turns one core ratio into another."""
+    return ball(10) - (ball(core) - ball(0)) * 0.8
+
+
 def test_the_medoid_is_served_first_then_the_image_the_labels_cover_worst(tmp_path):
-    paths = {f"ball_{r}": write(ball(r), tmp_path / f"ball_{r}.nii.gz") for r in (7, 8, 9, 10)}
-    paths["dark_ball"] = write(110.0 - ball(8), tmp_path / "dark_ball.nii.gz")  # the odd one out: another contrast
+    paths = {f"shell_{r}": write(shell(r), tmp_path / f"shell_{r}.nii.gz") for r in (3, 4, 5, 6)}
+    paths["dark_ball"] = write(110.0 - ball(10), tmp_path / "dark_ball.nii.gz")  # the odd one out: another contrast
 
     ranked = most_representative(paths, "mri")
-    assert ranked[0][0] in {"ball_8", "ball_9"}, ranked  # the middle of the balls, never the odd one out
+    assert ranked[0][0] in {"shell_4", "shell_5"}, ranked  # the middle of the shells, never the odd one out
     assert ranked[-1][0] == "dark_ball"
     second = most_representative(paths, "mri", labelled=(ranked[0][0],))
-    assert second[0][0] == "dark_ball", second  # with the typical ball labelled, the unlike image gains the pool most
+    assert second[0][0] == "dark_ball", second  # with a typical shell labelled, the unlike image gains the pool most
     assert ranked[0][0] not in dict(second)
+
+
+def test_where_a_scan_is_cut_off_does_not_make_it_typical(tmp_path):
+    """Cropped scans of one anatomy, each cut off elsewhere (points outside a scan carry no value), and one of another
+    contrast: the pick is one of the anatomy's scans, the other contrast comes last."""
+    body = shell(5)
+    boxes = {"scan_a": (slice(2, 40), slice(0, 36)), "scan_b": (slice(0, 36), slice(4, 40)), "scan_c": (slice(3, 39), slice(2, 38))}
+    paths = {}
+    for name, (sz, sy) in boxes.items():
+        paths[name] = write(np.ascontiguousarray(body[sz, sy]), tmp_path / f"{name}.nii.gz")
+    odd = (110.0 - ball(10))[slice(2, 38), slice(2, 38)]
+    paths["other_contrast"] = write(np.ascontiguousarray(odd), tmp_path / "other_contrast.nii.gz")
+    ranked = most_representative(paths, "mri")
+    assert ranked[0][0] != "other_contrast" and ranked[-1][0] == "other_contrast", ranked
 
 
 def test_a_thumbnail_does_not_depend_on_orientation_or_voxel_size(tmp_path):
@@ -45,10 +64,19 @@ def test_a_thumbnail_does_not_depend_on_orientation_or_voxel_size(tmp_path):
     flipped = load_image(write(array[::-1].copy(), tmp_path / "flipped.nii.gz", flipped_affine))
     coarse = load_image(write(array[::2, ::2, ::2].copy(), tmp_path / "coarse.nii.gz", np.diag([2.0, 2.0, 2.0, 1.0])))
     a, b, c = (thumbnail(v, "mri", step_mm=2.0) for v in (plain, flipped, coarse))
-    assert np.allclose(a, b, atol=1e-4)
-    assert distances(np.stack([a, c]))[0, 1] < 0.1
-    other = thumbnail(load_image(write(ball(4), tmp_path / "small.nii.gz")), "mri", step_mm=2.0)
-    assert distances(np.stack([a, other]))[0, 1] > 0.2
+    assert np.allclose(a, b, atol=1e-4, equal_nan=True)
+    assert np.isnan(a).any() and not np.isnan(a).all()  # outside the 40 mm scan: no value
+    assert aligned_distance(a, c) < 0.1
+    other = thumbnail(load_image(write(110.0 - array, tmp_path / "inverted.nii.gz")), "mri", step_mm=2.0)
+    assert aligned_distance(a, other) > 0.5
+
+
+def test_a_large_pool_is_compared_with_a_fixed_sample_of_partners():
+    assert partners(24) == list(range(24))
+    sample = partners(200)
+    assert len(sample) == 24 and sample == sorted(set(sample)) and sample == partners(200)  # the same draw every call
+    d = np.abs(np.subtract.outer(np.arange(6.0), np.arange(6.0)[[1, 4]]))  # 6 images, 2 partners
+    assert coverage_ranking(d, list(range(6)), []) == pytest.approx({i: (abs(i - 1) + abs(i - 4)) / 2 for i in range(6)})
 
 
 def test_coverage_without_labels_is_the_mean_distance_to_the_pool():

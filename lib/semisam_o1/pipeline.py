@@ -37,8 +37,8 @@ def first_label_advice(studies: Path, config: AppConfig) -> str | None:
     if not ranked:
         return None
     best, cost = ranked[0]
-    return (f"annotate {best} first: it is the pool's most representative image (mean thumbnail distance {cost:.3f} to the "
-            f"{len(ranked) - 1} other image(s)), so the best single template; save its label as 'final' and run the pipeline again")
+    return (f"annotate {best} first: it is the pool's most representative image (mean aligned distance {cost:.3f} to the "
+            f"{len(ranked)} image(s) of the pool), so the best single template; save its label as 'final' and run the pipeline again")
 
 
 def run_stage_one(studies: Path, config: AppConfig, progress: bool = True) -> dict:

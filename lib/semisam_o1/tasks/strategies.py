@@ -5,9 +5,9 @@ Each returns ``{"id", "why", ...}`` for the next image to label. Candidates are 
 serving in the image info), so two annotators working at once never get the same volume.
 
 - ``representative``: for the first labels, from an unlabelled datastore on: the image most like the rest of
-  the pool (its medoid under thumbnail correlation, :mod:`semisam_o1.representative`), then the one that,
-  labelled too, leaves the pool closest to its nearest labelled image (greedy k-medoids). No model and no
-  encoder: about a second per image the first time, then cached.
+  the pool (its medoid under the correlation of affinely aligned thumbnails, :mod:`semisam_o1.representative`),
+  then the one that, labelled too, leaves the pool closest to its nearest labelled image (greedy k-medoids). No
+  model and no encoder: seconds for a small pool, minutes for 200 images the first time, then cached.
 - ``uncertain``: highest current uncertainty score (:mod:`semisam_o1.tasks.uncertainty_scoring`)
   first; images not scored yet come after every scored one. Unlike MONAI Label's ``Epistemic``,
   the ranking is what decides.
@@ -96,8 +96,8 @@ class Representative(PoolStrategy):
             if i not in ranked:
                 out[i] = (float("-inf"), "unreadable image" if i in unreadable else "not rankable")
             elif not labelled:
-                out[i] = (-ranked[i], f"the pool's most representative image (mean thumbnail distance {ranked[i]:.3f} to the {pool - 1} "
-                                      f"other image(s)): annotate it first")
+                out[i] = (-ranked[i], f"the pool's most representative image (mean aligned distance {ranked[i]:.3f} to the "
+                                      f"{pool} image(s) of the pool): annotate it first")
             else:
                 out[i] = (-ranked[i], f"with the {len(labelled)} labelled image(s), covers the pool best (mean distance {ranked[i]:.3f})")
         return out
