@@ -5,8 +5,8 @@ Per dataset (the matrix's: ``../shared/data/{hippocampus,la,chaos-t2,kbp-ct}``, 
 
 1. ``recommended_template``: what the ``representative`` strategy serves on a datastore with no label
    (:func:`semisam_o1.representative.most_representative` over every image of the dataset), timed from
-   cold (``selection_seconds``; ``selection_seconds_per_image`` and ``selection_seconds_200_images``, the
-   200-image estimate, linear: the pairwise part is microseconds).
+   cold (``selection_seconds``; ``selection_seconds_200_images``: the 200-image estimate, per thumbnail
+   registration: ``selection_registrations`` here, 200 x 24 - 24 there).
 2. Stage one from the recommended template and from each protocol template (:func:`matrix.choose_templates`:
    the suggested one and 2 drawn with ``default_rng(0)``) on the SAME targets: the dataset's ids minus every
    template used anywhere in this run, sorted, the first ``limit``. ``mean_template_stage1_dice`` is the mean of
@@ -16,8 +16,9 @@ Per dataset (the matrix's: ``../shared/data/{hippocampus,la,chaos-t2,kbp-ct}``, 
    and in 3 random orders (``default_rng(1..3)`` over the non-target ids). ``final_dice`` (stage two per
    point) is ``null``: not measured (see ``final_dice_note``).
 
-4. ``candidates`` (``--candidates N``): stage one from N single templates - the pick, the protocol's 3 and the
-   rest drawn with ``default_rng(0)`` - each on the targets minus itself, with the strategy's cost of each
+4. ``candidates`` (``--candidates N``): stage one from at least N single templates (the pick, the protocol's 3,
+   every template the output already has all cases of, the rest drawn with ``default_rng(0)``), each on the
+   targets minus itself, with the strategy's cost of each
    (``representative_cost``): where the pick ranks among the choices (``recommended_rank_among_candidates``)
    and whether the cost predicts the Dice at all.
 
@@ -38,13 +39,18 @@ from matrix import DATA, DATASETS, ORDER, choose_templates, ids_of
 from semisam_o1.config import AppConfig
 from semisam_o1.pool import build_stage_one
 from semisam_o1.report import curve_plot
-from semisam_o1.representative import Thumbnails, coverage_ranking, most_representative
+from semisam_o1.representative import Thumbnails, coverage_ranking, most_representative, partners
 from semisam_o1.stage_one.plan import resolve_device
 from semisam_o1.templates import Template
 from semisam_o1.volumes import load_image, load_label
 
 LABEL_COUNTS = (1, 2, 3, 5)
 RANDOM_ORDERS = 3
+
+
+def registrations(n: int) -> int:
+    """Thumbnail registrations the ``representative`` strategy runs for a pool of ``n`` images (each to its partners)."""
+    return n * len(partners(n)) - len(partners(n))
 
 
 def representative_order(paths: dict[str, Path], thumbnails: Thumbnails, n: int) -> list[str]:
@@ -118,7 +124,8 @@ def run_dataset(name: str, args) -> dict:
                   "selection": "representative: the pool's medoid under affinely aligned thumbnail correlation (semisam_o1.representative)",
                   "selection_seconds": round(selection_seconds, 2), "selection_images": len(ids),
                   "selection_seconds_per_image": round(selection_seconds / len(ids), 3),
-                  "selection_seconds_200_images": round(selection_seconds / len(ids) * 200, 1),
+                  "selection_registrations": registrations(len(ids)),
+                  "selection_seconds_200_images": round(selection_seconds / registrations(len(ids)) * registrations(200), 1),
                   "targets": targets, "orders": orders, "modality": modality, "feature_settings": stage_one.cache.settings_id,
                   "device": resolve_device(config.device), "note": args.note, **summary, "stage1_cases": done, "machine": machine()}
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,10 +146,12 @@ def run_dataset(name: str, args) -> dict:
     if args.candidates:
         # every image (or a seeded draw of them) as the single template: how good is the pick among all choices?
         costs = dict(ranking)
-        pool = [i for i in ids if i not in {recommended, *protocol}]
-        drawn = [pool[int(j)] for j in np.random.default_rng(0).permutation(len(pool))[: max(0, args.candidates - 1 - len(protocol))]]
+        chosen = {recommended, *protocol}
+        chosen |= {t for t in ids if all(c in done.get(t, {}) for c in targets if c != t)}  # measured before: free
+        pool = [i for i in ids if i not in chosen]
+        chosen |= {pool[int(j)] for j in np.random.default_rng(0).permutation(len(pool))[: max(0, args.candidates - len(chosen))]}
         summary["candidates"] = {}
-        for t in sorted({recommended, *protocol, *drawn}, key=lambda i: costs[i]):
+        for t in sorted(chosen, key=lambda i: costs[i]):
             summary["candidates"][t] = {"stage1_dice": stage_one_dice([t]), "representative_cost": round(costs[t], 5)}
             write(partial=True)
         dice = np.array([c["stage1_dice"] for c in summary["candidates"].values()])
