@@ -198,6 +198,19 @@ def affine_register(
     return out
 
 
+@contextmanager
+def _ants_pair(fixed: sitk.Image, moving: sitk.Image, seed: int):
+    """``(ants, fixed, moving, folder)``: the pair as ANTs images (via float32 files in a temporary folder, removed
+    afterwards, where ANTs' own transform files go too), inside :func:`deterministic_ants`."""
+    with deterministic_ants(seed), tempfile.TemporaryDirectory(prefix="semisam-ants-") as tmp:
+        import ants
+
+        tmp = Path(tmp)
+        sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), str(tmp / "fixed.nii.gz"))
+        sitk.WriteImage(sitk.Cast(moving, sitk.sitkFloat32), str(tmp / "moving.nii.gz"))
+        yield ants, ants.image_read(str(tmp / "fixed.nii.gz")), ants.image_read(str(tmp / "moving.nii.gz")), tmp
+
+
 def ants_affine_register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> sitk.AffineTransform:
     """Affine registration of ``moving`` (template) to ``fixed`` (target) by ANTs (``antspyx``:
     ``ants.registration(type_of_transform="Affine")``: mutual information, its own multi-resolution schedule),
@@ -206,13 +219,7 @@ def ants_affine_register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -
     Returns:
         ``sitk.AffineTransform`` mapping fixed physical points (mm) to moving physical points (mm).
     """
-    with deterministic_ants(seed), tempfile.TemporaryDirectory(prefix="semisam-affine-") as tmp:
-        import ants
-
-        tmp = Path(tmp)
-        sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), str(tmp / "fixed.nii.gz"))
-        sitk.WriteImage(sitk.Cast(moving, sitk.sitkFloat32), str(tmp / "moving.nii.gz"))
-        f, m = ants.image_read(str(tmp / "fixed.nii.gz")), ants.image_read(str(tmp / "moving.nii.gz"))
+    with _ants_pair(fixed, moving, seed) as (ants, f, m, tmp):
         reg = ants.registration(fixed=f, moving=m, type_of_transform="Affine", outprefix=str(tmp / "affine_"))
         read = sitk.ReadTransform(reg["fwdtransforms"][0])  # ITK's MatrixOffsetTransformBase: 9 matrix + 3 translation, centre
     out = sitk.AffineTransform(3)
@@ -260,13 +267,7 @@ def syn_register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> sitk.T
     Returns:
         ``sitk.DisplacementFieldTransform`` mapping fixed physical points (mm) to moving physical points (mm).
     """
-    with deterministic_ants(seed), tempfile.TemporaryDirectory(prefix="semisam-syn-") as tmp:
-        import ants
-
-        tmp = Path(tmp)
-        sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), str(tmp / "fixed.nii.gz"))
-        sitk.WriteImage(sitk.Cast(moving, sitk.sitkFloat32), str(tmp / "moving.nii.gz"))
-        f, m = ants.image_read(str(tmp / "fixed.nii.gz")), ants.image_read(str(tmp / "moving.nii.gz"))
+    with _ants_pair(fixed, moving, seed) as (ants, f, m, tmp):
         reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN", outprefix=str(tmp / "syn_"))
         composed = ants.apply_transforms(fixed=f, moving=m, transformlist=reg["fwdtransforms"], compose=str(tmp / "all_"))
         if composed is None:
