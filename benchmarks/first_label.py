@@ -13,7 +13,7 @@ Per dataset (the matrix's: ``../shared/data/{hippocampus,la,chaos-t2,kbp-ct}``, 
    the 3 protocol templates' means.
 3. ``curve``: stage-one Dice on the same targets with 1, 2, 3, 5 real labels, the labels taken in the order
    the ``representative`` strategy serves them (greedy k-medoids coverage; each served image becomes a label)
-   and in 3 random orders (``default_rng(1..3)`` over the non-target ids). ``final_dice`` (stage two per
+   and in 3 random orders (``default_rng(1..3)`` over the ids but the protocol templates, whatever the strategy picks). ``final_dice`` (stage two per
    point) is ``null``: not measured (see ``final_dice_note``).
 
 4. ``candidates`` (``--candidates N``): stage one from at least N single templates (the pick, the protocol's 3,
@@ -87,8 +87,8 @@ def run_dataset(name: str, args) -> dict:
     orders = {"representative": representative_order(paths, thumbnails, max_labels)}
     assert orders["representative"][0] == recommended
     used = {*protocol, *orders["representative"]}
+    others = [i for i in ids if i not in protocol]  # the same random orders whatever the strategy picks
     for seed in range(1, RANDOM_ORDERS + 1):
-        others = [i for i in ids if i not in used]
         orders[f"random_{seed}"] = [others[int(j)] for j in np.random.default_rng(seed).permutation(len(others))[:max_labels]]
     reserved = {*protocol, recommended} if args.no_curve else {*used, *(i for o in orders.values() for i in o)}
     targets = args.targets.split(",") if args.targets else [i for i in ids if i not in reserved][: args.limit]
