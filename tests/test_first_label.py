@@ -7,7 +7,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 from semisam_o1.cli import main as cli_main
-from semisam_o1.representative import Thumbnails, aligned_distance, coverage_ranking, most_representative, partners, thumbnail
+from semisam_o1.representative import (
+    Thumbnails,
+    aligned_distance,
+    coverage_ranking,
+    most_representative,
+    partners,
+    thumbnail,
+)
 from semisam_o1.volumes import load_image
 from test_stage_two import FAST, make_client
 

@@ -29,10 +29,9 @@ mtime) and distances per pair of them.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
