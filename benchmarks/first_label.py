@@ -87,11 +87,12 @@ def run_dataset(name: str, args) -> dict:
     orders = {"representative": representative_order(paths, thumbnails, max_labels)}
     assert orders["representative"][0] == recommended
     used = {*protocol, *orders["representative"]}
-    others = [i for i in ids if i not in protocol]  # the same random orders whatever the strategy picks
+    pinned = set(args.targets.split(",")) if args.targets else set()
+    others = [i for i in ids if i not in protocol and i not in pinned]  # the same random orders whatever the strategy picks
     for seed in range(1, RANDOM_ORDERS + 1):
         orders[f"random_{seed}"] = [others[int(j)] for j in np.random.default_rng(seed).permutation(len(others))[:max_labels]]
     reserved = {*protocol, recommended} if args.no_curve else {*used, *(i for o in orders.values() for i in o)}
-    targets = args.targets.split(",") if args.targets else [i for i in ids if i not in reserved][: args.limit]
+    targets = sorted(pinned) if pinned else [i for i in ids if i not in reserved][: args.limit]
     print(f"== {name}: recommended {recommended} ({selection_seconds:.1f} s); protocol {protocol}; {len(targets)} targets; "
           f"orders {json.dumps(orders)}", flush=True)
 
