@@ -190,8 +190,9 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="", help="comma-separated target ids instead of the rule above (e.g. an earlier run's, "
                                                  "so its cases are reused); a template among them is scored on the others")
     p.add_argument("--candidates", type=int, default=0,
-                   help="also stage one from this many single templates (the pick, the protocol's 3, the rest drawn with "
-                        "default_rng(0)), each on the targets minus itself: where the pick ranks among the choices")
+                   help="also stage one from at least this many single templates (the pick, the protocol's 3, those the output "
+                        "already has every case of, the rest drawn with default_rng(0)), each on the targets minus itself: "
+                        "where the pick ranks among the choices")
     p.add_argument("--work", type=Path, default=Path("/tmp/semisam-matrix"), help="parent of the per-dataset work datastores")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--resume", action="store_true", help="keep the stage-one cases the output JSON already has")

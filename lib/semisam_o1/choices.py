@@ -10,6 +10,9 @@ neither torch nor an implementation.
 ENCODERS = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h")
 #: stage one's registration methods (:mod:`~semisam_o1.stage_one.registration`); several joined by ``+`` vote together
 REGISTRATIONS = ("demons", "syn")
+#: the affine registration the demons refine (:data:`~semisam_o1.stage_one.registration.DEMONS_AFFINES`): SimpleITK's
+#: Mattes-MI affine, or ANTs' seeded ``Affine``
+DEMONS_AFFINES = ("sitk", "ants")
 #: stage one's label propagation: registration-guided feature label fusion, or the paper's per-class prototypes
 PROPAGATIONS = ("fusion", "prototype")
 #: how the fusion's smoothed class votes become a label (:class:`~semisam_o1.stage_one.propagation.PropagationParams`): their

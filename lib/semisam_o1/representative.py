@@ -11,7 +11,7 @@ align to each other - stage one's own first step, done cheaply. This module guar
   outside the image's field of view. Orientation and voxel size do not matter; the grid is the same
   physical size for every image of a pool (:func:`pool_step_mm`).
 - :func:`aligned_distance`: ``1 - Pearson correlation`` of two thumbnails after an affine registration of
-  one onto the other (SimpleITK, correlation metric, one thread), over the points inside both fields of
+  one onto the other (SimpleITK, correlation metric), over the points inside both fields of
   view; in [0, 2]. Unregistered correlation is dominated by where each scan's field of view ends: a pool
   of cropped scans then crowns the image whose box is most typical, whatever its anatomy or contrast.
 - :func:`distances`: ``(N, K)`` aligned distances of every image to ``K`` partners - the whole pool up to
@@ -21,16 +21,13 @@ align to each other - stage one's own first step, done cheaply. This module guar
   image the winner is the pool's medoid (least mean distance to the partners); with labelled images, the
   candidate that most lowers the partners' mean distance to their nearest labelled-or-chosen image.
 
-Cost: one image read and one smoothing per image, and ``N * K`` registrations of 24**3 points (about
-0.1 s each on one core, on 2 cores' worth of threads): about 1 s per image for a 20-image pool, and about
-6 minutes for 200 images on 2 CPU cores. :class:`Thumbnails` keeps thumbnails per file (path, size,
-mtime) and distances per pair of them.
+Cost: one image read and one smoothing per image, and ``N * K`` registrations of 24**3 points (measured
+seconds per registration in the experiments log). :class:`Thumbnails` keeps thumbnails per file (path,
+size, mtime) and distances per pair of them.
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -107,7 +104,6 @@ def aligned_distance(fixed: np.ndarray, moving: np.ndarray, iterations: int = 60
     reg.SetOptimizerAsRegularStepGradientDescent(0.5, 1e-3, iterations)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(sitk.AffineTransform(3), inPlace=False)
-    reg.SetNumberOfThreads(1)
     try:
         transform = reg.Execute(f, m)
     except RuntimeError:  # e.g. no overlap left: as far apart as can be
@@ -132,17 +128,16 @@ def partners(n: int, limit: int = MAX_PARTNERS, seed: int = 0) -> list[int]:
     return sorted(int(i) for i in np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def distances(thumbnails: np.ndarray, partner_ids: list[int], threads: int | None = None, known: dict | None = None) -> np.ndarray:
+def distances(thumbnails: np.ndarray, partner_ids: list[int], known: dict | None = None) -> np.ndarray:
     """``(N, K)``: :func:`aligned_distance` of every row of ``thumbnails`` ``(N, F)`` (moved) onto each partner row (0 to itself).
 
-    ``known``: ``{(i, k): distance}`` already computed (read and filled in); ``threads``: registrations at once
-    (default: the CPU count; SimpleITK runs them outside Python's lock).
+    ``known``: ``{(i, k): distance}`` already computed (read and filled in).
     """
     known = {} if known is None else known
-    todo = [(i, k) for i in range(len(thumbnails)) for k in partner_ids if i != k and (i, k) not in known]
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        for (i, k), d in zip(todo, pool.map(lambda ik: aligned_distance(thumbnails[ik[1]], thumbnails[ik[0]]), todo)):
-            known[(i, k)] = d
+    for i in range(len(thumbnails)):
+        for k in partner_ids:
+            if i != k and (i, k) not in known:
+                known[(i, k)] = aligned_distance(thumbnails[k], thumbnails[i])
     return np.array([[0.0 if i == k else known[(i, k)] for k in partner_ids] for i in range(len(thumbnails))])
 
 
@@ -176,12 +171,16 @@ class Thumbnails:
         self.modality, self.size = modality, size
         self._cache: dict[tuple, np.ndarray] = {}
         self._pairs: dict[tuple, float] = {}
-        self._keys: list[tuple] = []  # the file keys of the last :meth:`of` call's rows
         self.unreadable: dict[str, str] = {}  #: ``{image_id: reason}`` of the last :meth:`of` call
 
     def of(self, paths: dict[str, Path | str], step_mm: float | None = None) -> tuple[list[str], np.ndarray]:
         """``(ids, (N, size**3) thumbnails)`` of the readable images of ``{image_id: file}``, sorted by id, on one grid
         (``step_mm`` default: :func:`pool_step_mm`); the others are left out and named in :attr:`unreadable`."""
+        ids, rows, _ = self._read(paths, step_mm)
+        return ids, rows
+
+    def _read(self, paths: dict[str, Path | str], step_mm: float | None) -> tuple[list[str], np.ndarray, list[tuple]]:
+        """:meth:`of`, and the cache key (file version and grid step) of each row."""
         self.unreadable = {}
         readable = {}
         for i in sorted(paths):
@@ -191,7 +190,7 @@ class Thumbnails:
             except Exception as e:  # noqa: BLE001 - any unreadable header: named, left out
                 self.unreadable[i] = f"{type(e).__name__}: {e}"
         step = (pool_step_mm(list(readable.values()), self.size) if readable else 1.0) if step_mm is None else step_mm
-        ids, rows, self._keys = [], [], []
+        ids, rows, keys = [], [], []
         for i, p in readable.items():
             stat = Path(p).stat()
             key = (str(p), stat.st_size, stat.st_mtime_ns, step)
@@ -203,17 +202,16 @@ class Thumbnails:
                     continue
             ids.append(i)
             rows.append(self._cache[key])
-            self._keys.append(key)
-        return ids, (np.stack(rows) if rows else np.zeros((0, self.size**3), np.float32))
+            keys.append(key)
+        return ids, (np.stack(rows) if rows else np.zeros((0, self.size**3), np.float32)), keys
 
     def pool_distances(self, paths: dict[str, Path | str]) -> tuple[list[str], np.ndarray]:
         """``(ids, (N, K) distances)`` of the readable images of ``{image_id: file}`` to their :func:`partners`
         (:func:`distances`), pairs computed before reused."""
-        ids, t = self.of(paths)
-        keys = list(self._keys)
-        known = {(i, k): self._pairs[(keys[i], keys[k])] for i in range(len(ids)) for k in partners(len(ids))
-                 if (keys[i], keys[k]) in self._pairs}
-        d = distances(t, partners(len(ids)), known=known)
+        ids, t, keys = self._read(paths, None)
+        sample = partners(len(ids))
+        known = {(i, k): self._pairs[(keys[i], keys[k])] for i in range(len(ids)) for k in sample if (keys[i], keys[k]) in self._pairs}
+        d = distances(t, sample, known=known)
         self._pairs.update({(keys[i], keys[k]): v for (i, k), v in known.items()})
         return ids, d
 

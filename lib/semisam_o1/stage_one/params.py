@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from semisam_o1.choices import FUSION_DECISIONS, PROPAGATIONS, REGISTRATIONS
+from semisam_o1.choices import DEMONS_AFFINES, FUSION_DECISIONS, PROPAGATIONS, REGISTRATIONS
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class StageOneParams:
     #: no registration grid or feature stride coarser than this (mm) on an axis finer than that (e.g. 5); 0 = no such floor
     coarsest_grid_mm: float = field(default=0.0, metadata={"range": (0.0, 50.0)})
     #: the affine registration the demons refine: sitk (SimpleITK, Mattes MI) or ants (ANTs Affine, seeded)
-    demons_affine: str = field(default="sitk", metadata={"choices": ("sitk", "ants")})
+    demons_affine: str = field(default="sitk", metadata={"choices": DEMONS_AFFINES})
 
 
 @dataclass

@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 from filelock import FileLock
 
+from semisam_o1 import choices
 from semisam_o1.volumes import (
     InputError,
     atomic_write,
@@ -228,8 +229,9 @@ def ants_affine_register(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -
     return out
 
 
-#: The affine stage under the demons registration (the plan's ``demons_affine``): name -> register(fixed, moving).
-DEMONS_AFFINES = {"sitk": affine_register, "ants": ants_affine_register}
+#: The affine stage under the demons registration (the plan's ``demons_affine``, one of
+#: :data:`~semisam_o1.choices.DEMONS_AFFINES`): name -> register(fixed, moving).
+DEMONS_AFFINES = dict(zip(choices.DEMONS_AFFINES, (affine_register, ants_affine_register)))
 
 
 def demons_register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, iterations: int = 30) -> sitk.Transform:
